@@ -1,0 +1,336 @@
+"""The backend daemon: accepts bridge websocket upgrades and joins each to a configured TCP target.
+
+A stdlib ``ThreadingHTTPServer`` is the front door; the request-handler thread
+of an upgrade connects the route's target *before* answering (so an unreachable
+target gets a 502 with the reason, where the Go backend answers 101 and hangs
+up), sends the 101 itself, and then becomes one of the tunnel's two pump threads.
+Frames are parsed by wsproto driven directly with blocking reads: the reader does
+not read the websocket again until the target accepted the last bytes, which is
+the backpressure that keeps memory bounded when a target stalls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, Pong, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from bridge import __version__, protocol
+from bridge.channel import RECV_CHUNK, SendLock, shutdown_socket
+from bridge.config import Address, BackendConfig, Listener
+from bridge.frontend import LISTEN_BACKLOG, ListenError, bind_listener
+from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id
+
+log = logging.getLogger("tcpbridge.backend")
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_token(key: str) -> str:
+    """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
+    digest = hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {token.strip().lower() for token in (value or "").split(",")}
+
+
+# ---------------------------------------------------------------------------
+# The websocket, server side
+
+
+class ServerChannel:
+    """A :class:`~bridge.tunnel.Channel` over an upgraded socket, framed by wsproto."""
+
+    def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int) -> None:
+        self._sock = sock
+        self._conn = Connection(ConnectionType.SERVER)
+        self._send_lock = SendLock()
+        self._decoder = MessageDecoder(max_message_bytes)
+        self._conn.receive_data(received)
+        self._events: Iterator[Event] = self._conn.events()
+
+    def _send(self, event: Event) -> None:
+        try:
+            self._sock.sendall(self._conn.send(event))
+        except LocalProtocolError:
+            raise ChannelDropped("websocket is closing") from None
+
+    def send_data(self, data: bytes) -> None:
+        message = TextMessage(data=protocol.encode(data).decode("ascii"))
+        with self._send_lock.held():
+            self._send(message)
+
+    def send_end_of_stream(self) -> None:
+        with self._send_lock.held():
+            self._send(TextMessage(data=""))
+
+    def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
+        def send() -> None:
+            if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                self._sock.sendall(self._conn.send(CloseConnection(code=code, reason=_reason(code, reason))))
+        return self._send_lock.try_send(send, wait=wait)
+
+    def receive(self) -> Received:
+        while True:
+            event = next(self._events, None)
+            if event is None:
+                self._read_more()
+                continue
+            if isinstance(event, Message):
+                result = self._decoder.feed(
+                    event.data, binary=isinstance(event, BytesMessage), message_finished=event.message_finished
+                )
+                if result:
+                    return result
+            elif isinstance(event, Ping):
+                with self._send_lock.held():
+                    self._send(event.response())
+            elif isinstance(event, CloseConnection):
+                if self._conn.state is ConnectionState.OPEN:
+                    # wsproto reports a frame it could not parse as a close event
+                    # without changing state; the peer sent no close frame.
+                    raise ProtocolViolation(CloseCode(event.code), event.reason or "malformed frame")
+                return Closed(event.code, event.reason or "")
+            elif not isinstance(event, Pong):
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unexpected {type(event).__name__}")
+
+    def _read_more(self) -> None:
+        data = self._sock.recv(RECV_CHUNK)
+        if not data:
+            raise ChannelDropped("connection closed without a close frame")
+        self._conn.receive_data(data)
+        self._events = self._conn.events()
+
+    def shutdown(self) -> None:
+        shutdown_socket(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _reason(code: int, reason: str) -> str:
+    # wsproto sends the reason as given; keep the frame within 125 bytes.
+    return reason.encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
+
+
+# ---------------------------------------------------------------------------
+# The HTTP front door
+
+
+class UpgradeRefused(Exception):
+    """An upgrade request is answered with ``status``; ``detail`` goes in the body and the log."""
+
+    def __init__(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class ListenerServer(ThreadingHTTPServer):
+    """One backend listener: an HTTP server whose handler threads become tunnels."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+    allow_reuse_address = True
+
+    def __init__(self, listener: Listener, registry: TunnelRegistry, sock: socket.socket) -> None:
+        self.address_family = sock.family
+        super().__init__((listener.listen.host, listener.listen.port), BridgeRequestHandler,
+                         bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.listener = listener
+        self.registry = registry
+
+
+class BridgeRequestHandler(BaseHTTPRequestHandler):
+    """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404."""
+
+    server: ListenerServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"tcpbridge/{__version__}"
+    sys_version = ""
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s: %(explain)s\n"
+
+    def do_GET(self) -> None:
+        listener = self.server.listener
+        tunnel_id = new_tunnel_id()
+        try:
+            route, target = self._route(listener)
+            key = self._check_upgrade()
+            sock = self._connect(listener, route, target)
+        except UpgradeRefused as refused:
+            self._refuse(tunnel_id, refused)
+            return
+        self.close_connection = True
+        try:
+            received = self._upgrade(key)
+        except OSError as exc:
+            log.info("tunnel %s [%s]: client %s left during the handshake: %s",
+                     tunnel_id, listener.name, self._peer(), exc)
+            sock.close()
+            return
+        pump = Tunnel(
+            sock,
+            ServerChannel(self.connection, received, listener.options.max_message_bytes),
+            label=f"{listener.name}/{route}",
+            peer=self._peer(),
+            destination=str(target),
+            options=listener.options,
+            tcp_role="target",
+            tunnel_id=tunnel_id,
+        )
+        self.server.registry.run(pump)
+
+    def _not_found(self) -> None:
+        self._refuse(new_tunnel_id(), UpgradeRefused(
+            HTTPStatus.NOT_FOUND, f"{self.command} {urlsplit(self.path).path}: not a tcpbridge upgrade"
+        ), quiet=True)
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_found  # noqa: N815
+
+    def _route(self, listener: Listener) -> tuple[str, Address]:
+        path = urlsplit(self.path).path
+        route = protocol.route_for_path(path)
+        if route is None or "websocket" not in _tokens(self.headers.get("Upgrade")):
+            raise UpgradeRefused(HTTPStatus.NOT_FOUND, f"GET {path}: not a tcpbridge upgrade")
+        target = listener.routes.get(route)
+        if target is None:
+            known = ", ".join(sorted(listener.routes)) or "none"
+            raise UpgradeRefused(HTTPStatus.NOT_FOUND, f"no route {route!r} on this listener (routes: {known})")
+        return route, target
+
+    def _check_upgrade(self) -> str:
+        if "upgrade" not in _tokens(self.headers.get("Connection")):
+            raise UpgradeRefused(HTTPStatus.BAD_REQUEST, "Connection header lacks 'Upgrade'")
+        if self.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+            raise UpgradeRefused(HTTPStatus.UPGRADE_REQUIRED, "unsupported websocket version (need 13)",
+                                 {"Sec-WebSocket-Version": "13"})
+        key = self.headers.get("Sec-WebSocket-Key", "").strip()
+        try:
+            valid = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid:
+            raise UpgradeRefused(HTTPStatus.BAD_REQUEST, "missing or invalid Sec-WebSocket-Key")
+        return key
+
+    def _connect(self, listener: Listener, route: str, target: Address) -> socket.socket:
+        try:
+            sock = socket.create_connection((target.host, target.port), timeout=listener.options.connect_timeout)
+        except TimeoutError:
+            reason = f"timed out after {listener.options.connect_timeout:g} s"
+            raise UpgradeRefused(HTTPStatus.BAD_GATEWAY, f"route {route!r}: cannot connect to {target}: {reason}") \
+                from None
+        except OSError as exc:
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            raise UpgradeRefused(HTTPStatus.BAD_GATEWAY, f"route {route!r}: cannot connect to {target}: {reason}") \
+                from None
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _upgrade(self, key: str) -> bytes:
+        """Send the 101 and return the bytes the client already sent after its request."""
+        response = (
+            "HTTP/1.1 101 Switching Protocols\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_token(key)}\r\n\r\n"
+        )
+        self.connection.sendall(response.encode("ascii"))
+        return self._buffered_request_bytes()
+
+    def _buffered_request_bytes(self) -> bytes:
+        """Take what the handler's buffered reader read past the request headers."""
+        sock = self.connection
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            return self.rfile.read1(RECV_CHUNK) or b""
+        except OSError:
+            return b""
+        finally:
+            sock.settimeout(timeout)
+
+    def _refuse(self, tunnel_id: str, refused: UpgradeRefused, quiet: bool = False) -> None:
+        level = logging.DEBUG if quiet else logging.WARNING
+        log.log(level, "tunnel %s [%s]: refused %s: %d %s", tunnel_id, self.server.listener.name,
+                self._peer(), refused.status, refused.detail)
+        body = f"{refused.status} {refused.status.phrase}: {refused.detail}\n".encode()
+        self.send_response(refused.status)
+        for name, value in refused.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _peer(self) -> str:
+        return str(Address(self.client_address[0], self.client_address[1]))
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("%s %s", self._peer(), format % args)
+
+
+class Backend:
+    """Serves every configured listener until stopped."""
+
+    def __init__(self, config: BackendConfig, registry: TunnelRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self._servers: list[ListenerServer] = []
+        self._threads: list[threading.Thread] = []
+
+    def bind(self) -> None:
+        """Bind every listener, or none: raise ListenError on the first that fails."""
+        sockets: list[tuple[Listener, socket.socket]] = []
+        try:
+            for listener in self.config.listeners:
+                sockets.append((listener, bind_listener(listener.listen, f"listener {listener.name!r}")))
+        except ListenError:
+            for _listener, sock in sockets:
+                sock.close()
+            raise
+        self._servers = [ListenerServer(listener, self.registry, sock) for listener, sock in sockets]
+
+    def start(self) -> None:
+        for server in self._servers:
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                                      name=f"listener-{server.listener.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            routes = ", ".join(f"{name} -> {target}" for name, target in server.listener.routes.items())
+            host, port = server.socket.getsockname()[:2]
+            log.info("listener %s: listening on %s; routes: %s", server.listener.name, Address(host, port), routes)
+
+    def describe(self) -> str:
+        return f"{len(self._servers)} listeners"
+
+    def close_listeners(self) -> None:
+        """Stop accepting; live tunnels carry on."""
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+

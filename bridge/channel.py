@@ -1,0 +1,61 @@
+"""Shared helpers for the two websocket adapters (client and server :class:`~bridge.tunnel.Channel`)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+#: How long a close frame waits for a send already in progress on another thread.
+SEND_CLOSE_WAIT = 5.0
+#: Bytes read from the websocket's socket per recv.
+RECV_CHUNK = 256 * 1024
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """The payload of a close frame: status code, then at most 123 bytes of UTF-8 reason."""
+    return struct.pack("!H", code) + reason.encode("utf-8", "replace")[:123]
+
+
+def parse_close_payload(payload: bytes) -> tuple[int, str]:
+    """Return (code, reason) of a close frame's payload; 1005 when it carries no code."""
+    if len(payload) < 2:
+        return 1005, ""
+    (code,) = struct.unpack("!H", payload[:2])
+    return code, payload[2:].decode("utf-8", "replace")
+
+
+def shutdown_socket(sock: socket.socket) -> None:
+    """Shut a (possibly TLS) socket down in both directions, waking any blocked thread.
+
+    ``ssl.SSLSocket.shutdown`` drops its SSL object, which would crash a thread
+    blocked in an SSL read; shutting the underlying descriptor down wakes it safely.
+    """
+    with suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class SendLock:
+    """Serialises whole frames from the two pump threads; close frames may give up waiting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def try_send(self, send: Callable[[], None], *, wait: bool) -> bool:
+        """Run ``send`` under the lock; return False if the lock could not be had in time."""
+        if not self._lock.acquire(timeout=SEND_CLOSE_WAIT if wait else 0):
+            return False
+        try:
+            send()
+            return True
+        except OSError:
+            return False
+        finally:
+            self._lock.release()

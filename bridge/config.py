@@ -1,0 +1,505 @@
+"""YAML configuration: parsing, validation, and the typed objects the daemons run from.
+
+Every problem found is reported, not just the first, as a line that names the file,
+the tunnel or listener, the field, and what was expected. Loading never touches the
+network; :func:`load` is what ``tcpbridge check-config`` and both daemons call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from bridge import protocol
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_FRONTEND_CONFIG = "/etc/tcpbridge/frontend.yaml"
+DEFAULT_BACKEND_CONFIG = "/etc/tcpbridge/backend.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: Headers that tcpbridge's own handshake sets; a user value would break it.
+RESERVED_HEADERS = frozenset(
+    {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+     "sec-websocket-extensions", "sec-websocket-accept", "content-length", "transfer-encoding"}
+)
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+Headers = tuple[tuple[str, str], ...]
+
+
+class ConfigError(Exception):
+    """A configuration is invalid; :attr:`problems` holds one message per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP host and port; IPv6 literals are held without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TunnelOptions:
+    """Per-tunnel behaviour shared by both daemons (all durations in seconds)."""
+
+    half_close: bool = True
+    half_close_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class FrontendTunnel:
+    """One local listening port whose connections are carried to one backend route."""
+
+    name: str
+    listen: Address
+    backend: str
+    route: str = protocol.DEFAULT_ROUTE
+    headers: tuple[tuple[str, str], ...] = ()
+    options: TunnelOptions = TunnelOptions()
+
+    @property
+    def url(self) -> str:
+        """The websocket URL each connection of this tunnel opens."""
+        return protocol.bridge_url(self.backend, self.route)
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    tunnels: tuple[FrontendTunnel, ...]
+    log_level: str = "info"
+    drain_timeout: float = 10.0
+    source: str = "<flags>"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One websocket listening port and the TCP targets its routes lead to."""
+
+    name: str
+    listen: Address
+    routes: Mapping[str, Address]
+    options: TunnelOptions = TunnelOptions()
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    listeners: tuple[Listener, ...]
+    log_level: str = "info"
+    drain_timeout: float = 10.0
+    source: str = "<flags>"
+
+
+Config = FrontendConfig | BackendConfig
+
+
+def parse_address(text: object, default_host: str = DEFAULT_HOST) -> Address:
+    """Parse ``host:port``, ``[v6]:port`` or a bare port; raise ValueError naming what is wrong."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ValueError(f"expected host:port or a port number, got {_kind(text)}")
+    raw = str(text).strip()
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = default_host, raw
+    elif host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{raw!r}: an IPv6 address goes in brackets, like [::1]:8080")
+        host = host[1:-1]
+        _check_ipv6(host, raw)
+    elif ":" in host:
+        raise ValueError(f"{raw!r}: write an IPv6 address in brackets, like [::1]:8080")
+    if not host:
+        raise ValueError(f"{raw!r}: missing host before ':'")
+    if not port_text.isdigit():
+        raise ValueError(f"{raw!r}: port must be a number from 1 to 65535")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{raw!r}: port {port} is out of range (expected 1-65535)")
+    return Address(host, port)
+
+
+def _check_ipv6(host: str, raw: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"{raw!r}: {host!r} is not an IPv6 address") from None
+
+
+def check_backend_url(url: object) -> str:
+    """Return ``url`` if it is a usable backend base URL, else raise ValueError saying why."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"expected a ws:// or wss:// URL, got {_kind(url)}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"{url!r}: scheme must be ws:// or wss://, not {parts.scheme or 'none'}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    if not host:
+        raise ValueError(f"{url!r}: missing host")
+    if port == 0:
+        raise ValueError(f"{url!r}: port 0 is out of range (expected 1-65535)")
+    if parts.fragment:
+        raise ValueError(f"{url!r}: a URL fragment (#...) has no meaning here")
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info or query, which may hold secrets: safe to log."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects duplicate mapping keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _value_node in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
+            )
+        seen[key] = True
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> object:
+    """Read one YAML document; raise ConfigError naming the file and line on any failure."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: YAML syntax error: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: YAML error: {exc}"]) from None
+
+
+def load(path: str | Path) -> Config:
+    """Load a frontend file (it has ``tunnels``) or a backend file (it has ``listeners``)."""
+    data = read_yaml(path)
+    if isinstance(data, dict) and "tunnels" in data and "listeners" not in data:
+        return parse_frontend(data, str(path))
+    if isinstance(data, dict) and "listeners" in data and "tunnels" not in data:
+        return parse_backend(data, str(path))
+    raise ConfigError([
+        f"{path}: cannot tell which daemon this file is for: a frontend config has a "
+        "'tunnels' list, a backend config a 'listeners' list (exactly one of them)"
+    ])
+
+
+def load_frontend(path: str | Path) -> FrontendConfig:
+    return parse_frontend(read_yaml(path), str(path))
+
+
+def load_backend(path: str | Path) -> BackendConfig:
+    return parse_backend(read_yaml(path), str(path))
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+T = TypeVar("T")
+
+_OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes")
+_FRONTEND_KEYS = ("backend", "headers", "log_level", "drain_timeout", "tunnels", *_OPTION_KEYS)
+_TUNNEL_KEYS = ("name", "listen", "backend", "route", "headers", *_OPTION_KEYS)
+_BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_OPTION_KEYS)
+_LISTENER_KEYS = ("name", "listen", "routes", *_OPTION_KEYS)
+
+
+@dataclass
+class _Checker:
+    """Collects problems while walking one file, each prefixed with where it was found."""
+
+    source: str
+    problems: list[str] = field(default_factory=list)
+
+    def report(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {where}{': ' if where else ''}{message}")
+
+    def mapping(self, where: str, value: object, what: str) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        self.report(where, f"expected {what} (a mapping of key: value), got {_kind(value)}")
+        return None
+
+    def known_keys(self, where: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+        for key in data:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}"
+                self.report(where, f"unknown key {key!r}{suggestion}")
+
+    def field(self, where: str, data: Mapping[str, Any], key: str, parse: Callable[[Any], T], default: T) -> T:
+        if key not in data:
+            return default
+        try:
+            return parse(data[key])
+        except ValueError as exc:
+            self.report(_join(where, key), str(exc))
+            return default
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}: {key}" if where else key
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (int, float, str, bool)) else type(value).__name__
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {_kind(value)}")
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a number of seconds >= 0, got {_kind(value)}")
+    return float(value)
+
+
+def _positive_seconds(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a number of seconds > 0, got {_kind(value)}")
+    return seconds
+
+
+def _message_bytes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number of bytes, got {_kind(value)}")
+    if value < protocol.GO_FRONTEND_MESSAGE_BYTES:
+        raise ValueError(
+            f"{value} is too small: the Go frontend sends messages of "
+            f"{protocol.GO_FRONTEND_MESSAGE_BYTES} bytes (minimum)"
+        )
+    return value
+
+
+def _log_level(value: object) -> str:
+    if isinstance(value, str) and value.lower() in LOG_LEVELS:
+        return value.lower()
+    raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {_kind(value)}")
+
+
+def _name(value: object) -> str:
+    if isinstance(value, str) and NAME.fullmatch(value):
+        return value
+    raise ValueError(
+        f"expected a name of letters, digits, '.', '_' or '-' (starting with a letter or digit), got {_kind(value)}"
+    )
+
+
+def _route(value: object) -> str:
+    if isinstance(value, str) and protocol.ROUTE_NAME.fullmatch(value):
+        return value
+    raise ValueError(
+        f"expected a route name of letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+        f"got {_kind(value)}"
+    )
+
+
+def _headers(value: object) -> Headers:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of header name: value, got {_kind(value)}")
+    headers = []
+    for name, text in value.items():
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid HTTP header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"{name!r} is set by tcpbridge's handshake and cannot be configured")
+        if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+            raise ValueError(f"header {name!r}: expected a text value, got {_kind(text)}")
+        if any(c in str(text) for c in "\r\n\0"):
+            raise ValueError(f"header {name!r}: value contains a line break or NUL")
+        headers.append((name, str(text)))
+    return tuple(headers)
+
+
+def _options(check: _Checker, where: str, data: Mapping[str, Any], base: TunnelOptions) -> TunnelOptions:
+    return TunnelOptions(
+        half_close=check.field(where, data, "half_close", _boolean, base.half_close),
+        half_close_timeout=check.field(where, data, "half_close_timeout", _seconds, base.half_close_timeout),
+        connect_timeout=check.field(where, data, "connect_timeout", _positive_seconds, base.connect_timeout),
+        max_message_bytes=check.field(where, data, "max_message_bytes", _message_bytes, base.max_message_bytes),
+    )
+
+
+def _items(check: _Checker, data: Mapping[str, Any], key: str, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (where, mapping) for each entry of the list ``data[key]``, reporting bad shapes."""
+    entries = data.get(key)
+    if not isinstance(entries, list) or not entries:
+        check.report(key, f"expected a non-empty list of {what}s, got {_kind(entries)}")
+        return
+    for index, entry in enumerate(entries):
+        label = f"{key}[{index}]"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            label += f" {entry['name']!r}"
+        mapping = check.mapping(label, entry, f"a {what}")
+        if mapping is not None:
+            yield label, mapping
+
+
+def _require(check: _Checker, where: str, data: Mapping[str, Any], key: str, what: str) -> bool:
+    if key in data:
+        return True
+    check.report(where, f"missing {key!r} ({what})")
+    return False
+
+
+def _check_listen_conflicts(check: _Checker, entries: list[tuple[str, str, Address]]) -> None:
+    """Report duplicate names, and listen addresses that would collide on bind."""
+    seen_names: dict[str, str] = {}
+    seen_ports: list[tuple[str, Address]] = []
+    for where, name, address in entries:
+        if name in seen_names:
+            check.report(where, f"duplicate name {name!r} (also used by {seen_names[name]})")
+        seen_names.setdefault(name, where)
+        for other_where, other in seen_ports:
+            same_host = address.host == other.host or {address.host, other.host} & WILDCARD_HOSTS
+            if address.port == other.port and same_host:
+                check.report(where, f"listen: {address} is already used by {other_where}")
+        seen_ports.append((where, address))
+
+
+def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendConfig:
+    """Validate a frontend document; raise ConfigError listing every problem."""
+    check = _Checker(source)
+    top = check.mapping("", data, "a frontend config")
+    if top is None:
+        raise ConfigError(check.problems)
+    check.known_keys("", top, _FRONTEND_KEYS)
+    default_backend = check.field("", top, "backend", check_backend_url, "")
+    no_headers: Headers = ()
+    default_headers = check.field("", top, "headers", _headers, no_headers)
+    defaults = _options(check, "", top, TunnelOptions())
+    tunnels: list[FrontendTunnel] = []
+    names: list[tuple[str, str, Address]] = []
+    for where, entry in _items(check, top, "tunnels", "tunnel"):
+        check.known_keys(where, entry, _TUNNEL_KEYS)
+        ok = _require(check, where, entry, "name", "a unique name for logs and reloads")
+        ok &= _require(check, where, entry, "listen", "host:port to accept connections on")
+        name = check.field(where, entry, "name", _name, "")
+        listen = check.field(where, entry, "listen", parse_address, None)
+        backend = check.field(where, entry, "backend", check_backend_url, default_backend)
+        if not backend and "backend" not in entry:
+            check.report(where, "no backend URL: set 'backend' here or at the top level")
+        tunnel_headers = check.field(where, entry, "headers", _headers, no_headers)
+        merged: dict[str, str] = dict(default_headers)
+        merged.update(tunnel_headers)
+        tunnel = FrontendTunnel(
+            name=name,
+            listen=listen or Address(DEFAULT_HOST, 0),
+            backend=backend,
+            route=check.field(where, entry, "route", _route, protocol.DEFAULT_ROUTE),
+            headers=tuple(merged.items()),
+            options=_options(check, where, entry, defaults),
+        )
+        if ok and name and listen:
+            names.append((where, name, listen))
+        tunnels.append(tunnel)
+    _check_listen_conflicts(check, names)
+    check.raise_if_any()
+    return FrontendConfig(
+        tunnels=tuple(tunnels),
+        log_level=check.field("", top, "log_level", _log_level, "info"),
+        drain_timeout=check.field("", top, "drain_timeout", _seconds, 10.0),
+        source=source,
+    )
+
+
+def parse_backend(data: object, source: str = "<backend config>") -> BackendConfig:
+    """Validate a backend document; raise ConfigError listing every problem."""
+    check = _Checker(source)
+    top = check.mapping("", data, "a backend config")
+    if top is None:
+        raise ConfigError(check.problems)
+    check.known_keys("", top, _BACKEND_KEYS)
+    defaults = _options(check, "", top, TunnelOptions())
+    listeners: list[Listener] = []
+    names: list[tuple[str, str, Address]] = []
+    for where, entry in _items(check, top, "listeners", "listener"):
+        check.known_keys(where, entry, _LISTENER_KEYS)
+        ok = _require(check, where, entry, "name", "a unique name for logs and reloads")
+        ok &= _require(check, where, entry, "listen", "host:port to accept websocket upgrades on")
+        ok &= _require(check, where, entry, "routes", "route name: host:port of the TCP target")
+        name = check.field(where, entry, "name", _name, "")
+        listen = check.field(where, entry, "listen", parse_address, None)
+        routes = _routes(check, where, entry.get("routes")) if "routes" in entry else {}
+        listeners.append(Listener(
+            name=name,
+            listen=listen or Address(DEFAULT_HOST, 0),
+            routes=routes,
+            options=_options(check, where, entry, defaults),
+        ))
+        if ok and name and listen:
+            names.append((where, name, listen))
+    _check_listen_conflicts(check, names)
+    check.raise_if_any()
+    return BackendConfig(
+        listeners=tuple(listeners),
+        log_level=check.field("", top, "log_level", _log_level, "info"),
+        drain_timeout=check.field("", top, "drain_timeout", _seconds, 10.0),
+        source=source,
+    )
+
+
+def _routes(check: _Checker, where: str, value: object) -> dict[str, Address]:
+    where = _join(where, "routes")
+    mapping = check.mapping(where, value, "routes")
+    if not mapping:
+        if mapping is not None:
+            check.report(where, "expected at least one route, e.g. default: 127.0.0.1:22")
+        return {}
+    routes: dict[str, Address] = {}
+    for name, target in mapping.items():
+        try:
+            routes[_route(name)] = parse_address(target, default_host="localhost")
+        except ValueError as exc:
+            check.report(f"{where}: {name!r}", str(exc))
+    return routes

@@ -1,0 +1,329 @@
+"""The frontend daemon: local TCP listeners whose connections each get a websocket to a backend.
+
+Each accepted connection is served on its own thread, which opens the websocket
+(nothing is read from the client before the backend's 101 arrives) and then
+becomes one of the tunnel's two pump threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import threading
+import time
+from urllib.parse import urlsplit
+
+import websocket
+from websocket import ABNF
+
+from bridge import protocol
+from bridge.channel import SendLock, close_payload, parse_close_payload, shutdown_socket
+from bridge.config import Address, FrontendConfig, FrontendTunnel, redact_url
+from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
+
+log = logging.getLogger("tcpbridge.frontend")
+
+LISTEN_BACKLOG = 1024
+ACCEPT_BACKOFF = 0.1
+#: accept() errors that mean "out of resources for now": back off instead of spinning.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class DialError(Exception):
+    """The websocket to the backend could not be opened; the message says why."""
+
+
+class ListenError(Exception):
+    """A listening socket could not be bound; the message names the tunnel and address."""
+
+
+# ---------------------------------------------------------------------------
+# The websocket, client side
+
+
+class ClientChannel:
+    """A :class:`~bridge.tunnel.Channel` over a websocket-client connection."""
+
+    def __init__(self, ws: websocket.WebSocket, max_message_bytes: int) -> None:
+        if ws.sock is None:
+            raise ChannelDropped("websocket is not connected")
+        self._ws = ws
+        self._sock: socket.socket = ws.sock
+        self._send_lock = SendLock()
+        self._decoder = MessageDecoder(max_message_bytes)
+        self._in_message = False
+        self._binary = False
+        self._limit_frame_size(max_message_bytes)
+
+    def _limit_frame_size(self, limit: int) -> None:
+        # websocket-client reads a whole frame into memory; refuse oversized ones
+        # when their length arrives, before the payload is buffered.
+        frame_buffer = self._ws.frame_buffer
+        recv_strict = frame_buffer.recv_strict
+
+        def bounded_recv_strict(bufsize: int) -> bytes:
+            if bufsize > limit:
+                raise ProtocolViolation(
+                    CloseCode.MESSAGE_TOO_BIG, f"message larger than max_message_bytes ({limit})"
+                )
+            return recv_strict(bufsize)
+
+        frame_buffer.recv_strict = bounded_recv_strict  # type: ignore[method-assign]
+
+    def _send(self, payload: bytes, opcode: int) -> None:
+        try:
+            self._ws.send(payload, opcode)
+        except websocket.WebSocketException as exc:
+            raise ChannelDropped(str(exc)) from None
+
+    def send_data(self, data: bytes) -> None:
+        with self._send_lock.held():
+            self._send(protocol.encode(data), ABNF.OPCODE_TEXT)
+
+    def send_end_of_stream(self) -> None:
+        with self._send_lock.held():
+            self._send(b"", ABNF.OPCODE_TEXT)
+
+    def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
+        return self._send_lock.try_send(lambda: self._send(close_payload(code, reason), ABNF.OPCODE_CLOSE), wait=wait)
+
+    def receive(self) -> Received:
+        while True:
+            frame = self._receive_frame()
+            opcode = frame.opcode
+            if opcode == ABNF.OPCODE_CLOSE:
+                return Closed(*parse_close_payload(_bytes(frame.data)))
+            if opcode == ABNF.OPCODE_PING:
+                with self._send_lock.held():
+                    self._send(_bytes(frame.data), ABNF.OPCODE_PONG)
+                continue
+            if opcode == ABNF.OPCODE_PONG:
+                continue
+            if opcode == ABNF.OPCODE_CONT:
+                if not self._in_message:
+                    raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "continuation frame outside a message")
+            elif self._in_message:
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
+            else:
+                self._binary = opcode == ABNF.OPCODE_BINARY
+            self._in_message = not frame.fin
+            result = self._decoder.feed(frame.data, binary=self._binary, message_finished=bool(frame.fin))
+            if result:
+                return result
+
+    def _receive_frame(self) -> ABNF:
+        try:
+            frame: ABNF = self._ws.recv_frame()  # type: ignore[no-untyped-call]
+            return frame
+        except websocket.WebSocketPayloadException as exc:
+            raise ProtocolViolation(CloseCode.INVALID_DATA, str(exc)) from None
+        except websocket.WebSocketProtocolException as exc:
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, str(exc)) from None
+        except websocket.WebSocketConnectionClosedException:
+            raise ChannelDropped("connection closed without a close frame") from None
+        except websocket.WebSocketException as exc:
+            raise ChannelDropped(str(exc)) from None
+
+    def shutdown(self) -> None:
+        shutdown_socket(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _open_transport(url: str, timeout: float) -> socket.socket:
+    """Connect the TCP (and TLS, for wss://) connection a websocket URL needs.
+
+    Opening it ourselves keeps websocket-client from applying ``http_proxy``
+    environment variables behind the user's back.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if secure:
+            context = ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dial(tunnel: FrontendTunnel) -> websocket.WebSocket:
+    """Open the websocket for one connection of ``tunnel``; raise DialError saying why not.
+
+    No Origin header and no extension offer are sent (the Go backend refuses
+    both), and the connect timeout is removed once the handshake is done.
+    """
+    url = tunnel.url
+    timeout = tunnel.options.connect_timeout
+    sock: socket.socket | None = None
+    try:
+        sock = transport = _open_transport(url, timeout)
+        ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
+        ws.connect(  # type: ignore[no-untyped-call]
+            url,
+            socket=sock,
+            timeout=timeout,
+            header=[f"{name}: {value}" for name, value in tunnel.headers],
+            suppress_origin=True,
+        )
+    except websocket.WebSocketBadStatusException as exc:
+        _close_quietly(sock)
+        raise DialError(f"backend refused the upgrade: {_status(exc)}") from None
+    except ssl.SSLCertVerificationError as exc:
+        _close_quietly(sock)
+        raise DialError(f"TLS certificate verification failed: {exc.verify_message}") from None
+    except (TimeoutError, websocket.WebSocketTimeoutException):
+        _close_quietly(sock)
+        raise DialError(f"timed out after {timeout:g} s (connect_timeout)") from None
+    except socket.gaierror as exc:
+        raise DialError(f"cannot resolve host: {exc.strerror}") from None
+    except OSError as exc:
+        _close_quietly(sock)
+        raise DialError(exc.strerror.lower() if exc.strerror else str(exc)) from None
+    except websocket.WebSocketException as exc:
+        _close_quietly(sock)
+        raise DialError(f"websocket handshake failed: {exc}") from None
+    transport.settimeout(None)
+    return ws
+
+
+def _bytes(data: str | bytes) -> bytes:
+    return data.encode("utf-8") if isinstance(data, str) else data
+
+
+def _status(exc: websocket.WebSocketBadStatusException) -> str:
+    # Never include the response headers: the Go backend echoes Authorization back.
+    status = f"HTTP {exc.status_code} {exc.status_message or ''}".rstrip()
+    body = (exc.resp_body or b"").decode("utf-8", "replace").strip().splitlines()
+    return f"{status} ({body[0][:200]})" if body else status
+
+
+def _close_quietly(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------
+# The daemon
+
+
+def bind_listener(address: Address, what: str) -> socket.socket:
+    """Bind a listening TCP socket; raise ListenError naming ``what`` and the address."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    try:
+        return socket.create_server((address.host, address.port), family=family, backlog=LISTEN_BACKLOG)
+    except socket.gaierror as exc:
+        raise ListenError(f"{what}: cannot listen on {address}: unknown host ({exc.strerror})") from None
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another process is listening there: stop it or change 'listen')"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = " (no interface of this machine has that address)"
+        elif exc.errno == errno.EACCES:
+            hint = " (ports below 1024 need privileges)"
+        reason = exc.strerror.lower() if exc.strerror else str(exc)
+        raise ListenError(f"{what}: cannot listen on {address}: {reason}{hint}") from None
+
+
+class Frontend:
+    """Accepts connections on every tunnel's port and carries each over its own websocket."""
+
+    def __init__(self, config: FrontendConfig, registry: TunnelRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self._listeners: list[tuple[FrontendTunnel, socket.socket]] = []
+        self._stopping = threading.Event()
+
+    def bind(self) -> None:
+        """Bind every tunnel's port, or none: raise ListenError on the first that fails."""
+        try:
+            for tunnel in self.config.tunnels:
+                self._listeners.append((tunnel, bind_listener(tunnel.listen, f"tunnel {tunnel.name!r}")))
+        except ListenError:
+            self.close_listeners()
+            raise
+
+    def start(self) -> None:
+        """Start one accept thread per bound listener."""
+        for tunnel, sock in self._listeners:
+            threading.Thread(target=self._accept_loop, args=(tunnel, sock),
+                             name=f"accept-{tunnel.name}", daemon=True).start()
+            log.info("tunnel %s: listening on %s -> %s", tunnel.name, _bound(sock), redact_url(tunnel.url))
+
+    def describe(self) -> str:
+        return f"{len(self._listeners)} listeners"
+
+    def close_listeners(self) -> None:
+        """Stop accepting; live tunnels carry on."""
+        self._stopping.set()
+        for _tunnel, sock in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            sock.close()
+        self._listeners.clear()
+
+    def _accept_loop(self, tunnel: FrontendTunnel, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, peer = listener.accept()
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                if exc.errno in RESOURCE_ERRNOS:
+                    log.warning("tunnel %s: cannot accept: %s; retrying in %.1f s",
+                                tunnel.name, exc.strerror, ACCEPT_BACKOFF)
+                    time.sleep(ACCEPT_BACKOFF)
+                elif exc.errno != errno.ECONNABORTED:
+                    log.error("tunnel %s: accept failed: %s", tunnel.name, exc)
+                    time.sleep(ACCEPT_BACKOFF)
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(tunnel, client, peer), daemon=True).start()
+            except RuntimeError as exc:  # "can't start new thread": out of threads
+                log.error("tunnel %s: cannot serve %s: %s", tunnel.name, _peer(peer), exc)
+                reset_on_close(client)
+                client.close()
+
+    def _serve(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
+        tunnel_id = new_tunnel_id()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            ws = dial(tunnel)
+        except DialError as exc:
+            log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
+                        tunnel_id, tunnel.name, redact_url(tunnel.url), _peer(peer), exc)
+            reset_on_close(client)
+            client.close()
+            return
+        pump = Tunnel(
+            client,
+            ClientChannel(ws, tunnel.options.max_message_bytes),
+            label=tunnel.name,
+            peer=_peer(peer),
+            destination=redact_url(tunnel.url),
+            options=tunnel.options,
+            tcp_role="client",
+            tunnel_id=tunnel_id,
+        )
+        self.registry.run(pump)
+
+
+def _peer(peer: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    return str(Address(peer[0], peer[1]))
+
+
+def _bound(sock: socket.socket) -> str:
+    return _peer(sock.getsockname())

@@ -1,0 +1,168 @@
+"""The bridge's wire format, free of any I/O.
+
+Compatible byte for byte with google/inverting-proxy ``utils/tcpbridge``:
+
+* a tunnel is one websocket, opened with a GET upgrade of :data:`BRIDGE_PATH`
+  (named routes append ``/<route>``; the bare path is the ``default`` route);
+* every websocket message is a TEXT message whose payload is the lowercase hex
+  of the bytes it carries (uppercase is accepted on receipt);
+* an empty TEXT message is tcpbridge's end-of-stream marker (a half-close). The
+  Go reference ignores empty messages, so sending one to it is harmless.
+
+This module turns bytes into payloads and received message fragments back into
+stream events; the daemons do the socket work.
+"""
+
+from __future__ import annotations
+
+import binascii
+import posixpath
+import re
+from enum import IntEnum
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+BRIDGE_PATH: Final = "/tcp-over-websocket-bridge/35218cb7-1201-4940-89e8-48d8f03fed96"
+DEFAULT_ROUTE: Final = "default"
+ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+#: Our own senders read this much from TCP per message (the Go reference reads 32 KiB).
+READ_CHUNK: Final = 64 * 1024
+#: Default cap on one received message's payload; it must admit the Go frontend's
+#: 65,536 hex characters.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
+GO_FRONTEND_MESSAGE_BYTES: Final = 65536
+
+
+class CloseCode(IntEnum):
+    """Websocket close codes (RFC 6455 section 7.4.1) that tcpbridge sends or reads."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    ABNORMAL = 1006  # never sent: the connection dropped without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+
+
+class ProtocolViolation(Exception):
+    """The websocket peer broke the wire format; close the websocket with :attr:`code`."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class EndOfStream:
+    """The peer's end-of-stream marker: its TCP side will send nothing more."""
+
+    _instance: EndOfStream | None = None
+
+    def __new__(cls) -> EndOfStream:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "END_OF_STREAM"
+
+
+END_OF_STREAM: Final = EndOfStream()
+
+
+def encode(data: bytes) -> bytes:
+    """Return the TEXT payload (lowercase hex, ASCII) that carries ``data``."""
+    return binascii.hexlify(data)
+
+
+def bridge_path(route: str = DEFAULT_ROUTE) -> str:
+    """Return the upgrade path for ``route``; ``default`` is the Go reference's bare path."""
+    if route == DEFAULT_ROUTE:
+        return BRIDGE_PATH
+    return f"{BRIDGE_PATH}/{route}"
+
+
+def route_for_path(path: str) -> str | None:
+    """Return the route an upgrade path asks for, or None if it is not a bridge path.
+
+    The returned name is not checked against any configuration; it is only
+    guaranteed to be a syntactically valid route name.
+    """
+    if path == BRIDGE_PATH:
+        return DEFAULT_ROUTE
+    prefix = BRIDGE_PATH + "/"
+    if path.startswith(prefix):
+        name = path[len(prefix):]
+        if ROUTE_NAME.fullmatch(name) and name != DEFAULT_ROUTE:
+            return name
+    return None
+
+
+def bridge_url(base: str, route: str = DEFAULT_ROUTE) -> str:
+    """Append the bridge path for ``route`` to a backend base URL, as Go's ``path.Join`` does.
+
+    ``wss://host/prefix/`` becomes ``wss://host/prefix/tcp-over-websocket-bridge/<uuid>``;
+    the query string, if any, is kept.
+    """
+    parts = urlsplit(base)
+    path = posixpath.normpath(posixpath.join("/", parts.path.lstrip("/"), bridge_path(route).lstrip("/")))
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class MessageDecoder:
+    """Turns received websocket message fragments into stream bytes and end-of-stream markers.
+
+    Feed every data frame (or partial frame) in arrival order. Hex is decoded as it
+    arrives, so a message is never buffered whole and memory stays bounded by the
+    fragment size. Contract of :meth:`feed`:
+
+    * returns the bytes decoded from this fragment (possibly ``b""``), or
+      :data:`END_OF_STREAM` when a complete message turned out to be empty;
+    * raises :class:`ProtocolViolation` with 1003 for a binary message, 1007 for
+      text that is not hex or has an odd length, and 1009 for a message whose
+      payload exceeds ``max_message_bytes``. After that the decoder is unusable.
+    """
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._message_length = 0
+        self._odd_digit: bytes = b""
+
+    def feed(self, payload: bytes | str, *, binary: bool, message_finished: bool) -> bytes | EndOfStream:
+        if binary:
+            raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "binary message on a text (hex) tunnel")
+        self._message_length += len(payload)
+        if self._message_length > self.max_message_bytes:
+            raise ProtocolViolation(
+                CloseCode.MESSAGE_TOO_BIG,
+                f"message larger than max_message_bytes ({self.max_message_bytes})",
+            )
+        data = self._decode(payload)
+        if message_finished:
+            if self._odd_digit:
+                raise ProtocolViolation(CloseCode.INVALID_DATA, "hex payload of odd length")
+            empty = self._message_length == 0
+            self._message_length = 0
+            if empty:
+                return END_OF_STREAM
+        return data
+
+    def _decode(self, payload: bytes | str) -> bytes:
+        if isinstance(payload, str):
+            if not payload.isascii():
+                raise ProtocolViolation(CloseCode.INVALID_DATA, "text payload is not hex")
+            payload = payload.encode("ascii")
+        if self._odd_digit:
+            payload = self._odd_digit + payload
+            self._odd_digit = b""
+        if len(payload) % 2:
+            self._odd_digit = payload[-1:]
+            payload = payload[:-1]
+        try:
+            return binascii.unhexlify(payload)
+        except binascii.Error:
+            raise ProtocolViolation(CloseCode.INVALID_DATA, "text payload is not hex") from None

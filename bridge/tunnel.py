@@ -1,0 +1,407 @@
+"""The two-thread pump that joins one TCP socket to one websocket, shared by both daemons.
+
+A :class:`Tunnel` runs on the thread that calls :meth:`Tunnel.run` (the websocket
+to TCP direction) plus exactly one thread it starts (TCP to websocket). Ends:
+
+* **clean**: a TCP FIN becomes an end-of-stream marker, and a received marker
+  becomes ``shutdown(SHUT_WR)`` on the TCP side; the other direction keeps
+  flowing. Whichever side has both sent and received a marker closes the
+  websocket with 1000. A received close 1000 is also a clean end (peers with
+  ``half_close: false`` send it instead of a marker).
+* **abort**: a reset or error on either side, a websocket dropped without a
+  close frame, a close with any other code, or bad input. The TCP side is reset
+  (SO_LINGER 0), never closed cleanly, so a cut stream never looks complete.
+* **half-close timeout**: a half-closed tunnel whose open direction moved no
+  bytes for ``half_close_timeout`` is closed, so Go peers (which never send the
+  marker) cannot leak it.
+
+Nothing survives a tunnel: both sockets are closed and both threads have ended
+when :meth:`Tunnel.run` returns. :class:`TunnelRegistry` tracks live tunnels and
+runs the daemon's one housekeeping thread for timeouts and draining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from bridge import protocol
+from bridge.config import TunnelOptions
+from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
+
+log = logging.getLogger("tcpbridge.tunnel")
+
+#: How long we wait for the peer's close frame after sending ours.
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+HOUSEKEEPING_INTERVAL = 0.25
+#: A close frame with no status code (1005) is a deliberate end, like 1000.
+NORMAL_CLOSE_CODES = frozenset({CloseCode.NORMAL, 1005})
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer sent a close frame (``code`` 1005 when it carried none)."""
+
+    code: int
+    reason: str = ""
+
+
+class ChannelDropped(Exception):
+    """The websocket's connection ended or failed without a close frame."""
+
+
+Received = bytes | EndOfStream | Closed
+
+
+class Channel(Protocol):
+    """One open websocket, as the pump sees it. Implemented by each daemon.
+
+    ``receive`` is called from one thread only; the ``send_*`` methods may be
+    called from both threads and must serialise whole frames. ``shutdown`` may be
+    called from any thread and must wake a thread blocked in ``receive`` or a send.
+    """
+
+    def send_data(self, data: bytes) -> None:
+        """Send ``data`` as one message. Raises OSError if the connection failed."""
+
+    def send_end_of_stream(self) -> None:
+        """Send the end-of-stream marker."""
+
+    def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
+        """Send a close frame; with ``wait=False`` give up (return False) if a send is in progress."""
+
+    def receive(self) -> Received:
+        """Block for the next stream event.
+
+        Raises ProtocolViolation on bad input and ChannelDropped when the
+        connection ends without a close frame.
+        """
+
+    def shutdown(self) -> None:
+        """Shut the connection down in both directions, waking blocked threads."""
+
+    def close(self) -> None:
+        """Release the connection's file descriptor."""
+
+
+def new_tunnel_id() -> str:
+    return secrets.token_hex(3)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make ``close()`` send a TCP RST instead of a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(how)
+
+
+class Tunnel:
+    """Pumps bytes between ``tcp`` and ``channel`` until both directions end.
+
+    State, all guarded by ``_lock``: ``_sent_eof``/``_received_eof`` record the
+    markers; ``_closing`` means we sent close 1000 and still deliver what the
+    peer sent before it saw ours; ``_done`` means no more bytes move.
+    """
+
+    def __init__(
+        self,
+        tcp: socket.socket,
+        channel: Channel,
+        *,
+        label: str,
+        peer: str,
+        destination: str,
+        options: TunnelOptions,
+        tcp_role: str = "TCP peer",
+        tunnel_id: str | None = None,
+    ) -> None:
+        self.id = tunnel_id or new_tunnel_id()
+        self.label = label
+        self.peer = peer
+        self.destination = destination
+        self.options = options
+        self.tcp_role = tcp_role
+        self.bytes_to_ws = 0
+        self.bytes_to_tcp = 0
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self._tcp = tcp
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._sent_eof = False
+        self._received_eof = False
+        self._close_sent_at: float | None = None
+        self._outcome: str | None = None
+        self._aborted = False
+        self._done = False
+        self._writing_tcp = False
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def outcome(self) -> str | None:
+        """Why the tunnel ended ("clean", "abort: ...", ...), or None while it runs."""
+        return self._outcome
+
+    def run(self) -> str:
+        """Pump until both directions end, close both sockets, and return the outcome."""
+        upstream = threading.Thread(target=self._guarded, args=(self._tcp_to_ws,),
+                                    name=f"tunnel-{self.id}-up", daemon=True)
+        upstream.start()
+        self._guarded(self._ws_to_tcp)
+        upstream.join()
+        self._release()
+        return self._outcome or "clean"
+
+    def abort(self, reason: str, code: int = CloseCode.INTERNAL_ERROR) -> None:
+        """End the tunnel now: reset the TCP side and tell the peer with close ``code``."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = self._aborted = True
+            self._outcome = reason
+            tell_peer = self._close_sent_at is None
+        reset_on_close(self._tcp)
+        # SHUT_RD wakes our TCP reader without sending anything. A writer blocked
+        # in sendall only wakes on SHUT_WR; its FIN then sits behind the unsent
+        # data it was blocked on, and the RST at close discards both.
+        _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
+        if tell_peer:
+            self._channel.send_close(code, reason[:120], wait=False)
+        self._channel.shutdown()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the housekeeper: enforce the half-close and close-handshake timeouts."""
+        if self._done:
+            return
+        if self._close_sent_at is not None:
+            if now - self._close_sent_at > CLOSE_HANDSHAKE_TIMEOUT:
+                log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, CLOSE_HANDSHAKE_TIMEOUT)
+                self._channel.shutdown()
+            return
+        timeout = self.options.half_close_timeout
+        half_closed = self._sent_eof != self._received_eof
+        if timeout and half_closed and now - self.last_activity > timeout:
+            self._close("half-close timeout")
+
+    # -- directions -----------------------------------------------------------
+
+    def _guarded(self, direction: Callable[[], None]) -> None:
+        try:
+            direction()
+        except Exception as exc:  # a bug must not leave the other thread or the sockets behind
+            log.exception("tunnel %s: internal error", self.id)
+            self.abort(f"abort: internal error ({exc})")
+
+    def _stopped(self) -> bool:
+        return self._done or self._close_sent_at is not None
+
+    def _tcp_to_ws(self) -> None:
+        tcp, channel = self._tcp, self._channel
+        while True:
+            try:
+                data = tcp.recv(protocol.READ_CHUNK)
+            except OSError as exc:
+                self.abort(f"abort: {self.tcp_role} reset ({_describe(exc)})")
+                return
+            if self._stopped():
+                return
+            if not data:
+                break
+            self.last_activity = time.monotonic()
+            try:
+                channel.send_data(data)
+            except OSError as exc:
+                self.abort(f"abort: websocket send failed ({_describe(exc)})")
+                return
+            self.bytes_to_ws += len(data)
+        if not self.options.half_close:
+            self._close("clean")
+            return
+        try:
+            channel.send_end_of_stream()
+        except OSError as exc:
+            self.abort(f"abort: websocket send failed ({_describe(exc)})")
+            return
+        with self._lock:
+            self._sent_eof = True
+            both = self._received_eof
+        self.last_activity = time.monotonic()
+        if both:
+            self._close("clean")
+
+    def _ws_to_tcp(self) -> None:
+        tcp, channel = self._tcp, self._channel
+        while True:
+            try:
+                event = channel.receive()
+            except ProtocolViolation as violation:
+                log.warning("tunnel %s [%s]: bad frame from the websocket peer: %s (closing with %d)",
+                            self.id, self.label, violation.reason, violation.code)
+                self.abort(f"bad frame: {violation.reason}", violation.code)
+                return
+            except (ChannelDropped, OSError) as exc:
+                if self._close_sent_at is None:  # after our close frame, a hang-up is the end we asked for
+                    self.abort(f"abort: websocket dropped ({_describe(exc)})")
+                return
+            if isinstance(event, bytes):
+                if not event:
+                    continue
+                self.last_activity = time.monotonic()
+                self._writing_tcp = True
+                try:
+                    tcp.sendall(event)
+                except OSError as exc:
+                    self.abort(f"abort: {self.tcp_role} reset ({_describe(exc)})")
+                    return
+                finally:
+                    self._writing_tcp = False
+                self.bytes_to_tcp += len(event)
+            elif isinstance(event, EndOfStream):
+                self._received_end_of_stream()
+            else:
+                self._received_close(event)
+                return
+
+    def _received_end_of_stream(self) -> None:
+        with self._lock:
+            if self._received_eof or self._done:
+                return
+            self._received_eof = True
+            both = self._sent_eof
+        self.last_activity = time.monotonic()
+        _shutdown(self._tcp, socket.SHUT_WR)
+        if both:
+            self._close("clean")
+
+    def _received_close(self, closed: Closed) -> None:
+        if closed.code not in NORMAL_CLOSE_CODES and self._close_sent_at is None:
+            reason = f": {closed.reason}" if closed.reason else ""
+            self.abort(f"abort: peer closed the websocket with {closed.code}{reason}", CloseCode.NORMAL)
+            return
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            answer = self._close_sent_at is None
+            if answer:
+                self._outcome = "clean" if self._sent_eof else "closed by peer"
+        if answer:
+            self._channel.send_close(CloseCode.NORMAL, "")
+        _shutdown(self._tcp, socket.SHUT_WR)
+        _shutdown(self._tcp, socket.SHUT_RD)  # wakes our reader, which then sees _done
+
+    def _close(self, outcome: str) -> None:
+        """Start a graceful end: send close 1000 and stop reading TCP.
+
+        What the peer sent before it saw our close frame is still delivered; the
+        TCP side gets its FIN when the peer's close frame arrives.
+        """
+        with self._lock:
+            if self._done or self._close_sent_at is not None:
+                return
+            self._outcome = outcome
+            self._close_sent_at = time.monotonic()
+        try:
+            self._channel.send_close(CloseCode.NORMAL, "")
+        except OSError:
+            self._channel.shutdown()
+        _shutdown(self._tcp, socket.SHUT_RD)
+
+    def _release(self) -> None:
+        self._channel.shutdown()
+        self._channel.close()
+        self._tcp.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+class TunnelRegistry:
+    """The live tunnels of one daemon, and its housekeeping thread.
+
+    The housekeeper wakes every :data:`HOUSEKEEPING_INTERVAL` seconds to enforce
+    per-tunnel timeouts; it is the only timer thread a daemon has.
+    """
+
+    def __init__(self) -> None:
+        self._tunnels: dict[str, Tunnel] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.total_opened = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def add(self, tunnel: Tunnel) -> None:
+        with self._lock:
+            self._tunnels[tunnel.id] = tunnel
+            self.total_opened += 1
+
+    def remove(self, tunnel: Tunnel) -> None:
+        with self._changed:
+            self._tunnels.pop(tunnel.id, None)
+            self._changed.notify_all()
+
+    def active(self) -> list[Tunnel]:
+        with self._lock:
+            return list(self._tunnels.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no tunnel is live; return False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._tunnels:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    def run(self, tunnel: Tunnel) -> str:
+        """Run ``tunnel`` to its end on the calling thread, logging its open and close lines."""
+        self.add(tunnel)
+        log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
+        try:
+            outcome = tunnel.run()
+        finally:
+            self.remove(tunnel)
+        log.info(
+            "tunnel %s [%s] closed (%s): %s sent %d B, received %d B in %.3f s",
+            tunnel.id, tunnel.label, outcome, tunnel.tcp_role, tunnel.bytes_to_ws, tunnel.bytes_to_tcp,
+            time.monotonic() - tunnel.started,
+        )
+        return outcome
+
+    def abort_all(self, reason: str) -> None:
+        for tunnel in self.active():
+            tunnel.abort(reason, CloseCode.GOING_AWAY)
+
+    def _housekeep(self) -> None:
+        while not self._stop.wait(HOUSEKEEPING_INTERVAL):
+            now = time.monotonic()
+            for tunnel in self.active():
+                tunnel.check_timeouts(now)

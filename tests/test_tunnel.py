@@ -1,0 +1,308 @@
+"""Tunnel semantics through a real frontend+backend pair: transfers, half-close, abort, cleanup."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Pair, start_pair
+from tests.helpers import (
+    TcpServer,
+    pattern,
+    recv_all,
+    recv_exactly,
+    send_then_shutdown,
+    sha256,
+    wait_until,
+)
+
+SIZES = [1, 64 * 1024 + 1, 8 * 1024 * 1024]
+
+
+def connect(pair: Pair) -> socket.socket:
+    return socket.create_connection(pair.address(), timeout=10)
+
+
+def sink_handler(conn: socket.socket) -> None:
+    """Read to EOF, then answer with the sha256 of what arrived and close."""
+    digest = hashlib.sha256()
+    while data := conn.recv(1 << 18):
+        digest.update(data)
+    conn.sendall(digest.hexdigest().encode())
+    conn.shutdown(socket.SHUT_WR)
+
+
+def source_handler(size: int):  # type: ignore[no-untyped-def]
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(pattern(size))
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(10)
+        conn.recv(1)  # wait for the client's side to end
+    return handler
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_upload_arrives_whole_and_reply_follows_half_close(tmp_path: Path, size: int) -> None:
+    """Client sends N bytes then SHUT_WR; the target sees EOF and its reply still arrives."""
+    sink = TcpServer(sink_handler)
+    pair = start_pair(tmp_path, sink.address)
+    try:
+        data = pattern(size)
+        with connect(pair) as client:
+            send_then_shutdown(client, data)
+            assert recv_all(client).decode() == sha256(data)
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), sink.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_download_arrives_whole_then_eof(tmp_path: Path, size: int) -> None:
+    """The target sends N bytes and closes: the client gets them all, then EOF."""
+    source = TcpServer(source_handler(size))
+    pair = start_pair(tmp_path, source.address)
+    try:
+        with connect(pair) as client:
+            received = recv_all(client)
+            assert len(received) == size
+            assert sha256(received) == sha256(pattern(size))
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), source.close()
+
+
+def test_every_byte_value_round_trips(pair: Pair) -> None:
+    data = bytes(range(256)) * 4 + bytes(reversed(range(256)))
+    with connect(pair) as client:
+        send_then_shutdown(client, data)
+        assert recv_all(client) == data
+
+
+def test_clean_close_is_logged_on_both_sides(pair: Pair) -> None:
+    with connect(pair) as client:
+        send_then_shutdown(client, b"hello")
+        assert recv_all(client) == b"hello"
+    assert pair.frontend.wait_for_log("closed (clean): client sent 5 B, received 5 B")
+    assert pair.backend.wait_for_log("closed (clean): target sent 5 B, received 5 B")
+
+
+def test_hundred_concurrent_tunnels(pair: Pair) -> None:
+    def one(index: int) -> bool:
+        data = os.urandom(32 * 1024 + index)
+        with connect(pair) as client:
+            send_then_shutdown(client, data)
+            return recv_all(client) == data
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(one, range(100)))
+    assert results.count(True) == 100
+
+
+def test_target_reset_resets_the_client(tmp_path: Path) -> None:
+    """An abort is never turned into a clean end: a cut stream must look cut."""
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(b"partial")
+        time.sleep(0.3)
+        reset(conn)
+
+    server = TcpServer(handler)
+    pair = start_pair(tmp_path, server.address)
+    try:
+        with connect(pair) as client:
+            assert recv_exactly(client, 7) == b"partial"
+            with pytest.raises(ConnectionResetError):
+                recv_all(client)
+        assert pair.frontend.wait_for_log("abort")
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), server.close()
+
+
+def test_client_reset_resets_the_target(tmp_path: Path) -> None:
+    outcome: list[str] = []
+    done = threading.Event()
+
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            while conn.recv(65536):
+                pass
+            outcome.append("eof")
+        except ConnectionResetError:
+            outcome.append("reset")
+        done.set()
+
+    server = TcpServer(handler)
+    pair = start_pair(tmp_path, server.address)
+    try:
+        client = connect(pair)
+        client.sendall(b"some bytes")
+        assert pair.backend.wait_for_log("open:")
+        time.sleep(0.2)
+        reset(client)
+        assert done.wait(10)
+        assert outcome == ["reset"]
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), server.close()
+
+
+def test_half_close_timeout_reclaims_a_tunnel_whose_target_never_finishes(tmp_path: Path) -> None:
+    """The client half-closes; the target reads EOF but never closes: the tunnel ends after the timeout."""
+    def handler(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+        conn.sendall(b"reply")
+        time.sleep(30)
+
+    server = TcpServer(handler)
+    pair = start_pair(tmp_path, server.address, listener_extra={"half_close_timeout": 1})
+    try:
+        with connect(pair) as client:
+            send_then_shutdown(client, b"request")
+            started = time.monotonic()
+            assert recv_all(client, timeout=15) == b"reply"
+            assert time.monotonic() - started < 15
+        assert pair.backend.wait_for_log("closed (half-close timeout)")
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), server.close()
+
+
+def test_without_half_close_a_fin_closes_the_whole_tunnel(tmp_path: Path) -> None:
+    """half_close: false sends close 1000 on FIN instead of a marker; the target gets EOF."""
+    seen = threading.Event()
+
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        while conn.recv(65536):
+            pass
+        seen.set()
+
+    server = TcpServer(handler)
+    pair = start_pair(tmp_path, server.address, tunnel_extra={"half_close": False})
+    try:
+        with connect(pair) as client:
+            client.sendall(b"bye")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b""
+        assert seen.wait(10)
+        assert pair.frontend.wait_for_log("closed (clean)")
+        assert pair.backend.wait_for_log("closed (closed by peer)")
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), server.close()
+
+
+def test_nothing_survives_closed_tunnels(pair: Pair) -> None:
+    """200 tunnels opened and closed: fds and threads of both daemons return to idle."""
+    time.sleep(0.3)
+    baseline = {d: (d.fds(), d.threads()) for d in (pair.frontend, pair.backend)}
+
+    def one(index: int) -> None:
+        with connect(pair) as client:
+            payload = f"tunnel {index}".encode()
+            send_then_shutdown(client, payload)
+            assert recv_all(client) == payload
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(one, range(200)))
+    for daemon, (fds, threads) in baseline.items():
+        assert wait_until(lambda d=daemon, f=fds, t=threads: (d.fds(), d.threads()) == (f, t), timeout=15), (
+            f"{daemon.args[0]}: fds {daemon.fds()} (idle {fds}), threads {daemon.threads()} (idle {threads})"
+        )
+
+
+def test_ipv6_listen_and_target(tmp_path: Path) -> None:
+    from tests.helpers import backend, echo_handler, free_port, frontend, write_yaml
+
+    echo = TcpServer(echo_handler, host="::1")
+    backend_port, frontend_port = free_port("::1"), free_port("::1")
+    back = backend(write_yaml(tmp_path, "b.yaml", {"listeners": [
+        {"name": "v6", "listen": f"[::1]:{backend_port}", "routes": {"default": echo.address}}]})).wait_ready()
+    front = frontend(write_yaml(tmp_path, "f.yaml", {"tunnels": [
+        {"name": "v6", "listen": f"[::1]:{frontend_port}", "backend": f"ws://[::1]:{backend_port}"}]})).wait_ready()
+    try:
+        with socket.create_connection(("::1", frontend_port), timeout=10) as client:
+            send_then_shutdown(client, b"over ipv6")
+            assert recv_all(client) == b"over ipv6"
+    finally:
+        front.stop(), back.stop(), echo.close()
+
+
+def test_unreachable_target_is_a_502_and_the_client_is_dropped_at_once(tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    pair = start_pair(tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        with connect(pair) as client:
+            started = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                recv_all(client)
+            assert time.monotonic() - started < 5
+        assert pair.frontend.wait_for_log("HTTP 502")
+        assert pair.backend.wait_for_log("cannot connect to 127.0.0.1:")
+        assert "connection refused" in pair.backend.log
+    finally:
+        pair.frontend.stop(), pair.backend.stop()
+
+
+def test_unknown_route_is_a_404(tmp_path: Path, echo_server: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo_server.address, tunnel_extra={"route": "nosuch"})
+    try:
+        with connect(pair) as client, pytest.raises(ConnectionResetError):
+            recv_all(client)
+        assert pair.frontend.wait_for_log("HTTP 404")
+        assert pair.backend.wait_for_log("no route 'nosuch'")
+    finally:
+        pair.frontend.stop(), pair.backend.stop()
+
+
+def test_backend_down_is_reported_with_the_url(tmp_path: Path, echo_server: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo_server.address)
+    pair.backend.stop()
+    try:
+        with connect(pair) as client, pytest.raises(ConnectionResetError):
+            recv_all(client)
+        assert pair.frontend.wait_for_log(f"cannot open ws://127.0.0.1:{pair.backend_port}/tcp-over-websocket-bridge")
+        assert "connection refused" in pair.frontend.log
+    finally:
+        pair.frontend.stop()
+
+
+def test_sigterm_drains_live_tunnels_then_exits_zero(tmp_path: Path, echo_server: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo_server.address, frontend_extra={"drain_timeout": 5})
+    try:
+        client = connect(pair)
+        client.sendall(b"before")
+        assert recv_exactly(client, 6) == b"before"
+        pair.frontend.proc.terminate()
+        assert pair.frontend.wait_for_log("draining 1 tunnels")
+        client.sendall(b"during drain")  # the live tunnel keeps flowing
+        assert recv_exactly(client, 12) == b"during drain"
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+        assert pair.frontend.stop() == 0
+    finally:
+        pair.frontend.stop(), pair.backend.stop()
+
+
+def test_drain_timeout_resets_what_is_left(tmp_path: Path, echo_server: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo_server.address, frontend_extra={"drain_timeout": 0.5})
+    try:
+        client = connect(pair)
+        client.sendall(b"x")
+        assert recv_exactly(client, 1) == b"x"
+        assert pair.frontend.stop() == 0
+        with pytest.raises(ConnectionResetError):
+            recv_all(client)
+        assert "resetting 1 tunnels" in pair.frontend.log
+    finally:
+        pair.backend.stop()
