@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -37,6 +38,8 @@ from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegist
 log = logging.getLogger("tcpbridge.backend")
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: Seconds a connection may take to send a complete request (and may idle between kept-alive requests).
+HANDSHAKE_TIMEOUT = 30.0
 
 
 def accept_token(key: str) -> str:
@@ -159,16 +162,31 @@ class ListenerServer(ThreadingHTTPServer):
         self.listener = listener
         self.registry = registry
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a failed request in one line; a client that went away is not worth a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("listener %s: connection from %s failed: %s", self.listener.name, client_address, error)
+        else:
+            log.exception("listener %s: error serving %s", self.listener.name, client_address)
+
 
 class BridgeRequestHandler(BaseHTTPRequestHandler):
     """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404."""
 
     server: ListenerServer
+    timeout = HANDSHAKE_TIMEOUT
     protocol_version = "HTTP/1.1"
     server_version = f"tcpbridge/{__version__}"
     sys_version = ""
     error_content_type = "text/plain; charset=utf-8"
     error_message_format = "%(code)d %(message)s: %(explain)s\n"
+
+    def setup(self) -> None:
+        super().setup()
+        # Small frames go out back to back (data, then an end-of-stream marker):
+        # without NODELAY the second waits for a delayed ACK (~40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
         listener = self.server.listener
@@ -258,7 +276,9 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             f"Sec-WebSocket-Accept: {accept_token(key)}\r\n\r\n"
         )
         self.connection.sendall(response.encode("ascii"))
-        return self._buffered_request_bytes()
+        received = self._buffered_request_bytes()
+        self.connection.settimeout(None)  # the handshake timeout must not end an idle tunnel
+        return received
 
     def _buffered_request_bytes(self) -> bytes:
         """Take what the handler's buffered reader read past the request headers."""

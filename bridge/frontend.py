@@ -298,8 +298,9 @@ class Frontend:
 
     def _serve(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
         tunnel_id = new_tunnel_id()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):  # a client already gone fails later, in the pump
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             ws = dial(tunnel)
         except DialError as exc:
