@@ -306,3 +306,64 @@ def test_drain_timeout_resets_what_is_left(tmp_path: Path, echo_server: TcpServe
         assert "resetting 1 tunnels" in pair.frontend.log
     finally:
         pair.backend.stop()
+
+
+def test_each_open_tunnel_costs_exactly_two_threads_per_daemon(pair: Pair) -> None:
+    time.sleep(0.3)
+    idle = {d: d.threads() for d in (pair.frontend, pair.backend)}
+    clients = []
+    try:
+        for _ in range(10):
+            client = connect(pair)
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+            clients.append(client)
+        for daemon, threads in idle.items():
+            assert wait_until(lambda d=daemon, t=threads: d.threads() == t + 20, timeout=5), (
+                f"{daemon.args[0]}: {daemon.threads()} threads with 10 tunnels, {threads} idle")
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_daemons_raise_their_open_files_limit_to_the_hard_limit(pair: Pair) -> None:
+    for daemon in (pair.frontend, pair.backend):
+        line = next(line for line in Path(f"/proc/{daemon.pid}/limits").read_text().splitlines()
+                    if line.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        assert soft == hard, line
+
+
+def test_a_stalled_target_stops_the_upload_instead_of_buffering_it(tmp_path: Path) -> None:
+    """Backpressure end to end: the client blocks; neither daemon's memory grows with the upload."""
+    release = threading.Event()
+
+    def stalled(conn: socket.socket) -> None:
+        release.wait(60)
+
+    server = TcpServer(stalled)
+    pair = start_pair(tmp_path, server.address)
+    pushed = 0
+    try:
+        rss_before = {d: _rss_mib(d.pid) for d in (pair.frontend, pair.backend)}
+        client = connect(pair)
+        client.settimeout(3)
+        block = os.urandom(1 << 20)
+        with pytest.raises(TimeoutError):
+            for _ in range(256):  # at most 256 MiB: far more than kernel buffers can take
+                client.sendall(block)
+                pushed += 1
+        assert pushed < 128, f"{pushed} MiB went in: nothing pushed back"
+        for daemon, before in rss_before.items():
+            assert _rss_mib(daemon.pid) - before < 48, f"{daemon.args[0]} grew while the target stalled"
+        client.close()
+    finally:
+        release.set()
+        pair.frontend.stop(), pair.backend.stop(), server.close()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
