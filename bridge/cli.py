@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -121,8 +123,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate frontend/backend YAML files without starting anything")
     check.add_argument("files", nargs="+", metavar="FILE")
+    reload = commands.add_parser(
+        "reload", help="validate FILE, then ask the daemon with process id PID to reload it (SIGHUP)",
+        description="What systemd's ExecReload runs: a bad edit fails here, visibly, and the daemon is not "
+                    "signalled. Needs no /bin/kill.")
+    reload.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID in a unit)")
+    reload.add_argument("file", metavar="FILE")
     args = parser.parse_args(argv)
+    if args.command == "reload":
+        return reload_daemon(args.pid, args.file)
     return check_config(args.files)
+
+
+def reload_daemon(pid: int, path: str) -> int:
+    status = check_config([path])
+    if status != 0:
+        print(f"{path}: not reloading process {pid}: fix the problems above first", file=sys.stderr)
+        return status
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"cannot signal process {pid}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
 
 
 def check_config(files: Sequence[str]) -> int:
