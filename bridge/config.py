@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def parse_address(text: object, default_host: str = DEFAULT_HOST) -> Address:
         raise ValueError(f"{raw!r}: write an IPv6 address in brackets, like [::1]:8080")
     if not host:
         raise ValueError(f"{raw!r}: missing host before ':'")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"{raw!r}: port must be a number from 1 to 65535")
     port = int(port_text)
     if not 1 <= port <= 65535:
@@ -298,7 +299,7 @@ def _boolean(value: object) -> bool:
 
 
 def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"expected a number of seconds >= 0, got {_kind(value)}")
     return float(value)
 
@@ -361,6 +362,13 @@ def _headers(value: object) -> Headers:
     return tuple(headers)
 
 
+def _merge_headers(defaults: Headers, overrides: Headers) -> Headers:
+    """``defaults`` with ``overrides`` added or replacing them; names compare case-insensitively."""
+    merged = {name.lower(): (name, value) for name, value in defaults}
+    merged.update({name.lower(): (name, value) for name, value in overrides})
+    return tuple(merged.values())
+
+
 def _options(check: _Checker, where: str, data: Mapping[str, Any], base: TunnelOptions) -> TunnelOptions:
     return TunnelOptions(
         half_close=check.field(where, data, "half_close", _boolean, base.half_close),
@@ -401,10 +409,26 @@ def _check_listen_conflicts(check: _Checker, entries: list[tuple[str, str, Addre
             check.report(where, f"duplicate name {name!r} (also used by {seen_names[name]})")
         seen_names.setdefault(name, where)
         for other_where, other in seen_ports:
-            same_host = address.host == other.host or {address.host, other.host} & WILDCARD_HOSTS
-            if address.port == other.port and same_host:
+            if address.port == other.port and _hosts_overlap(address.host, other.host):
                 check.report(where, f"listen: {address} is already used by {other_where}")
         seen_ports.append((where, address))
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Whether listening on both hosts at one port would collide (an IPv6 wildcard is IPv6-only here)."""
+    if a == b:
+        return True
+    families = {_family(a), _family(b)}
+    if len(families) != 1 or None in families:
+        return False
+    return a in WILDCARD_HOSTS or b in WILDCARD_HOSTS
+
+
+def _family(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendConfig:
@@ -427,30 +451,26 @@ def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendC
         name = check.field(where, entry, "name", _name, "")
         listen = check.field(where, entry, "listen", parse_address, None)
         backend = check.field(where, entry, "backend", check_backend_url, default_backend)
-        if not backend and "backend" not in entry:
+        if not backend and "backend" not in entry and "backend" not in top:
             check.report(where, "no backend URL: set 'backend' here or at the top level")
         tunnel_headers = check.field(where, entry, "headers", _headers, no_headers)
-        merged: dict[str, str] = dict(default_headers)
-        merged.update(tunnel_headers)
+        merged = _merge_headers(default_headers, tunnel_headers)
         tunnel = FrontendTunnel(
             name=name,
             listen=listen or Address(DEFAULT_HOST, 0),
             backend=backend,
             route=check.field(where, entry, "route", _route, protocol.DEFAULT_ROUTE),
-            headers=tuple(merged.items()),
+            headers=merged,
             options=_options(check, where, entry, defaults),
         )
         if ok and name and listen:
             names.append((where, name, listen))
         tunnels.append(tunnel)
     _check_listen_conflicts(check, names)
+    log_level = check.field("", top, "log_level", _log_level, "info")
+    drain_timeout = check.field("", top, "drain_timeout", _seconds, 10.0)
     check.raise_if_any()
-    return FrontendConfig(
-        tunnels=tuple(tunnels),
-        log_level=check.field("", top, "log_level", _log_level, "info"),
-        drain_timeout=check.field("", top, "drain_timeout", _seconds, 10.0),
-        source=source,
-    )
+    return FrontendConfig(tunnels=tuple(tunnels), log_level=log_level, drain_timeout=drain_timeout, source=source)
 
 
 def parse_backend(data: object, source: str = "<backend config>") -> BackendConfig:
@@ -480,13 +500,10 @@ def parse_backend(data: object, source: str = "<backend config>") -> BackendConf
         if ok and name and listen:
             names.append((where, name, listen))
     _check_listen_conflicts(check, names)
+    log_level = check.field("", top, "log_level", _log_level, "info")
+    drain_timeout = check.field("", top, "drain_timeout", _seconds, 10.0)
     check.raise_if_any()
-    return BackendConfig(
-        listeners=tuple(listeners),
-        log_level=check.field("", top, "log_level", _log_level, "info"),
-        drain_timeout=check.field("", top, "drain_timeout", _seconds, 10.0),
-        source=source,
-    )
+    return BackendConfig(listeners=tuple(listeners), log_level=log_level, drain_timeout=drain_timeout, source=source)
 
 
 def _routes(check: _Checker, where: str, value: object) -> dict[str, Address]:

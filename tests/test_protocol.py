@@ -1,0 +1,376 @@
+"""The wire format: hex payloads, the message decoder, and bridge paths/URLs (no I/O)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from urllib.parse import urlsplit
+
+import pytest
+
+from bridge import protocol
+from bridge.protocol import (
+    BRIDGE_PATH,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    END_OF_STREAM,
+    GO_FRONTEND_MESSAGE_BYTES,
+    CloseCode,
+    MessageDecoder,
+    ProtocolViolation,
+    bridge_path,
+    bridge_url,
+    encode,
+    route_for_path,
+)
+from tests.helpers import pattern
+
+UUID_PATH = "/tcp-over-websocket-bridge/35218cb7-1201-4940-89e8-48d8f03fed96"
+
+
+def decode_whole(payload: bytes | str, decoder: MessageDecoder | None = None) -> object:
+    decoder = decoder or MessageDecoder()
+    return decoder.feed(payload, binary=False, message_finished=True)
+
+
+def feed_pieces(decoder: MessageDecoder, payload: bytes, cuts: list[int]) -> bytes:
+    """Feed ``payload`` as one message split at ``cuts``; return everything decoded."""
+    bounds = [0, *cuts, len(payload)]
+    out = bytearray()
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        result = decoder.feed(payload[start:end], binary=False, message_finished=i == len(bounds) - 2)
+        assert isinstance(result, bytes), result
+        out += result
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------
+# encode
+
+
+def test_bridge_path_constant_is_the_go_reference_path() -> None:
+    assert BRIDGE_PATH == UUID_PATH
+
+
+def test_encode_is_lowercase_hex() -> None:
+    data = pattern(256)
+    encoded = encode(data)
+    assert isinstance(encoded, bytes)
+    assert encoded == data.hex().encode("ascii")
+    assert encoded == encoded.lower()
+    assert encode(b"\xab\xcd\xef") == b"abcdef"
+    assert encode(b"") == b""
+
+
+def test_encode_then_decode_round_trips_every_byte_value() -> None:
+    data = pattern(70_000)
+    assert decode_whole(encode(data)) == data
+
+
+# ---------------------------------------------------------------------------
+# MessageDecoder: data
+
+
+@pytest.mark.parametrize("payload", [b"68656c6c6f", "68656c6c6f"])
+def test_whole_message_bytes_or_str(payload: bytes | str) -> None:
+    assert decode_whole(payload) == b"hello"
+
+
+def test_uppercase_and_mixed_case_hex_accepted() -> None:
+    assert decode_whole(b"ABCDEF") == b"\xab\xcd\xef"
+    assert decode_whole("aBcDeF") == b"\xab\xcd\xef"
+
+
+def test_several_messages_in_a_row() -> None:
+    decoder = MessageDecoder()
+    for chunk in (b"a", b"bc", pattern(1000)):
+        assert decoder.feed(encode(chunk), binary=False, message_finished=True) == chunk
+
+
+@pytest.mark.parametrize("cut", range(0, 11))
+def test_fragment_split_at_every_boundary(cut: int) -> None:
+    """Both odd (mid-byte) and even cut points give back the same bytes."""
+    payload = encode(b"hello")  # 10 hex digits
+    decoder = MessageDecoder()
+    first = decoder.feed(payload[:cut], binary=False, message_finished=False)
+    second = decoder.feed(payload[cut:], binary=False, message_finished=True)
+    assert isinstance(first, bytes)
+    assert isinstance(second, bytes)
+    assert first + second == b"hello"
+    # a complete byte is returned as soon as both its digits arrived
+    assert first == b"hello"[: cut // 2]
+
+
+def test_fragments_one_digit_at_a_time() -> None:
+    data = pattern(300)
+    payload = encode(data)
+    decoder = MessageDecoder()
+    assert feed_pieces(decoder, payload, list(range(1, len(payload)))) == data
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_fragmentation_matches_input(seed: int) -> None:
+    rng = random.Random(seed)
+    decoder = MessageDecoder()
+    for _ in range(5):  # several messages through the same decoder
+        data = rng.randbytes(rng.randrange(1, 5000))
+        payload = encode(data)
+        if rng.random() < 0.5:
+            payload = payload.upper()
+        cuts = sorted(rng.sample(range(1, len(payload)), k=min(len(payload) - 1, rng.randrange(0, 40))))
+        assert feed_pieces(decoder, payload, cuts) == data
+
+
+def test_random_fragmentation_with_str_fragments() -> None:
+    rng = random.Random(1234)
+    data = rng.randbytes(999)
+    text = encode(data).decode("ascii")
+    decoder = MessageDecoder()
+    out = bytearray()
+    pos = 0
+    while pos < len(text):
+        step = rng.randrange(1, 50)
+        piece = text[pos:pos + step]
+        pos += step
+        result = decoder.feed(piece, binary=False, message_finished=pos >= len(text))
+        assert isinstance(result, bytes)
+        out += result
+    assert bytes(out) == data
+
+
+# ---------------------------------------------------------------------------
+# MessageDecoder: end of stream
+
+
+@pytest.mark.parametrize("payload", [b"", ""])
+def test_empty_message_is_end_of_stream(payload: bytes | str) -> None:
+    assert decode_whole(payload) is END_OF_STREAM
+    assert repr(END_OF_STREAM) == "END_OF_STREAM"
+
+
+def test_empty_fragments_making_an_empty_message_are_end_of_stream() -> None:
+    decoder = MessageDecoder()
+    assert decoder.feed(b"", binary=False, message_finished=False) == b""
+    assert decoder.feed(b"", binary=False, message_finished=True) is END_OF_STREAM
+
+
+def test_empty_first_fragment_followed_by_data_is_data() -> None:
+    decoder = MessageDecoder()
+    first = decoder.feed(b"", binary=False, message_finished=False)
+    assert first == b""
+    assert first is not END_OF_STREAM
+    assert decoder.feed(b"6869", binary=False, message_finished=True) == b"hi"
+
+
+def test_data_then_empty_final_fragment_is_data() -> None:
+    decoder = MessageDecoder()
+    assert decoder.feed(b"6869", binary=False, message_finished=False) == b"hi"
+    result = decoder.feed(b"", binary=False, message_finished=True)
+    assert result == b""
+    assert result is not END_OF_STREAM
+
+
+def test_decoder_usable_after_end_of_stream() -> None:
+    decoder = MessageDecoder()
+    assert decoder.feed(b"", binary=False, message_finished=True) is END_OF_STREAM
+    assert decoder.feed(b"00ff", binary=False, message_finished=True) == b"\x00\xff"
+    assert decoder.feed(b"", binary=False, message_finished=True) is END_OF_STREAM
+
+
+# ---------------------------------------------------------------------------
+# MessageDecoder: violations
+
+
+def violation(payload: bytes | str, **kwargs: object) -> ProtocolViolation:
+    decoder = MessageDecoder(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolViolation) as info:
+        decoder.feed(payload, binary=False, message_finished=True)
+    return info.value
+
+
+@pytest.mark.parametrize("payload", [b"a", b"abc", "abcde", b"0"])
+def test_odd_length_is_invalid_data(payload: bytes | str) -> None:
+    exc = violation(payload)
+    assert exc.code == CloseCode.INVALID_DATA == 1007
+    assert exc.reason
+
+
+def test_odd_length_across_fragments_is_invalid_data() -> None:
+    decoder = MessageDecoder()
+    assert decoder.feed(b"abc", binary=False, message_finished=False) == b"\xab"
+    with pytest.raises(ProtocolViolation) as info:
+        decoder.feed(b"de", binary=False, message_finished=True)
+    assert info.value.code == 1007
+
+
+@pytest.mark.parametrize("payload", [b"zz", b"0g", b"hello!", b"12 4", "0x12", b"\xff\xfe", b"12\n4"])
+def test_non_hex_is_invalid_data(payload: bytes | str) -> None:
+    assert violation(payload).code == 1007
+
+
+def test_non_hex_in_a_later_fragment_is_invalid_data() -> None:
+    decoder = MessageDecoder()
+    decoder.feed(b"00", binary=False, message_finished=False)
+    with pytest.raises(ProtocolViolation) as info:
+        decoder.feed(b"0x", binary=False, message_finished=False)
+    assert info.value.code == 1007
+
+
+@pytest.mark.parametrize("payload", ["é0", "١٢", "\u00ab\u00cd", "ab\u200b"])
+def test_non_ascii_str_is_invalid_data(payload: str) -> None:
+    assert violation(payload).code == 1007
+
+
+@pytest.mark.parametrize("payload", [b"", b"6869", b"\x00\x01"])
+def test_binary_message_is_unsupported_data(payload: bytes) -> None:
+    decoder = MessageDecoder()
+    with pytest.raises(ProtocolViolation) as info:
+        decoder.feed(payload, binary=True, message_finished=True)
+    assert info.value.code == CloseCode.UNSUPPORTED_DATA == 1003
+
+
+def test_binary_continuation_is_unsupported_data() -> None:
+    decoder = MessageDecoder()
+    with pytest.raises(ProtocolViolation) as info:
+        decoder.feed(b"6869", binary=True, message_finished=False)
+    assert info.value.code == 1003
+
+
+def test_default_limit_admits_the_go_frontend_message() -> None:
+    assert DEFAULT_MAX_MESSAGE_BYTES >= GO_FRONTEND_MESSAGE_BYTES == 65536
+    data = pattern(GO_FRONTEND_MESSAGE_BYTES // 2)  # 32 KiB read -> 65536 hex chars
+    payload = encode(data)
+    assert len(payload) == 65536
+    assert decode_whole(payload) == data
+    assert decode_whole(payload, MessageDecoder(max_message_bytes=65536)) == data
+
+
+def test_message_over_limit_is_too_big() -> None:
+    exc = violation(b"00" * 33, max_message_bytes=64)
+    assert exc.code == CloseCode.MESSAGE_TOO_BIG == 1009
+    assert "64" in exc.reason
+    # exactly at the limit is fine
+    assert decode_whole(b"00" * 32, MessageDecoder(max_message_bytes=64)) == bytes(32)
+
+
+def test_default_limit_rejects_a_larger_message() -> None:
+    exc = violation(b"0" * (DEFAULT_MAX_MESSAGE_BYTES + 2))
+    assert exc.code == 1009
+
+
+def test_limit_counts_the_whole_fragmented_message() -> None:
+    decoder = MessageDecoder(max_message_bytes=100)
+    for _ in range(5):
+        decoder.feed(b"00" * 10, binary=False, message_finished=False)  # 100 so far: fine
+    with pytest.raises(ProtocolViolation) as info:
+        decoder.feed(b"00", binary=False, message_finished=False)
+    assert info.value.code == 1009
+
+
+def test_limit_applies_per_message_not_per_stream() -> None:
+    decoder = MessageDecoder(max_message_bytes=100)
+    for _ in range(10):
+        assert decoder.feed(b"00" * 50, binary=False, message_finished=True) == bytes(50)
+
+
+def test_too_big_is_checked_before_hex_validity() -> None:
+    """An oversized message is refused as too big even if it is also garbage."""
+    assert violation(b"z" * 101, max_message_bytes=100).code == 1009
+
+
+def test_protocol_violation_carries_code_and_reason() -> None:
+    exc = ProtocolViolation(CloseCode.POLICY_VIOLATION, "nope")
+    assert exc.code == 1008
+    assert exc.reason == "nope"
+    assert str(exc) == "nope"
+
+
+# ---------------------------------------------------------------------------
+# paths
+
+
+def test_bridge_path_default_is_the_bare_path() -> None:
+    assert bridge_path() == UUID_PATH
+    assert bridge_path("default") == UUID_PATH
+    assert bridge_path("ssh") == UUID_PATH + "/ssh"
+
+
+@pytest.mark.parametrize("route", ["default", "ssh", "echo", "a", "A.b_c-9", "9lives", "x" * 64])
+def test_route_round_trips(route: str) -> None:
+    assert route_for_path(bridge_path(route)) == route
+
+
+@pytest.mark.parametrize("path", [
+    UUID_PATH + "/",                       # trailing slash on the bare path
+    UUID_PATH + "/ssh/",                   # trailing slash on a route
+    UUID_PATH + "/..",
+    UUID_PATH + "/../ssh",
+    UUID_PATH + "/ssh/..",
+    UUID_PATH + "/.",
+    UUID_PATH + "/.hidden",
+    UUID_PATH + "/-x",
+    UUID_PATH + "/_x",
+    UUID_PATH + "//ssh",
+    UUID_PATH + "/ssh/more",
+    UUID_PATH + "/default",                # 'default' spelled explicitly
+    UUID_PATH + "/a b",
+    UUID_PATH + "/" + "x" * 65,
+    UUID_PATH + "/ssh?x=1",
+    UUID_PATH + "x",
+    UUID_PATH + "-ssh",
+    UUID_PATH[:-1],
+    "/tcp-over-websocket-bridge/00000000-0000-0000-0000-000000000000",
+    "/prefix" + UUID_PATH,
+    "/prefix" + UUID_PATH + "/ssh",
+    UUID_PATH.lstrip("/"),
+    UUID_PATH.upper(),
+    "/",
+    "",
+])
+def test_look_alike_paths_rejected(path: str) -> None:
+    assert route_for_path(path) is None
+
+
+def test_route_name_pattern() -> None:
+    assert protocol.ROUTE_NAME.fullmatch("ssh")
+    assert not protocol.ROUTE_NAME.fullmatch("")
+    assert not protocol.ROUTE_NAME.fullmatch("a/b")
+
+
+# ---------------------------------------------------------------------------
+# URLs (Go's path.Join semantics)
+
+
+@pytest.mark.parametrize(("base", "expected"), [
+    ("ws://h:1", "ws://h:1" + UUID_PATH),
+    ("ws://h:1/", "ws://h:1" + UUID_PATH),
+    ("wss://h/prefix/", "wss://h/prefix" + UUID_PATH),
+    ("wss://h/prefix", "wss://h/prefix" + UUID_PATH),
+    ("wss://h/a/b/", "wss://h/a/b" + UUID_PATH),
+    ("wss://h//a//b//", "wss://h/a/b" + UUID_PATH),
+    ("ws://h:1/?token=x&y=2", "ws://h:1" + UUID_PATH + "?token=x&y=2"),
+    ("wss://h/prefix/?token=x", "wss://h/prefix" + UUID_PATH + "?token=x"),
+    ("ws://[::1]:8080/", "ws://[::1]:8080" + UUID_PATH),
+    ("ws://[::1]:8080", "ws://[::1]:8080" + UUID_PATH),
+    ("ws://user:pw@h:1/", "ws://user:pw@h:1" + UUID_PATH),
+])
+def test_bridge_url_default_route(base: str, expected: str) -> None:
+    assert bridge_url(base) == expected
+    assert bridge_url(base, "default") == expected
+
+
+@pytest.mark.parametrize(("base", "expected"), [
+    ("ws://h:1", "ws://h:1" + UUID_PATH + "/ssh"),
+    ("wss://h/prefix/", "wss://h/prefix" + UUID_PATH + "/ssh"),
+    ("ws://h:1/?q=1", "ws://h:1" + UUID_PATH + "/ssh?q=1"),
+    ("ws://[::1]:8080/", "ws://[::1]:8080" + UUID_PATH + "/ssh"),
+])
+def test_bridge_url_named_route(base: str, expected: str) -> None:
+    assert bridge_url(base, "ssh") == expected
+
+
+def test_bridge_url_path_is_recognised_by_route_for_path() -> None:
+    for base in ("ws://h:1", "wss://h/prefix/", "ws://[::1]:8080/?x=1"):
+        for route in ("default", "echo"):
+            path = urlsplit(bridge_url(base, route)).path
+            prefix = urlsplit(base).path.rstrip("/")
+            assert route_for_path(path[len(prefix):]) == route
