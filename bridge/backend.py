@@ -30,8 +30,8 @@ from wsproto.utilities import LocalProtocolError
 
 from bridge import __version__, protocol
 from bridge.channel import RECV_CHUNK, SendLock, shutdown_socket
-from bridge.config import Address, BackendConfig, Listener
-from bridge.frontend import LISTEN_BACKLOG, ListenError, bind_listener
+from bridge.config import Address, BackendConfig, Listener, changed_fields
+from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id
 
@@ -319,38 +319,79 @@ class Backend:
     def __init__(self, config: BackendConfig, registry: TunnelRegistry) -> None:
         self.config = config
         self.registry = registry
-        self._servers: list[ListenerServer] = []
-        self._threads: list[threading.Thread] = []
+        self._servers: dict[str, ListenerServer] = {}
 
     def bind(self) -> None:
         """Bind every listener, or none: raise ListenError on the first that fails."""
-        sockets: list[tuple[Listener, socket.socket]] = []
-        try:
-            for listener in self.config.listeners:
-                sockets.append((listener, bind_listener(listener.listen, f"listener {listener.name!r}")))
-        except ListenError:
-            for _listener, sock in sockets:
-                sock.close()
-            raise
-        self._servers = [ListenerServer(listener, self.registry, sock) for listener, sock in sockets]
+        self._servers = self._bind_all({listener.name: listener for listener in self.config.listeners})
 
     def start(self) -> None:
-        for server in self._servers:
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                      name=f"listener-{server.listener.name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-            routes = ", ".join(f"{name} -> {target}" for name, target in server.listener.routes.items())
-            host, port = server.socket.getsockname()[:2]
-            log.info("listener %s: listening on %s; routes: %s", server.listener.name, Address(host, port), routes)
+        for server in self._servers.values():
+            self._start(server)
+
+    def apply(self, config: BackendConfig) -> list[str]:
+        """Switch to ``config`` (a reload); return one line per change.
+
+        All new ports are bound before anything changes: if one fails, ListenError
+        is raised and the running configuration is untouched. Route and option
+        changes apply to new upgrades; live tunnels keep what they started with.
+        """
+        wanted = {listener.name: listener for listener in config.listeners}
+        current = self._servers
+        fresh = self._bind_all({name: lst for name, lst in wanted.items()
+                                if name not in current or current[name].listener.listen != lst.listen})
+        changes = []
+        for name in [name for name in current if name not in wanted]:
+            _stop(current.pop(name))
+            changes.append(f"listener {name}: removed (live tunnels finish normally)")
+        for name, server in fresh.items():
+            if name in current:
+                old = current.pop(name)
+                _stop(old)
+                changes.append(f"listener {name}: moved from {old.listener.listen} to {server.listener.listen}")
+            else:
+                changes.append(f"listener {name}: added")
+            current[name] = server
+            self._start(server)
+        for name, server in current.items():
+            changed = changed_fields(server.listener, wanted[name])
+            if changed:
+                server.listener = wanted[name]
+                changes.append(f"listener {name}: {', '.join(changed)} changed for new connections")
+        self.config = config
+        return changes
 
     def describe(self) -> str:
         return f"{len(self._servers)} listeners"
 
     def close_listeners(self) -> None:
         """Stop accepting; live tunnels carry on."""
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
+        for server in self._servers.values():
+            _stop(server)
         self._servers.clear()
 
+    def _bind_all(self, listeners: dict[str, Listener]) -> dict[str, ListenerServer]:
+        bound: dict[str, ListenerServer] = {}
+        try:
+            for name, listener in listeners.items():
+                sock = bind_listener(listener.listen, f"listener {name!r}")
+                bound[name] = ListenerServer(listener, self.registry, sock)
+        except ListenError:
+            for server in bound.values():
+                server.server_close()
+            raise
+        return bound
+
+    def _start(self, server: ListenerServer) -> None:
+        listener = server.listener
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                         name=f"listener-{listener.name}", daemon=True).start()
+        routes = ", ".join(f"{name} -> {target}" for name, target in listener.routes.items())
+        host, port = server.socket.getsockname()[:2]
+        log.info("listener %s: listening on %s; routes: %s", listener.name, Address(host, port), routes)
+
+
+def _stop(server: ListenerServer) -> None:
+    """Stop accepting on ``server``; its live tunnels carry on."""
+    server.shutdown()
+    server.server_close()

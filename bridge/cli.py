@@ -11,13 +11,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from bridge import __version__, config, protocol
 from bridge.backend import Backend
 from bridge.config import ConfigError
-from bridge.frontend import Frontend, ListenError
-from bridge.service import Service, setup_logging
+from bridge.frontend import Frontend
+from bridge.listen import ListenError
+from bridge.service import Daemon, Service, setup_logging
 from bridge.tunnel import TunnelRegistry
 
 EXIT_FAILURE = 1
@@ -100,7 +102,12 @@ def backend_main(argv: Sequence[str] | None = None) -> int:
     return _run_daemon("tcpbridge-backend", args, backend_config, Backend)
 
 
-def _run_daemon(name, args, load, daemon_class) -> int:  # type: ignore[no-untyped-def]
+def _run_daemon(
+    name: str,
+    args: argparse.Namespace,
+    load: Callable[[argparse.Namespace], config.Config],
+    daemon_class: Callable[[Any, TunnelRegistry], Daemon],
+) -> int:
     try:
         cfg = load(args)
     except ConfigError as exc:
@@ -110,9 +117,10 @@ def _run_daemon(name, args, load, daemon_class) -> int:  # type: ignore[no-untyp
         return EXIT_USAGE
     setup_logging(args.log_level or cfg.log_level)
     registry = TunnelRegistry()
-    service = Service(daemon_class(cfg, registry), registry, name=name, drain_timeout=cfg.drain_timeout)
+    service = Service(daemon_class(cfg, registry), registry, name=name,
+                      load=lambda: load(args), log_level_flag=args.log_level)
     try:
-        return service.run()
+        return service.run(cfg)
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

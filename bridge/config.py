@@ -7,6 +7,7 @@ network; :func:`load` is what ``tcpbridge check-config`` and both daemons call.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -161,6 +162,21 @@ def check_backend_url(url: object) -> str:
     if parts.fragment:
         raise ValueError(f"{url!r}: a URL fragment (#...) has no meaning here")
     return url
+
+
+def changed_fields(old: FrontendTunnel | Listener, new: FrontendTunnel | Listener) -> list[str]:
+    """Names of the settings that differ between two versions of a tunnel or listener.
+
+    Only names, never values: headers may hold secrets. Options are listed one by one.
+    """
+    names = []
+    for field_ in dataclasses.fields(old):
+        before, after = getattr(old, field_.name), getattr(new, field_.name)
+        if isinstance(before, TunnelOptions):
+            names += [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(after, f.name)]
+        elif before != after:
+            names.append(field_.name)
+    return names
 
 
 def redact_url(url: str) -> str:

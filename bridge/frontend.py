@@ -21,13 +21,13 @@ from websocket import ABNF
 
 from bridge import protocol
 from bridge.channel import SendLock, close_payload, parse_close_payload, shutdown_socket
-from bridge.config import Address, FrontendConfig, FrontendTunnel, redact_url
+from bridge.config import Address, FrontendConfig, FrontendTunnel, changed_fields, redact_url
+from bridge.listen import ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
 
-LISTEN_BACKLOG = 1024
 ACCEPT_BACKOFF = 0.1
 #: accept() errors that mean "out of resources for now": back off instead of spinning.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -35,10 +35,6 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 
 class DialError(Exception):
     """The websocket to the backend could not be opened; the message says why."""
-
-
-class ListenError(Exception):
-    """A listening socket could not be bound; the message names the tunnel and address."""
 
 
 # ---------------------------------------------------------------------------
@@ -218,23 +214,23 @@ def _close_quietly(sock: socket.socket | None) -> None:
 # The daemon
 
 
-def bind_listener(address: Address, what: str) -> socket.socket:
-    """Bind a listening TCP socket; raise ListenError naming ``what`` and the address."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    try:
-        return socket.create_server((address.host, address.port), family=family, backlog=LISTEN_BACKLOG)
-    except socket.gaierror as exc:
-        raise ListenError(f"{what}: cannot listen on {address}: unknown host ({exc.strerror})") from None
-    except OSError as exc:
-        hint = ""
-        if exc.errno == errno.EADDRINUSE:
-            hint = " (another process is listening there: stop it or change 'listen')"
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            hint = " (no interface of this machine has that address)"
-        elif exc.errno == errno.EACCES:
-            hint = " (ports below 1024 need privileges)"
-        reason = exc.strerror.lower() if exc.strerror else str(exc)
-        raise ListenError(f"{what}: cannot listen on {address}: {reason}{hint}") from None
+class _Listener:
+    """One tunnel's listening socket and accept thread.
+
+    ``tunnel`` is read afresh for every accepted connection, so a reload swaps
+    it in place: new connections get the new settings, live tunnels keep theirs.
+    """
+
+    def __init__(self, tunnel: FrontendTunnel, sock: socket.socket) -> None:
+        self.tunnel = tunnel
+        self.sock = sock
+        self.stopping = threading.Event()
+
+    def close(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        self.sock.close()
 
 
 class Frontend:
@@ -243,52 +239,79 @@ class Frontend:
     def __init__(self, config: FrontendConfig, registry: TunnelRegistry) -> None:
         self.config = config
         self.registry = registry
-        self._listeners: list[tuple[FrontendTunnel, socket.socket]] = []
-        self._stopping = threading.Event()
+        self._listeners: dict[str, _Listener] = {}
 
     def bind(self) -> None:
         """Bind every tunnel's port, or none: raise ListenError on the first that fails."""
-        try:
-            for tunnel in self.config.tunnels:
-                self._listeners.append((tunnel, bind_listener(tunnel.listen, f"tunnel {tunnel.name!r}")))
-        except ListenError:
-            self.close_listeners()
-            raise
+        self._listeners = _bind_all({t.name: t for t in self.config.tunnels})
 
     def start(self) -> None:
         """Start one accept thread per bound listener."""
-        for tunnel, sock in self._listeners:
-            threading.Thread(target=self._accept_loop, args=(tunnel, sock),
-                             name=f"accept-{tunnel.name}", daemon=True).start()
-            log.info("tunnel %s: listening on %s -> %s", tunnel.name, _bound(sock), redact_url(tunnel.url))
+        for listener in self._listeners.values():
+            self._start(listener)
+
+    def apply(self, config: FrontendConfig) -> list[str]:
+        """Switch to ``config`` (a reload); return one line per change.
+
+        All new ports are bound before anything changes: if one fails, ListenError
+        is raised and the running configuration is untouched. Live tunnels keep
+        the settings they started with.
+        """
+        wanted = {t.name: t for t in config.tunnels}
+        current = self._listeners
+        fresh = _bind_all({name: t for name, t in wanted.items()
+                           if name not in current or current[name].tunnel.listen != t.listen})
+        changes = []
+        for name in [name for name in current if name not in wanted]:
+            current.pop(name).close()
+            changes.append(f"tunnel {name}: removed (live tunnels finish normally)")
+        for name, listener in fresh.items():
+            if name in current:
+                old = current.pop(name)
+                old.close()
+                changes.append(f"tunnel {name}: moved from {old.tunnel.listen} to {listener.tunnel.listen}")
+            else:
+                changes.append(f"tunnel {name}: added")
+            current[name] = listener
+            self._start(listener)
+        for name, listener in current.items():
+            changed = changed_fields(listener.tunnel, wanted[name])
+            if changed:
+                listener.tunnel = wanted[name]
+                changes.append(f"tunnel {name}: {', '.join(changed)} changed for new connections")
+        self.config = config
+        return changes
 
     def describe(self) -> str:
         return f"{len(self._listeners)} listeners"
 
     def close_listeners(self) -> None:
         """Stop accepting; live tunnels carry on."""
-        self._stopping.set()
-        for _tunnel, sock in self._listeners:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            sock.close()
+        for listener in self._listeners.values():
+            listener.close()
         self._listeners.clear()
 
-    def _accept_loop(self, tunnel: FrontendTunnel, listener: socket.socket) -> None:
-        while not self._stopping.is_set():
+    def _start(self, listener: _Listener) -> None:
+        tunnel = listener.tunnel
+        threading.Thread(target=self._accept_loop, args=(listener,), name=f"accept-{tunnel.name}", daemon=True).start()
+        log.info("tunnel %s: listening on %s -> %s", tunnel.name, _bound(listener.sock), redact_url(tunnel.url))
+
+    def _accept_loop(self, listener: _Listener) -> None:
+        while not listener.stopping.is_set():
             try:
-                client, peer = listener.accept()
+                client, peer = listener.sock.accept()
             except OSError as exc:
-                if self._stopping.is_set():
+                if listener.stopping.is_set():
                     return
+                name = listener.tunnel.name
                 if exc.errno in RESOURCE_ERRNOS:
-                    log.warning("tunnel %s: cannot accept: %s; retrying in %.1f s",
-                                tunnel.name, exc.strerror, ACCEPT_BACKOFF)
+                    log.warning("tunnel %s: cannot accept: %s; retrying in %.1f s", name, exc.strerror, ACCEPT_BACKOFF)
                     time.sleep(ACCEPT_BACKOFF)
                 elif exc.errno != errno.ECONNABORTED:
-                    log.error("tunnel %s: accept failed: %s", tunnel.name, exc)
+                    log.error("tunnel %s: accept failed: %s", name, exc)
                     time.sleep(ACCEPT_BACKOFF)
                 continue
+            tunnel = listener.tunnel
             try:
                 threading.Thread(target=self._serve, args=(tunnel, client, peer), daemon=True).start()
             except RuntimeError as exc:  # "can't start new thread": out of threads
@@ -320,6 +343,19 @@ class Frontend:
             tunnel_id=tunnel_id,
         )
         self.registry.run(pump)
+
+
+def _bind_all(tunnels: dict[str, FrontendTunnel]) -> dict[str, _Listener]:
+    """Bind a listener per tunnel, or none: on the first failure close the others and raise."""
+    bound: dict[str, _Listener] = {}
+    try:
+        for name, tunnel in tunnels.items():
+            bound[name] = _Listener(tunnel, bind_listener(tunnel.listen, f"tunnel {name!r}"))
+    except ListenError:
+        for listener in bound.values():
+            listener.close()
+        raise
+    return bound
 
 
 def _peer(peer: tuple[str, int] | tuple[str, int, int, int]) -> str:

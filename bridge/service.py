@@ -6,8 +6,14 @@ acts, so nothing complicated ever runs inside a signal handler.
 
 * SIGTERM, SIGINT: stop accepting, let live tunnels finish for ``drain_timeout``
   seconds, reset what is left, exit 0.
-* SIGHUP: configuration reload is not implemented yet; the signal is logged and
-  ignored rather than killing the daemon (its default action).
+* SIGHUP: re-read the configuration and apply the difference (see the daemons'
+  ``apply``); an invalid file or a port that cannot be bound is logged and the
+  running configuration stays in force.
+
+It speaks systemd's notify protocol when ``NOTIFY_SOCKET`` is set: ``READY=1``
+once every listener is bound, ``RELOADING=1``/``READY=1`` around a reload,
+``STOPPING=1``, a live ``STATUS=`` line, and ``WATCHDOG=1`` pings while the
+housekeeping thread keeps ticking.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import signal
 import socket
 import sys
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from bridge.config import Config, ConfigError
+from bridge.listen import ListenError
 from bridge.tunnel import TunnelRegistry
 
 log = logging.getLogger("tcpbridge")
@@ -36,6 +45,7 @@ class Daemon(Protocol):
 
     def bind(self) -> None: ...
     def start(self) -> None: ...
+    def apply(self, config: Any) -> list[str]: ...
     def close_listeners(self) -> None: ...
     def describe(self) -> str: ...
 
@@ -57,6 +67,10 @@ def stderr_is_journal() -> bool:
     except (ValueError, OSError):
         return False
     return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
 
 
 def setup_logging(level: str) -> None:
@@ -99,35 +113,53 @@ def sd_notify(message: str) -> bool:
 
 
 class Service:
-    """Runs one daemon: bind, announce readiness, wait for signals, drain, exit."""
+    """Runs one daemon: bind, announce readiness, then act on signals until told to stop.
+
+    The main thread only waits for signals and runs the daemon's periodic duties
+    (``STATUS=`` updates and watchdog pings); listeners, tunnels and the
+    housekeeper have threads of their own.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, daemon: Daemon, registry: TunnelRegistry, *, name: str, drain_timeout: float) -> None:
+    def __init__(self, daemon: Daemon, registry: TunnelRegistry, *, name: str,
+                 load: Callable[[], Config], log_level_flag: str | None = None) -> None:
         self.daemon = daemon
         self.registry = registry
         self.name = name
-        self.drain_timeout = drain_timeout
+        self.load = load
+        self.log_level_flag = log_level_flag
+        self.drain_timeout = 10.0
         self._queue: list[int] = []
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
+        self._watchdog_interval = watchdog_interval()
+        self._last_status = ""
 
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; return the exit status. Binding errors propagate."""
+    def run(self, config: Config) -> int:
+        """Serve ``config`` until SIGTERM/SIGINT; return the exit status. Binding errors propagate."""
         raise_open_files_limit()
+        self.drain_timeout = config.drain_timeout
         self.daemon.bind()
         self._install_handlers()
         self.registry.start()
         self.daemon.start()
-        sd_notify(f"READY=1\nSTATUS={self.daemon.describe()}")
+        sd_notify(f"READY=1\nSTATUS={self.status()}")
         log.info("%s ready: %s", self.name, self.daemon.describe())
         while True:
-            signum = self._next_signal()
+            signum = self._next_signal(timeout=self._tick())
             if signum in (signal.SIGTERM, signal.SIGINT):
                 return self._stop(signal.Signals(signum).name)
             if signum == signal.SIGHUP:
-                log.warning("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
+                self._reload()
+
+    def status(self) -> str:
+        """The one-line live summary sent as sd_notify ``STATUS=``."""
+        active = len(self.registry.active())
+        return f"{self.daemon.describe()}, {active} active tunnels, {self.registry.total_opened} served"
+
+    # -- signals --------------------------------------------------------------
 
     def _install_handlers(self) -> None:
         for signum in self.SIGNALS:
@@ -138,12 +170,47 @@ class Service:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, b".")
 
-    def _next_signal(self) -> int:
-        while not self._queue:
-            select.select([self._wake_read], [], [], 1.0)
+    def _next_signal(self, timeout: float) -> int | None:
+        if not self._queue:
+            select.select([self._wake_read], [], [], timeout)
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_read, 512)
-        return self._queue.pop(0)
+        return self._queue.pop(0) if self._queue else None
+
+    # -- periodic duties ------------------------------------------------------
+
+    def _tick(self) -> float:
+        """Send STATUS= when it changed and a watchdog ping if the daemon makes progress; return the next delay."""
+        status = self.status()
+        if status != self._last_status:
+            sd_notify(f"STATUS={status}")
+            self._last_status = status
+        if self._watchdog_interval is None:
+            return 1.0
+        # The housekeeper ticks every quarter second; if it stopped, the daemon is stuck.
+        if self.registry.housekeeper_alive(within=self._watchdog_interval):
+            sd_notify("WATCHDOG=1")
+        return min(1.0, self._watchdog_interval)
+
+    # -- reload and stop ------------------------------------------------------
+
+    def _reload(self) -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            config = self.load()
+            changes = self.daemon.apply(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected, still running the previous configuration: %s", problem)
+        except ListenError as exc:
+            log.error("reload rejected, still running the previous configuration: %s", exc)
+        else:
+            self.drain_timeout = config.drain_timeout
+            set_log_level(self.log_level_flag or config.log_level)
+            for change in changes:
+                log.info("reload: %s", change)
+            log.info("reload of %s done: %s", config.source, "; ".join(changes) if changes else "no changes")
+        sd_notify(f"READY=1\nSTATUS={self.status()}")
 
     def _stop(self, why: str) -> int:
         sd_notify("STOPPING=1")
@@ -160,3 +227,12 @@ class Service:
         self.registry.stop()
         log.info("%s stopped after %.1f s of draining", self.name, time.monotonic() - started)
         return 0
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog timeout systemd asked for (``WATCHDOG_USEC``), or None when it asked for none."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2

@@ -345,6 +345,7 @@ class TunnelRegistry:
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_tick = time.monotonic()
         self.total_opened = 0
 
     def start(self) -> None:
@@ -400,8 +401,13 @@ class TunnelRegistry:
         for tunnel in self.active():
             tunnel.abort(reason, CloseCode.GOING_AWAY)
 
+    def housekeeper_alive(self, within: float) -> bool:
+        """Whether the housekeeper finished a round in the last ``within`` seconds (the watchdog's test)."""
+        return time.monotonic() - self._last_tick < max(within, 2 * HOUSEKEEPING_INTERVAL)
+
     def _housekeep(self) -> None:
         while not self._stop.wait(HOUSEKEEPING_INTERVAL):
             now = time.monotonic()
             for tunnel in self.active():
                 tunnel.check_timeouts(now)
+            self._last_tick = now
