@@ -54,8 +54,11 @@ class Closed:
     reason: str = ""
 
 
-class ChannelDropped(Exception):
-    """The websocket's connection ended or failed without a close frame."""
+class ChannelDropped(ConnectionError):
+    """The websocket's connection ended or failed without a close frame.
+
+    An OSError, so every place that survives a failed socket survives this too.
+    """
 
 
 Received = bytes | EndOfStream | Closed
@@ -252,7 +255,7 @@ class Tunnel:
                             self.id, self.label, violation.reason, violation.code)
                 self.abort(f"bad frame: {violation.reason}", violation.code)
                 return
-            except (ChannelDropped, OSError) as exc:
+            except OSError as exc:  # ChannelDropped included
                 if self._close_sent_at is None:  # after our close frame, a hang-up is the end we asked for
                     self.abort(f"abort: websocket dropped ({_describe(exc)})")
                 return
