@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck unit clean install install-app install-units install-configs uninstall
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,84 @@ unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+## make install: a private venv under $(PREFIX)/lib/tcpbridge, the commands in $(PREFIX)/bin, the
+## systemd units in $(UNITDIR) and example configs in /etc/tcpbridge (never overwritten).
+## DESTDIR stages the whole tree elsewhere (packaging, tests); nothing installed mentions it.
+PREFIX ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+CONFDIR := /etc/tcpbridge
+# The interpreter the installed venv links to: the system one, which the sandboxed units can reach
+# (ProtectHome=yes hides an interpreter under /root or /home, e.g. pyenv's).
+INSTALL_PYTHON ?= /usr/bin/python3
+APPDIR := $(PREFIX)/lib/tcpbridge
+APPVENV := $(APPDIR)/venv
+COMMANDS := tcpbridge tcpbridge-frontend tcpbridge-backend
+UNITS := tcpbridge-frontend.service tcpbridge-backend.service tcpbridge-frontend@.service tcpbridge-backend@.service
+CONFIGS := frontend.yaml backend.yaml
+
+install: install-app install-units install-configs
+	@echo "installed tcpbridge in $(DESTDIR)$(APPDIR); next: edit $(CONFDIR)/*.yaml, then" \
+		"systemctl enable --now tcpbridge-backend (and/or tcpbridge-frontend)"
+
+# The venv is built in $(DESTDIR) but must work once moved to $(PREFIX).
+install-app:
+	rm -rf '$(DESTDIR)$(APPVENV)'
+	$(INSTALL_PYTHON) -m venv '$(DESTDIR)$(APPVENV)'
+	@# Built from a copy, so the source tree gets no build/ or egg-info from it.
+	src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+		cp -R setup.py setup.cfg pyproject.toml README.md bridge "$$src/" && \
+		'$(DESTDIR)$(APPVENV)/bin/python' -m pip install --quiet --disable-pip-version-check --no-compile "$$src"
+	@# Scripts, activate files and pyvenv.cfg name the venv by its staging path: point them at $(PREFIX).
+	@if [ -n '$(DESTDIR)' ]; then \
+		grep -rlIZF -- '$(DESTDIR)$(APPVENV)' '$(DESTDIR)$(APPVENV)' | \
+			xargs -0 -r sed -i 's|$(DESTDIR)$(APPVENV)|$(APPVENV)|g'; \
+	fi
+	@# Bytecode records source paths too (for tracebacks): compile it all as if in $(PREFIX).
+	'$(DESTDIR)$(APPVENV)/bin/python' -m compileall -q -f -j 0 -d '$(APPVENV)/lib' '$(DESTDIR)$(APPVENV)/lib'
+	install -d -m 0755 '$(DESTDIR)$(PREFIX)/bin'
+	for cmd in $(COMMANDS); do ln -sfn "../lib/tcpbridge/venv/bin/$$cmd" "$(DESTDIR)$(PREFIX)/bin/$$cmd"; done
+
+install-units:
+	install -d -m 0755 '$(DESTDIR)$(UNITDIR)'
+	for unit in $(UNITS); do \
+		sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' "systemd/$$unit" > "$(DESTDIR)$(UNITDIR)/$$unit.tmp" && \
+		chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit.tmp" && \
+		mv -f "$(DESTDIR)$(UNITDIR)/$$unit.tmp" "$(DESTDIR)$(UNITDIR)/$$unit"; \
+	done
+	@if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then \
+		echo systemctl daemon-reload; systemctl daemon-reload; \
+	fi
+
+# Never overwrites: the files there are the user's. Readable by all, because the units'
+# DynamicUser= account has no fixed uid or group to grant access to.
+install-configs:
+	install -d -m 0755 '$(DESTDIR)$(CONFDIR)'
+	@for conf in $(CONFIGS); do \
+		if [ -e "$(DESTDIR)$(CONFDIR)/$$conf" ]; then \
+			echo "keeping existing $(DESTDIR)$(CONFDIR)/$$conf (the new example is conf/$$conf)"; \
+		else \
+			install -m 0644 "conf/$$conf" "$(DESTDIR)$(CONFDIR)/$$conf" && echo "installed $(DESTDIR)$(CONFDIR)/$$conf"; \
+		fi; \
+	done
+
+## make uninstall: remove what make install added, except the configs in /etc/tcpbridge
+uninstall:
+	@if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then \
+		echo "stopping and disabling tcpbridge units"; \
+		systemctl disable --now tcpbridge-frontend.service tcpbridge-backend.service || true; \
+		systemctl stop 'tcpbridge-frontend@*.service' 'tcpbridge-backend@*.service' || true; \
+	fi
+	@# Enablement links (of template instances too) that would dangle once the units are gone.
+	@if [ -d '$(DESTDIR)$(UNITDIR)' ]; then \
+		find '$(DESTDIR)$(UNITDIR)' -path '*.wants/*' -type l \
+			\( -name 'tcpbridge-frontend*.service' -o -name 'tcpbridge-backend*.service' \) -print -delete; \
+	fi
+	for unit in $(UNITS); do rm -f "$(DESTDIR)$(UNITDIR)/$$unit"; done
+	for cmd in $(COMMANDS); do rm -f "$(DESTDIR)$(PREFIX)/bin/$$cmd"; done
+	rm -rf '$(DESTDIR)$(APPDIR)'
+	@if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then \
+		echo systemctl daemon-reload; systemctl daemon-reload; \
+	fi
+	@echo "left $(DESTDIR)$(CONFDIR)/ in place: it holds configuration you may have edited" \
+		"(and drop-ins from systemctl edit stay in $(DESTDIR)$(UNITDIR)/tcpbridge-*.d/); remove them by hand if unwanted"
