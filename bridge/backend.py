@@ -18,6 +18,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,8 +63,9 @@ class ServerChannel:
     def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int) -> None:
         self._sock = sock
         self._conn = Connection(ConnectionType.SERVER)
-        self._send_lock = SendLock()
+        self.send_lock = self._send_lock = SendLock()
         self._decoder = MessageDecoder(max_message_bytes)
+        self._last_received = time.monotonic()
         self._conn.receive_data(received)
         self._events: Iterator[Event] = self._conn.events()
 
@@ -87,6 +89,15 @@ class ServerChannel:
             if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 self._sock.sendall(self._conn.send(CloseConnection(code=code, reason=_reason(code, reason))))
         return self._send_lock.try_send(send, wait=wait)
+
+    def send_ping(self) -> bool:
+        def send() -> None:
+            self._send(Ping(payload=b"tcpbridge"))
+        return self._send_lock.try_send(send, wait=False)
+
+    @property
+    def last_received(self) -> float:
+        return self._last_received
 
     def receive(self) -> Received:
         while True:
@@ -116,6 +127,7 @@ class ServerChannel:
         data = self._sock.recv(RECV_CHUNK)
         if not data:
             raise ChannelDropped("connection closed without a close frame")
+        self._last_received = time.monotonic()
         self._conn.receive_data(data)
         self._events = self._conn.events()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -38,15 +39,27 @@ def shutdown_socket(sock: socket.socket) -> None:
 
 
 class SendLock:
-    """Serialises whole frames from the two pump threads; close frames may give up waiting."""
+    """Serialises whole frames from the two pump threads; close frames may give up waiting.
+
+    It also tells whether the peer is keeping up: :attr:`sending` is true while a
+    frame is being written (a peer that stopped reading keeps it true), and
+    :attr:`last_send_done` is when the last write finished.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.sending = False
+        self.last_send_done = time.monotonic()
 
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._lock:
-            yield
+            self.sending = True
+            try:
+                yield
+            finally:
+                self.sending = False
+                self.last_send_done = time.monotonic()
 
     def try_send(self, send: Callable[[], None], *, wait: bool) -> bool:
         """Run ``send`` under the lock; return False if the lock could not be had in time."""
@@ -58,4 +71,5 @@ class SendLock:
         except OSError:
             return False
         finally:
+            self.last_send_done = time.monotonic()
             self._lock.release()

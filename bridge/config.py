@@ -11,7 +11,9 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import os
 import re
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ RESERVED_HEADERS = frozenset(
      "sec-websocket-extensions", "sec-websocket-accept", "content-length", "transfer-encoding"}
 )
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
-Headers = tuple[tuple[str, str], ...]
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(Exception):
@@ -58,12 +60,76 @@ class Address:
 
 @dataclass(frozen=True)
 class TunnelOptions:
-    """Per-tunnel behaviour shared by both daemons (all durations in seconds)."""
+    """Per-tunnel behaviour shared by both daemons (all durations in seconds; 0 turns a timer off)."""
 
     half_close: bool = True
     half_close_timeout: float = 60.0
     connect_timeout: float = 10.0
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
+    ping_interval: float = 30.0
+    ping_timeout: float = 30.0
+    idle_timeout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A header value or shared secret, given literally or read when it is used.
+
+    Exactly one of ``value``, ``env``, ``file`` and ``command`` is set. A file is
+    re-read on every new connection (token rotation); a command's output is cached
+    for ``cache_seconds``. ``prefix`` (e.g. ``"Bearer "``) goes before what was read.
+    The value itself is never logged; :meth:`describe` says where it comes from.
+    """
+
+    value: str | None = None
+    env: str | None = None
+    file: str | None = None
+    command: tuple[str, ...] = ()
+    cache_seconds: float = 300.0
+    prefix: str = ""
+
+    @classmethod
+    def literal(cls, value: str) -> Secret:
+        return cls(value=value)
+
+    def describe(self) -> str:
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.command:
+            return f"command {self.command[0]}"
+        return "literal value"
+
+
+Headers = tuple[tuple[str, Secret], ...]
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic auth for the upgrade request (sent as an ``Authorization`` header)."""
+
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """How a ``wss://`` backend is verified, and the client certificate offered (mTLS)."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Per-route limits and secrets on the backend (a route's long form in YAML)."""
+
+    token: Secret | None = None
+    max_tunnels: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,8 +140,12 @@ class FrontendTunnel:
     listen: Address
     backend: str
     route: str = protocol.DEFAULT_ROUTE
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, Secret], ...] = ()
     options: TunnelOptions = TunnelOptions()
+    basic_auth: BasicAuth | None = None
+    tls: TlsOptions = TlsOptions()
+    proxy: str = "env"
+    max_connections: int = 0
 
     @property
     def url(self) -> str:
@@ -99,6 +169,15 @@ class Listener:
     listen: Address
     routes: Mapping[str, Address]
     options: TunnelOptions = TunnelOptions()
+    token: Secret | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_tunnels: int = 0
+    route_options: Mapping[str, RouteOptions] = field(default_factory=dict)
+
+    def token_for(self, route: str) -> Secret | None:
+        """The shared secret a route demands: its own, else the listener's, else none."""
+        own = self.route_options.get(route)
+        return own.token if own and own.token else self.token
 
 
 @dataclass(frozen=True)
@@ -254,11 +333,16 @@ def load_backend(path: str | Path) -> BackendConfig:
 
 T = TypeVar("T")
 
-_OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes")
-_FRONTEND_KEYS = ("backend", "headers", "log_level", "drain_timeout", "tunnels", *_OPTION_KEYS)
-_TUNNEL_KEYS = ("name", "listen", "backend", "route", "headers", *_OPTION_KEYS)
+_OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
+                "ping_interval", "ping_timeout", "idle_timeout")
+_DIAL_KEYS = ("headers", "basic_auth")
+_FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_DIAL_KEYS, *_OPTION_KEYS)
+_TUNNEL_KEYS = ("name", "listen", "backend", "route", *_DIAL_KEYS, *_OPTION_KEYS)
 _BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_OPTION_KEYS)
 _LISTENER_KEYS = ("name", "listen", "routes", *_OPTION_KEYS)
+_ROUTE_KEYS = ("target",)
+_SECRET_SOURCES = ("value", "env", "file", "command")
+_TLS_KEYS = ("verify", "ca_file", "cert_file", "key_file", "server_name")
 
 
 @dataclass
@@ -361,6 +445,114 @@ def _route(value: object) -> str:
     )
 
 
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0 (0 = no limit), got {_kind(value)}")
+    return value
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a text value, got {_kind(value)}")
+    text = str(value)
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError("value contains a line break or NUL")
+    return text
+
+
+def _secret(value: object) -> Secret:
+    """A literal, or a mapping naming exactly one source: value, env, file or command."""
+    if not isinstance(value, dict):
+        return Secret.literal(_text(value))
+    unknown = set(value) - {*_SECRET_SOURCES, "prefix", "cache_seconds"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r}; a secret takes one of "
+                         f"{', '.join(_SECRET_SOURCES)}, plus prefix (and cache_seconds for command)")
+    sources = [key for key in _SECRET_SOURCES if key in value]
+    if len(sources) != 1:
+        raise ValueError(f"expected exactly one of {', '.join(_SECRET_SOURCES)}, got {len(sources)}")
+    source = sources[0]
+    prefix = _text(value.get("prefix", ""))
+    if source == "value":
+        return Secret(value=_text(value["value"]), prefix=prefix)
+    if source == "env":
+        name = value["env"]
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+            raise ValueError(f"env: expected an environment variable name, got {_kind(name)}")
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return Secret(env=name, prefix=prefix)
+    if "cache_seconds" in value and source != "command":
+        raise ValueError("cache_seconds only applies to a command")
+    if source == "file":
+        path = value["file"]
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"file: expected an absolute path, got {_kind(path)}")
+        return Secret(file=path, prefix=prefix)
+    command = value["command"]
+    if isinstance(command, str):
+        argv = tuple(shlex.split(command))
+    elif isinstance(command, list) and all(isinstance(arg, str) for arg in command):
+        argv = tuple(command)
+    else:
+        argv = ()
+    if not argv:
+        raise ValueError(f"command: expected a command line or a list of arguments, got {_kind(command)}")
+    cache = _seconds(value.get("cache_seconds", 300))
+    return Secret(command=argv, cache_seconds=cache, prefix=prefix)
+
+
+def _basic_auth(value: object) -> BasicAuth:
+    if not isinstance(value, dict) or set(value) != {"username", "password"}:
+        raise ValueError("expected a mapping with exactly 'username' and 'password'")
+    username = _text(value["username"])
+    if ":" in username:
+        raise ValueError("the username cannot contain ':'")
+    return BasicAuth(username=username, password=_secret(value["password"]))
+
+
+def _tls(value: object) -> TlsOptions:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of {', '.join(_TLS_KEYS)}, got {_kind(value)}")
+    unknown = sorted(set(value) - set(_TLS_KEYS))
+    if unknown:
+        hint = difflib.get_close_matches(str(unknown[0]), _TLS_KEYS, n=1)
+        raise ValueError(f"unknown key {unknown[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    files = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key in value:
+            path = value[key]
+            if not isinstance(path, str) or not os.access(path, os.R_OK) or not os.path.isfile(path):
+                raise ValueError(f"{key}: {path!r} is not a readable file")
+            files[key] = path
+    if "key_file" in files and "cert_file" not in files:
+        raise ValueError("key_file needs cert_file (the client certificate it belongs to)")
+    server_name = value.get("server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not server_name):
+        raise ValueError(f"server_name: expected a host name, got {_kind(server_name)}")
+    return TlsOptions(verify=_boolean(value.get("verify", True)), server_name=server_name, **files)
+
+
+def _proxy(value: object) -> str:
+    if value in ("env", "none"):
+        return str(value)
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme == "http" and parts.hostname and port:
+            return value
+    raise ValueError(f"expected 'env', 'none' or http://host:port, got {_kind(value)}")
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"expected a list of origins like https://example.com, got {_kind(value)}")
+    return tuple(origin.rstrip("/").lower() for origin in value)
+
+
 def _headers(value: object) -> Headers:
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of header name: value, got {_kind(value)}")
@@ -370,11 +562,10 @@ def _headers(value: object) -> Headers:
             raise ValueError(f"{name!r} is not a valid HTTP header name")
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"{name!r} is set by tcpbridge's handshake and cannot be configured")
-        if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-            raise ValueError(f"header {name!r}: expected a text value, got {_kind(text)}")
-        if any(c in str(text) for c in "\r\n\0"):
-            raise ValueError(f"header {name!r}: value contains a line break or NUL")
-        headers.append((name, str(text)))
+        try:
+            headers.append((name, _secret(text)))
+        except ValueError as exc:
+            raise ValueError(f"header {name!r}: {exc}") from None
     return tuple(headers)
 
 
@@ -391,6 +582,9 @@ def _options(check: _Checker, where: str, data: Mapping[str, Any], base: TunnelO
         half_close_timeout=check.field(where, data, "half_close_timeout", _seconds, base.half_close_timeout),
         connect_timeout=check.field(where, data, "connect_timeout", _positive_seconds, base.connect_timeout),
         max_message_bytes=check.field(where, data, "max_message_bytes", _message_bytes, base.max_message_bytes),
+        ping_interval=check.field(where, data, "ping_interval", _seconds, base.ping_interval),
+        ping_timeout=check.field(where, data, "ping_timeout", _positive_seconds, base.ping_timeout),
+        idle_timeout=check.field(where, data, "idle_timeout", _seconds, base.idle_timeout),
     )
 
 
@@ -458,6 +652,7 @@ def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendC
     no_headers: Headers = ()
     default_headers = check.field("", top, "headers", _headers, no_headers)
     defaults = _options(check, "", top, TunnelOptions())
+    dial_defaults = _dial(check, "", top, FrontendTunnel(name="", listen=Address(DEFAULT_HOST, 0), backend=""))
     tunnels: list[FrontendTunnel] = []
     names: list[tuple[str, str, Address]] = []
     for where, entry in _items(check, top, "tunnels", "tunnel"):
@@ -470,15 +665,17 @@ def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendC
         if not backend and "backend" not in entry and "backend" not in top:
             check.report(where, "no backend URL: set 'backend' here or at the top level")
         tunnel_headers = check.field(where, entry, "headers", _headers, no_headers)
-        merged = _merge_headers(default_headers, tunnel_headers)
-        tunnel = FrontendTunnel(
+        tunnel = _dial(check, where, entry, dataclasses.replace(
+            dial_defaults,
             name=name,
             listen=listen or Address(DEFAULT_HOST, 0),
             backend=backend,
             route=check.field(where, entry, "route", _route, protocol.DEFAULT_ROUTE),
-            headers=merged,
+            headers=_merge_headers(default_headers, tunnel_headers),
             options=_options(check, where, entry, defaults),
-        )
+        ))
+        if tunnel.basic_auth and any(header.lower() == "authorization" for header, _ in tunnel.headers):
+            check.report(where, "basic_auth and an Authorization header cannot both be set")
         if ok and name and listen:
             names.append((where, name, listen))
         tunnels.append(tunnel)
@@ -487,6 +684,17 @@ def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendC
     drain_timeout = check.field("", top, "drain_timeout", _seconds, 10.0)
     check.raise_if_any()
     return FrontendConfig(tunnels=tuple(tunnels), log_level=log_level, drain_timeout=drain_timeout, source=source)
+
+
+def _dial(check: _Checker, where: str, data: Mapping[str, Any], base: FrontendTunnel) -> FrontendTunnel:
+    """``base`` with the connection settings (auth, TLS, proxy, cap) that ``data`` sets."""
+    return dataclasses.replace(
+        base,
+        basic_auth=check.field(where, data, "basic_auth", _basic_auth, base.basic_auth),
+        tls=check.field(where, data, "tls", _tls, base.tls),
+        proxy=check.field(where, data, "proxy", _proxy, base.proxy),
+        max_connections=check.field(where, data, "max_connections", _count, base.max_connections),
+    )
 
 
 def parse_backend(data: object, source: str = "<backend config>") -> BackendConfig:
@@ -506,12 +714,16 @@ def parse_backend(data: object, source: str = "<backend config>") -> BackendConf
         ok &= _require(check, where, entry, "routes", "route name: host:port of the TCP target")
         name = check.field(where, entry, "name", _name, "")
         listen = check.field(where, entry, "listen", parse_address, None)
-        routes = _routes(check, where, entry.get("routes")) if "routes" in entry else {}
+        routes, route_options = _routes(check, where, entry.get("routes")) if "routes" in entry else ({}, {})
         listeners.append(Listener(
             name=name,
             listen=listen or Address(DEFAULT_HOST, 0),
             routes=routes,
             options=_options(check, where, entry, defaults),
+            token=check.field(where, entry, "token", _secret, None),
+            allowed_origins=check.field(where, entry, "allowed_origins", _origins, ()),
+            max_tunnels=check.field(where, entry, "max_tunnels", _count, 0),
+            route_options=route_options,
         ))
         if ok and name and listen:
             names.append((where, name, listen))
@@ -522,17 +734,36 @@ def parse_backend(data: object, source: str = "<backend config>") -> BackendConf
     return BackendConfig(listeners=tuple(listeners), log_level=log_level, drain_timeout=drain_timeout, source=source)
 
 
-def _routes(check: _Checker, where: str, value: object) -> dict[str, Address]:
+def _routes(check: _Checker, where: str, value: object) -> tuple[dict[str, Address], dict[str, RouteOptions]]:
+    """Routes in short form (``name: host:port``) or long form (``name: {target, token, max_tunnels}``)."""
     where = _join(where, "routes")
     mapping = check.mapping(where, value, "routes")
+    routes: dict[str, Address] = {}
+    options: dict[str, RouteOptions] = {}
     if not mapping:
         if mapping is not None:
             check.report(where, "expected at least one route, e.g. default: 127.0.0.1:22")
-        return {}
-    routes: dict[str, Address] = {}
-    for name, target in mapping.items():
+        return routes, options
+    for name, spec in mapping.items():
+        route_where = f"{where}: {name!r}"
         try:
-            routes[_route(name)] = parse_address(target, default_host="localhost")
+            name = _route(name)
         except ValueError as exc:
-            check.report(f"{where}: {name!r}", str(exc))
-    return routes
+            check.report(route_where, str(exc))
+            continue
+        if isinstance(spec, dict):
+            check.known_keys(route_where, spec, _ROUTE_KEYS)
+            if not _require(check, route_where, spec, "target", "host:port of the TCP target"):
+                continue
+            target = spec["target"]
+            options[name] = RouteOptions(
+                token=check.field(route_where, spec, "token", _secret, None),
+                max_tunnels=check.field(route_where, spec, "max_tunnels", _count, 0),
+            )
+        else:
+            target = spec
+        try:
+            routes[name] = parse_address(target, default_host="localhost")
+        except ValueError as exc:
+            check.report(route_where, str(exc))
+    return routes, options

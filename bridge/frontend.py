@@ -24,6 +24,7 @@ from bridge.channel import SendLock, close_payload, parse_close_payload, shutdow
 from bridge.config import Address, FrontendConfig, FrontendTunnel, changed_fields, redact_url
 from bridge.listen import ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.secrets import SecretError, SecretResolver
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
@@ -49,10 +50,11 @@ class ClientChannel:
             raise ChannelDropped("websocket is not connected")
         self._ws = ws
         self._sock: socket.socket = ws.sock
-        self._send_lock = SendLock()
+        self.send_lock = self._send_lock = SendLock()
         self._decoder = MessageDecoder(max_message_bytes)
         self._in_message = False
         self._binary = False
+        self._last_received = time.monotonic()
         self._limit_frame_size(max_message_bytes)
 
     def _limit_frame_size(self, limit: int) -> None:
@@ -87,6 +89,13 @@ class ClientChannel:
     def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
         return self._send_lock.try_send(lambda: self._send(close_payload(code, reason), ABNF.OPCODE_CLOSE), wait=wait)
 
+    def send_ping(self) -> bool:
+        return self._send_lock.try_send(lambda: self._send(b"tcpbridge", ABNF.OPCODE_PING), wait=False)
+
+    @property
+    def last_received(self) -> float:
+        return self._last_received
+
     def receive(self) -> Received:
         while True:
             frame = self._receive_frame()
@@ -114,6 +123,7 @@ class ClientChannel:
     def _receive_frame(self) -> ABNF:
         try:
             frame: ABNF = self._ws.recv_frame()  # type: ignore[no-untyped-call]
+            self._last_received = time.monotonic()
             return frame
         except websocket.WebSocketPayloadException as exc:
             raise ProtocolViolation(CloseCode.INVALID_DATA, str(exc)) from None
@@ -154,7 +164,18 @@ def _open_transport(url: str, timeout: float) -> socket.socket:
     return sock
 
 
-def dial(tunnel: FrontendTunnel) -> websocket.WebSocket:
+def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str]:
+    """The extra upgrade-request header lines of ``tunnel``, secrets read now."""
+    try:
+        lines = [f"{name}: {secrets.resolve(value)}" for name, value in tunnel.headers]
+        if tunnel.basic_auth:
+            lines.append(f"Authorization: {secrets.basic_auth(tunnel.basic_auth)}")
+    except SecretError as exc:
+        raise DialError(f"cannot read a header value: {exc}") from None
+    return lines
+
+
+def dial(tunnel: FrontendTunnel, secrets: SecretResolver) -> websocket.WebSocket:
     """Open the websocket for one connection of ``tunnel``; raise DialError saying why not.
 
     No Origin header and no extension offer are sent (the Go backend refuses
@@ -162,6 +183,7 @@ def dial(tunnel: FrontendTunnel) -> websocket.WebSocket:
     """
     url = tunnel.url
     timeout = tunnel.options.connect_timeout
+    header = request_headers(tunnel, secrets)
     sock: socket.socket | None = None
     try:
         sock = transport = _open_transport(url, timeout)
@@ -170,7 +192,7 @@ def dial(tunnel: FrontendTunnel) -> websocket.WebSocket:
             url,
             socket=sock,
             timeout=timeout,
-            header=[f"{name}: {value}" for name, value in tunnel.headers],
+            header=header,
             suppress_origin=True,
         )
     except websocket.WebSocketBadStatusException as exc:
@@ -239,6 +261,7 @@ class Frontend:
     def __init__(self, config: FrontendConfig, registry: TunnelRegistry) -> None:
         self.config = config
         self.registry = registry
+        self.secrets = SecretResolver()
         self._listeners: dict[str, _Listener] = {}
 
     def bind(self) -> None:
@@ -325,7 +348,7 @@ class Frontend:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            ws = dial(tunnel)
+            ws = dial(tunnel, self.secrets)
         except DialError as exc:
             log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
                         tunnel_id, tunnel.name, redact_url(tunnel.url), _peer(peer), exc)

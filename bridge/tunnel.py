@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge import protocol
+from bridge.channel import SendLock
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 
@@ -80,6 +81,17 @@ class Channel(Protocol):
 
     def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
         """Send a close frame; with ``wait=False`` give up (return False) if a send is in progress."""
+
+    def send_ping(self) -> bool:
+        """Send a ping unless a send is in progress (then return False); never blocks."""
+
+    @property
+    def last_received(self) -> float:
+        """``time.monotonic()`` of the last bytes read from the websocket (any frame, pongs included)."""
+
+    @property
+    def send_lock(self) -> SendLock:
+        """The lock serialising this channel's frames (it tracks whether sends are stuck)."""
 
     def receive(self) -> Received:
         """Block for the next stream event.
@@ -144,12 +156,15 @@ class Tunnel:
         self._channel = channel
         self._lock = threading.Lock()
         self._sent_eof = False
+        self._eof_on_wire = False
         self._received_eof = False
         self._close_sent_at: float | None = None
         self._outcome: str | None = None
         self._aborted = False
         self._done = False
         self._writing_tcp = False
+        self._reading_since = self.started
+        self._ping_sent_at: float | None = None
 
     # -- public -------------------------------------------------------------
 
@@ -186,7 +201,7 @@ class Tunnel:
         self._channel.shutdown()
 
     def check_timeouts(self, now: float) -> None:
-        """Called by the housekeeper: enforce the half-close and close-handshake timeouts."""
+        """Called by the housekeeper (it must not block): timeouts, keepalive pings, dead peers."""
         if self._done:
             return
         if self._close_sent_at is not None:
@@ -194,10 +209,36 @@ class Tunnel:
                 log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, CLOSE_HANDSHAKE_TIMEOUT)
                 self._channel.shutdown()
             return
-        timeout = self.options.half_close_timeout
-        half_closed = self._sent_eof != self._received_eof
-        if timeout and half_closed and now - self.last_activity > timeout:
+        options = self.options
+        idle = now - self.last_activity
+        if options.idle_timeout and idle > options.idle_timeout:
+            self.abort(f"idle timeout ({options.idle_timeout:g} s without data)", CloseCode.GOING_AWAY)
+        elif options.half_close_timeout and self._sent_eof != self._received_eof and idle > options.half_close_timeout:
             self._close("half-close timeout")
+        elif options.ping_interval:
+            self._keepalive(now)
+
+    def _keepalive(self, now: float) -> None:
+        """Ping a quiet peer; abort if it stays silent for ping_timeout while we were able to read.
+
+        While the reader is blocked writing to a slow TCP peer it cannot read pongs,
+        and while our own frame cannot be written the peer's reader is likely in
+        that state: neither time counts. Backpressure is not death.
+        """
+        last_received = self._channel.last_received
+        if self._ping_sent_at is not None and last_received >= self._ping_sent_at:
+            self._ping_sent_at = None  # answered (or something else arrived)
+        if self._ping_sent_at is None:
+            if now - last_received > self.options.ping_interval and self._channel.send_ping():
+                self._ping_sent_at = now
+            return
+        sender = self._channel.send_lock
+        if self._writing_tcp or sender.sending:
+            return
+        silent_since = max(self._ping_sent_at, self._reading_since, sender.last_send_done)
+        if now - silent_since > self.options.ping_timeout:
+            self.abort(f"abort: websocket peer unresponsive (nothing received for {now - last_received:.0f} s "
+                       "after a ping)")
 
     # -- directions -----------------------------------------------------------
 
@@ -233,13 +274,15 @@ class Tunnel:
         if not self.options.half_close:
             self._close("clean")
             return
+        with self._lock:
+            self._sent_eof = True  # before the marker leaves: the peer may answer at once
         try:
             channel.send_end_of_stream()
         except OSError as exc:
             self.abort(f"abort: websocket send failed ({_describe(exc)})")
             return
         with self._lock:
-            self._sent_eof = True
+            self._eof_on_wire = True
             both = self._received_eof
         self.last_activity = time.monotonic()
         if both:
@@ -271,6 +314,7 @@ class Tunnel:
                     return
                 finally:
                     self._writing_tcp = False
+                    self._reading_since = time.monotonic()
                 self.bytes_to_tcp += len(event)
             elif isinstance(event, EndOfStream):
                 self._received_end_of_stream()
@@ -283,7 +327,7 @@ class Tunnel:
             if self._received_eof or self._done:
                 return
             self._received_eof = True
-            both = self._sent_eof
+            both = self._eof_on_wire  # our close frame must follow our marker, never overtake it
         self.last_activity = time.monotonic()
         _shutdown(self._tcp, socket.SHUT_WR)
         if both:

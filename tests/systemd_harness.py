@@ -12,7 +12,8 @@ services on 127.0.0.1) and nothing else that it could change:
 * a private ``/dev`` holding only null, zero, full, random, urandom and tty (binding the host's /dev
   would let journald's ``/dev/log`` links leak onto the host), tmpfs ``/run``, ``/tmp`` and
   ``/var/log/journal`` (so a host journal never mixes in), a fresh ``/etc/machine-id``;
-* the directories in ``binds`` (e.g. the repository) bound read-only at the same path.
+* the directories in ``binds`` (e.g. the repository) bound read-only, each at its own path or at
+  the path it is paired with.
 
 The caller talks to it with :meth:`SystemdMachine.run` (``nsenter -t <pid> -a``), reads and writes
 its files through ``/proc/<pid>/root`` (:meth:`SystemdMachine.path`), waits for unit states and
@@ -60,7 +61,8 @@ DEFAULT_MASKS = (
     "apt-daily-upgrade.service", "man-db.service",
 )
 
-# Runs as PID 1 of the new namespaces, then becomes systemd. $1 temp dir, $2 stage dir, $3.. binds.
+# Runs as PID 1 of the new namespaces, then becomes systemd. $1 temp dir, $2 stage dir, then pairs of
+# (host directory, path in the machine) to bind.
 _INNER = r"""
 set -eu
 T=$1; STAGE=$2; shift 2
@@ -87,8 +89,9 @@ mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/tmp"
 mkdir -p "$R/var/log/journal"
 mount -t tmpfs -o mode=2755,nosuid,nodev tmpfs "$R/var/log/journal"
-for b in "$@"; do
-    mkdir -p "$R$b"; mount --bind "$b" "$R$b"; mount -o remount,bind,ro "$R$b"
+while [ $# -gt 1 ]; do
+    src=$1; dst=$2; shift 2
+    mkdir -p "$R$dst"; mount --bind "$src" "$R$dst"; mount -o remount,bind,ro "$R$dst"
 done
 mkdir -p "$R/.oldroot"
 cd "$R"
@@ -133,14 +136,16 @@ class SystemdMachine:
 
     ``files`` maps absolute paths in the machine to contents (str or bytes, mode 0644) written
     before boot; ``masks`` are unit names masked before boot; ``binds`` are host directories bound
-    read-only at the same path.
+    read-only at the same path, or ``(host directory, path in the machine)`` pairs.
     """
 
     def __init__(self, *, files: Mapping[str, str | bytes] | None = None, masks: Iterable[str] = DEFAULT_MASKS,
-                 binds: Sequence[str | os.PathLike[str]] = (), boot_timeout: float = 20.0) -> None:
+                 binds: Sequence[str | os.PathLike[str] | tuple[str, str]] = (),
+                 boot_timeout: float = 20.0) -> None:
         self.files = dict(files or {})
         self.masks = list(masks)
-        self.binds = [os.path.realpath(b) for b in binds]
+        self.binds = [(os.path.realpath(b[0]), b[1]) if isinstance(b, tuple) else (os.path.realpath(b),) * 2
+                      for b in binds]
         self.boot_timeout = boot_timeout
         self.pid = 0  #: systemd's process id, as the host sees it
         self.boot_seconds = 0.0  #: from spawning unshare to ``is-system-running`` answering running/degraded
@@ -183,7 +188,8 @@ class SystemdMachine:
             self._proc = subprocess.Popen(
                 ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self._cgroup),
                  "unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--cgroup",
-                 "--propagation", "private", "/bin/sh", "-c", _INNER, "inner", str(mnt), str(stage), *self.binds],
+                 "--propagation", "private", "/bin/sh", "-c", _INNER, "inner", str(mnt), str(stage),
+                 *(path for pair in self.binds for path in pair)],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = started + self.boot_timeout

@@ -58,10 +58,16 @@ while True:
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
 
+# Where the repository and the venv's site-packages appear in the machine: fixed paths outside
+# /tmp, /root and /home, which the units' PrivateTmp= and ProtectHome= hide from the services
+# (CI may clone the repository under /tmp).
+MACHINE_REPO = "/opt/tcpbridge-test/repo"
+MACHINE_SITE = "/opt/tcpbridge-test/site-packages"
+
 WRAPPER = """\
 #!/bin/sh
-exec {python} -I -c 'import site, sys; site.addsitedir("{site}"); from bridge.cli import {entry}; \
-sys.argv[0] = "{name}"; sys.exit({entry}())' "$@"
+exec {python} -I -c 'import site, sys; sys.path.insert(0, "{repo}"); site.addsitedir("{site}"); \
+from bridge.cli import {entry}; sys.argv[0] = "{name}"; sys.exit({entry}())' "$@"
 """
 
 
@@ -72,8 +78,6 @@ def _is_protected(path: Path) -> bool:
 def service_python() -> tuple[str, str] | str:
     """(interpreter, site-packages) the dynamic users can reach, or why there is none."""
     site = sysconfig.get_paths()["purelib"]
-    if _is_protected(Path(site).resolve()):
-        return f"the venv's site-packages {site} is under a ProtectHome= directory"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     candidates = []
     if not _is_protected(Path(sys.base_prefix).resolve()):
@@ -155,7 +159,8 @@ def main_pid(machine: SystemdMachine, unit: str) -> int:
 
 @pytest.fixture(scope="module")
 def machine() -> Iterator[SystemdMachine]:
-    box = SystemdMachine(binds=[str(REPO)])
+    box = SystemdMachine(binds=[(str(REPO), MACHINE_REPO),
+                                (sysconfig.get_paths()["purelib"], MACHINE_SITE)])
     try:
         box.boot()
     except MachineUnavailable as exc:
@@ -177,12 +182,13 @@ def bridge(machine: SystemdMachine) -> Bridge:
     found = service_python()
     if isinstance(found, str):
         pytest.skip(found)
-    python, site = found
+    python, _site = found
     for unit in units:
         machine.write(f"/etc/systemd/system/{unit.name}", unit.read_text())
     for name, entry in (("tcpbridge", "main"), ("tcpbridge-frontend", "frontend_main"),
                         ("tcpbridge-backend", "backend_main")):
-        machine.write(f"/usr/local/bin/{name}", WRAPPER.format(python=python, site=site, entry=entry, name=name),
+        machine.write(f"/usr/local/bin/{name}", WRAPPER.format(python=python, repo=MACHINE_REPO, site=MACHINE_SITE,
+                                                                   entry=entry, name=name),
                       mode=0o755)
     b = Bridge(machine)
     machine.write("/usr/local/lib/tcpbridge-test/echo.py", ECHO_SERVER)
