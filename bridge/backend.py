@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import hmac
 import logging
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from io import BufferedIOBase
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -31,9 +34,10 @@ from wsproto.utilities import LocalProtocolError
 
 from bridge import __version__, protocol
 from bridge.channel import RECV_CHUNK, SendLock, shutdown_socket
-from bridge.config import Address, BackendConfig, Listener, changed_fields
+from bridge.config import Address, BackendConfig, Listener, RouteOptions, changed_fields
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.secrets import SecretError, SecretResolver
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id
 
 log = logging.getLogger("tcpbridge.backend")
@@ -41,6 +45,19 @@ log = logging.getLogger("tcpbridge.backend")
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Seconds a connection may take to send a complete request (and may idle between kept-alive requests).
 HANDSHAKE_TIMEOUT = 30.0
+#: The header carrying a listener's or route's shared secret. Not ``Authorization``:
+#: the inverting proxy's agent uses that one for its own OAuth.
+TOKEN_HEADER = "X-Tcpbridge-Token"
+#: Largest request header block (the lines after the request line) accepted: 431 beyond.
+#: http.server alone would take 100 header lines of 64 KiB each.
+MAX_HEADER_BYTES = 16 * 1024
+#: Seconds a client refused by a full ``max_tunnels`` is told to wait (``Retry-After``).
+RETRY_AFTER_SECONDS = 5
+#: After a 431 or one of http.server's own errors (400, 414, …), the rest of the request is
+#: read and dropped (this much, this long) so that closing the connection does not reset it
+#: before the client has read the answer.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 2.0
 
 
 def accept_token(key: str) -> str:
@@ -148,23 +165,98 @@ def _reason(code: int, reason: str) -> str:
 
 
 class UpgradeRefused(Exception):
-    """An upgrade request is answered with ``status``; ``detail`` goes in the body and the log."""
+    """An upgrade request is answered with ``status``.
 
-    def __init__(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
+    ``detail`` goes in the log line (at ``level``) and, unless ``body`` is given, in the
+    text/plain body too; ``body`` keeps what only the operator should see out of the answer.
+    """
+
+    def __init__(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None, *,
+                 body: str | None = None, level: int = logging.WARNING) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers or {}
+        self.body = detail if body is None else body
+        self.level = level
+
+
+class TunnelCounter:
+    """Live tunnels of one listener or one route, counted from admission until the tunnel ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def try_acquire(self, limit: int) -> bool:
+        """Count one more tunnel unless ``limit`` (0: none) is reached; return whether it was."""
+        with self._lock:
+            if limit and self._count >= limit:
+                return False
+            self._count += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+class TunnelCounters:
+    """A :class:`TunnelCounter` per listener name and per (listener, route).
+
+    One instance serves every :class:`ListenerServer` of a daemon, so counts survive
+    reloads, including a listener re-bound to a new address; the limits themselves
+    are read from the listener's current configuration at each request.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, str | None], TunnelCounter] = {}
+
+    def get(self, listener: str, route: str | None = None) -> TunnelCounter:
+        with self._lock:
+            return self._counters.setdefault((listener, route), TunnelCounter())
+
+
+class _HeaderBlockTooLarge(Exception):
+    """The request's header lines went past :data:`MAX_HEADER_BYTES`."""
+
+
+class _BoundedLineReader:
+    """Lends http.server's header parser (it only calls ``readline``) at most ``limit`` bytes."""
+
+    def __init__(self, raw: BufferedIOBase, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def readline(self, size: int = -1) -> bytes:
+        if self._left < 0:
+            raise _HeaderBlockTooLarge
+        want = self._left + 1 if size < 0 else min(size, self._left + 1)
+        line = self._raw.readline(want)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _HeaderBlockTooLarge
+        return line
 
 
 class ListenerServer(ThreadingHTTPServer):
-    """One backend listener: an HTTP server whose handler threads become tunnels."""
+    """One backend listener: an HTTP server whose handler threads become tunnels.
+
+    ``listener`` is read afresh by every request, so a reload swaps it in place.
+    """
 
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
     allow_reuse_address = True
 
-    def __init__(self, listener: Listener, registry: TunnelRegistry, sock: socket.socket) -> None:
+    def __init__(self, listener: Listener, registry: TunnelRegistry, sock: socket.socket, *,
+                 secrets: SecretResolver | None = None, counters: TunnelCounters | None = None) -> None:
         self.address_family = sock.family
         super().__init__((listener.listen.host, listener.listen.port), BridgeRequestHandler,
                          bind_and_activate=False)
@@ -173,6 +265,8 @@ class ListenerServer(ThreadingHTTPServer):
         self.server_address = sock.getsockname()
         self.listener = listener
         self.registry = registry
+        self.secrets = secrets or SecretResolver()
+        self.counters = counters or TunnelCounters()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log a failed request in one line; a client that went away is not worth a traceback."""
@@ -184,7 +278,13 @@ class ListenerServer(ThreadingHTTPServer):
 
 
 class BridgeRequestHandler(BaseHTTPRequestHandler):
-    """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404."""
+    """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404.
+
+    Every check happens before the 101 and before the target is dialled, in this
+    order: bridge path (404), handshake (400/426), Origin (403), token (401/403/503),
+    route (404), tunnel caps (503), target (502). Each refusal logs one line with the
+    real reason: behind the inverting proxy the client only ever sees a 500.
+    """
 
     server: ListenerServer
     timeout = HANDSHAKE_TIMEOUT
@@ -193,6 +293,9 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
     sys_version = ""
     error_content_type = "text/plain; charset=utf-8"
     error_message_format = "%(code)d %(message)s: %(explain)s\n"
+    #: Assumed when a request line has no valid version: http.server's "HTTP/0.9" would
+    #: send a 400 without a status line, which no client can read.
+    default_request_version = "HTTP/1.0"
 
     def setup(self) -> None:
         super().setup()
@@ -200,12 +303,42 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         # without NODELAY the second waits for a delayed ACK (~40 ms).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def parse_request(self) -> bool:
+        """http.server's parsing, with the header block limited to :data:`MAX_HEADER_BYTES` (else 431)."""
+        raw = self.rfile
+        self.rfile = cast(BufferedIOBase, _BoundedLineReader(raw, MAX_HEADER_BYTES))
+        try:
+            return super().parse_request()
+        except _HeaderBlockTooLarge:
+            pass
+        finally:
+            self.rfile = raw
+        self._refuse(new_tunnel_id(), UpgradeRefused(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"request header block larger than {MAX_HEADER_BYTES} bytes", {"Connection": "close"}))
+        self._drain()  # what is left of the request, so that closing does not reset the answer away
+        return False
+
     def do_GET(self) -> None:
-        listener = self.server.listener
+        listener = self.server.listener  # once: a reload may swap it while this request runs
         tunnel_id = new_tunnel_id()
         try:
-            route, target = self._route(listener)
+            route = self._bridge_route()
             key = self._check_upgrade()
+            self._check_origin(listener)
+            self._check_token(listener, route)
+            target = self._target(listener, route)
+            release = self._admit(listener, route)
+        except UpgradeRefused as refused:
+            self._refuse(tunnel_id, refused)
+            return
+        try:
+            self._open_tunnel(listener, route, target, key, tunnel_id)
+        finally:
+            release()
+
+    def _open_tunnel(self, listener: Listener, route: str, target: Address, key: str, tunnel_id: str) -> None:
+        try:
             sock = self._connect(listener, route, target)
         except UpgradeRefused as refused:
             self._refuse(tunnel_id, refused)
@@ -237,16 +370,19 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_found  # noqa: N815
 
-    def _route(self, listener: Listener) -> tuple[str, Address]:
+    def _bridge_route(self) -> str:
         path = urlsplit(self.path).path
         route = protocol.route_for_path(path)
         if route is None or "websocket" not in _tokens(self.headers.get("Upgrade")):
             raise UpgradeRefused(HTTPStatus.NOT_FOUND, f"GET {path}: not a tcpbridge upgrade")
+        return route
+
+    def _target(self, listener: Listener, route: str) -> Address:
         target = listener.routes.get(route)
         if target is None:
             known = ", ".join(sorted(listener.routes)) or "none"
             raise UpgradeRefused(HTTPStatus.NOT_FOUND, f"no route {route!r} on this listener (routes: {known})")
-        return route, target
+        return target
 
     def _check_upgrade(self) -> str:
         if "upgrade" not in _tokens(self.headers.get("Connection")):
@@ -262,6 +398,65 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         if not valid:
             raise UpgradeRefused(HTTPStatus.BAD_REQUEST, "missing or invalid Sec-WebSocket-Key")
         return key
+
+    def _check_origin(self, listener: Listener) -> None:
+        """With ``allowed_origins`` set, an Origin outside it is refused; no Origin at all is fine."""
+        if not listener.allowed_origins:
+            return
+        for origin in self.headers.get_all("Origin") or []:
+            if origin.strip().rstrip("/").lower() not in listener.allowed_origins:
+                # The value is not logged: no header value ever is.
+                raise UpgradeRefused(HTTPStatus.FORBIDDEN, "Origin header not in allowed_origins")
+
+    def _check_token(self, listener: Listener, route: str) -> None:
+        """Demand the route's token (or else the listener's) in :data:`TOKEN_HEADER`.
+
+        The expected value is read now, so a rotated token file applies to the next
+        request. Compared in constant time, as bytes: the header as received on the
+        wire, the secret as UTF-8. No value is ever logged.
+        """
+        secret = listener.token_for(route)
+        if secret is None:
+            return
+        own = route in listener.route_options and listener.route_options[route].token is not None
+        whose = "its own token" if own else "the listener's token"
+        given = self.headers.get_all(TOKEN_HEADER) or []
+        if len(given) > 1:
+            raise UpgradeRefused(HTTPStatus.BAD_REQUEST, f"more than one {TOKEN_HEADER} header")
+        value = given[0].strip() if given else ""
+        if not value:
+            raise UpgradeRefused(HTTPStatus.UNAUTHORIZED, f"missing {TOKEN_HEADER} header (route {route!r} "
+                                 f"requires {whose})")
+        try:
+            expected = self.server.secrets.resolve(secret).strip()
+            if not expected:
+                raise SecretError(f"{secret.describe()} is empty")
+        except SecretError as exc:
+            raise UpgradeRefused(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot check {TOKEN_HEADER} for route "
+                                 f"{route!r}: {whose} is unavailable: {exc}", body="the backend cannot read its token",
+                                 level=logging.ERROR) from None
+        # http.server decoded the header as ISO-8859-1: encoding it back gives the bytes sent.
+        if not hmac.compare_digest(value.encode("latin-1"), expected.encode("utf-8")):
+            raise UpgradeRefused(HTTPStatus.FORBIDDEN, f"wrong {TOKEN_HEADER} (route {route!r} requires {whose})")
+
+    def _admit(self, listener: Listener, route: str) -> Callable[[], None]:
+        """Count the tunnel against the listener's and the route's ``max_tunnels``; return its release."""
+        counters = self.server.counters
+        whole, one = counters.get(listener.name), counters.get(listener.name, route)
+        route_limit = listener.route_options.get(route, RouteOptions()).max_tunnels
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if not whole.try_acquire(listener.max_tunnels):
+            raise UpgradeRefused(HTTPStatus.SERVICE_UNAVAILABLE,
+                                 f"listener is full: max_tunnels {listener.max_tunnels} live tunnels", retry)
+        if not one.try_acquire(route_limit):
+            whole.release()
+            raise UpgradeRefused(HTTPStatus.SERVICE_UNAVAILABLE,
+                                 f"route {route!r} is full: max_tunnels {route_limit} live tunnels", retry)
+
+        def release() -> None:
+            one.release()
+            whole.release()
+        return release
 
     def _connect(self, listener: Listener, route: str, target: Address) -> socket.socket:
         try:
@@ -305,10 +500,10 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             sock.settimeout(timeout)
 
     def _refuse(self, tunnel_id: str, refused: UpgradeRefused, quiet: bool = False) -> None:
-        level = logging.DEBUG if quiet else logging.WARNING
+        level = logging.DEBUG if quiet else refused.level
         log.log(level, "tunnel %s [%s]: refused %s: %d %s", tunnel_id, self.server.listener.name,
                 self._peer(), refused.status, refused.detail)
-        body = f"{refused.status} {refused.status.phrase}: {refused.detail}\n".encode()
+        body = f"{refused.status} {refused.status.phrase}: {refused.body}\n".encode()
         self.send_response(refused.status)
         for name, value in refused.headers.items():
             self.send_header(name, value)
@@ -318,8 +513,41 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's error answer (it closes the connection), then the rest of the request is drained."""
+        super().send_error(code, message, explain)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Read and drop what the client still sends, within bounds, then let the connection close.
+
+        Closing a socket with unread bytes makes the kernel send a reset, which can
+        destroy our answer before the client has read it.
+        """
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + DRAIN_SECONDS
+            left = DRAIN_BYTES
+            while left > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.connection.settimeout(remaining)
+                data = self.rfile.read1(min(left, RECV_CHUNK))
+                if not data:
+                    break
+                left -= len(data)
+
     def _peer(self) -> str:
         return str(Address(self.client_address[0], self.client_address[1]))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Nothing: every answer is logged, once, where it is decided."""
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        """http.server's own refusals (400, 414, 501, timeouts): one debug line each."""
+        log.debug("listener %s: %s: %s", self.server.listener.name, self._peer(), (format % args)[:300])
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         log.debug("%s %s", self._peer(), format % args)
@@ -331,6 +559,8 @@ class Backend:
     def __init__(self, config: BackendConfig, registry: TunnelRegistry) -> None:
         self.config = config
         self.registry = registry
+        self.secrets = SecretResolver()
+        self.counters = TunnelCounters()  # kept across reloads: live tunnels still count
         self._servers: dict[str, ListenerServer] = {}
 
     def bind(self) -> None:
@@ -387,7 +617,8 @@ class Backend:
         try:
             for name, listener in listeners.items():
                 sock = bind_listener(listener.listen, f"listener {name!r}")
-                bound[name] = ListenerServer(listener, self.registry, sock)
+                bound[name] = ListenerServer(listener, self.registry, sock, secrets=self.secrets,
+                                             counters=self.counters)
         except ListenError:
             for server in bound.values():
                 server.server_close()

@@ -335,12 +335,12 @@ T = TypeVar("T")
 
 _OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
                 "ping_interval", "ping_timeout", "idle_timeout")
-_DIAL_KEYS = ("headers", "basic_auth")
+_DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
 _FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_DIAL_KEYS, *_OPTION_KEYS)
 _TUNNEL_KEYS = ("name", "listen", "backend", "route", *_DIAL_KEYS, *_OPTION_KEYS)
 _BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_OPTION_KEYS)
-_LISTENER_KEYS = ("name", "listen", "routes", *_OPTION_KEYS)
-_ROUTE_KEYS = ("target",)
+_LISTENER_KEYS = ("name", "listen", "routes", "token", "allowed_origins", "max_tunnels", *_OPTION_KEYS)
+_ROUTE_KEYS = ("target", "token", "max_tunnels")
 _SECRET_SOURCES = ("value", "env", "file", "command")
 _TLS_KEYS = ("verify", "ca_file", "cert_file", "key_file", "server_name")
 

@@ -7,21 +7,28 @@ becomes one of the tunnel's two pump threads.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import ipaddress
 import logging
+import math
+import os
+import re
 import socket
 import ssl
 import threading
 import time
-from urllib.parse import urlsplit
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 import websocket
 from websocket import ABNF
 
 from bridge import protocol
 from bridge.channel import SendLock, close_payload, parse_close_payload, shutdown_socket
-from bridge.config import Address, FrontendConfig, FrontendTunnel, changed_fields, redact_url
+from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, changed_fields, redact_url
 from bridge.listen import ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.secrets import SecretError, SecretResolver
@@ -30,6 +37,8 @@ from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegist
 log = logging.getLogger("tcpbridge.frontend")
 
 ACCEPT_BACKOFF = 0.1
+#: Seconds between two "max_connections reached" warnings of one tunnel.
+REFUSAL_LOG_INTERVAL = 1.0
 #: accept() errors that mean "out of resources for now": back off instead of spinning.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -141,23 +150,275 @@ class ClientChannel:
         self._sock.close()
 
 
-def _open_transport(url: str, timeout: float) -> socket.socket:
+# ---------------------------------------------------------------------------
+# Dialing: proxy choice, CONNECT tunnel, TLS, websocket handshake
+
+#: Largest CONNECT reply head (status line and headers) read from a proxy.
+MAX_PROXY_REPLY_BYTES = 16 * 1024
+#: Host names that always mean this machine: never sent through an environment proxy.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _EMAIL_MISMATCH and _IP_ADDRESS_MISMATCH.
+NAME_MISMATCH_CODES = frozenset({62, 63, 64})
+#: TLS contexts kept (one per distinct ``tls`` setting and version of its files).
+MAX_TLS_CONTEXTS = 64
+
+
+@dataclass(frozen=True)
+class ProxyChoice:
+    """An HTTP proxy to reach a backend through, and where that choice came from."""
+
+    url: str  #: ``http://[user:password@]host:port``; never logged as is
+    source: str  #: e.g. ``proxy setting`` or ``environment variable https_proxy``
+
+    def __str__(self) -> str:
+        return f"{redact_url(self.url).rstrip('/')} (from {self.source})"
+
+
+def choose_proxy(url: str, setting: str, environ: Mapping[str, str]) -> ProxyChoice | None:
+    """The proxy to CONNECT through for backend ``url``, or None to connect directly.
+
+    ``setting`` is the tunnel's ``proxy``: ``none``; an ``http://host:port`` URL
+    (always used); or ``env``: ``https_proxy``/``HTTPS_PROXY`` for ``wss://`` and
+    ``http_proxy``/``HTTP_PROXY`` for ``ws://`` (lower case first), unless ``no_proxy``
+    (or ``NO_PROXY``) matches the host, or the host is loopback (``localhost``,
+    127.0.0.0/8, ``::1``), which is never proxied. A pure function: no DNS.
+    """
+    if setting == "none":
+        return None
+    if setting != "env":
+        return ProxyChoice(setting, "proxy setting")
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    if is_loopback(host):
+        return None
+    for name in ("https_proxy", "HTTPS_PROXY") if secure else ("http_proxy", "HTTP_PROXY"):
+        value = environ.get(name, "").strip()
+        if value:
+            break
+    else:
+        return None
+    if no_proxy_matches(host, port, environ.get("no_proxy") or environ.get("NO_PROXY") or ""):
+        return None
+    if "://" not in value:
+        value = "http://" + value
+    return ProxyChoice(value, f"environment variable {name}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP literal, no brackets) names this machine."""
+    host = host.lower().rstrip(".")
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
+    """Whether a ``no_proxy`` list exempts ``host:port``.
+
+    Comma-separated entries: ``*`` (everything); a domain, which also matches its
+    subdomains (``example.com``, ``.example.com`` and ``*.example.com`` alike); an IP
+    address or CIDR block (``10.0.0.0/8``, ``[::1]``); each optionally with ``:port``.
+    """
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry_host, entry_port = _split_no_proxy_entry(entry)
+        if entry_port is not None and entry_port != port:
+            continue
+        if _host_matches(host, entry_host):
+            return True
+    return False
+
+
+def _split_no_proxy_entry(entry: str) -> tuple[str, int | None]:
+    if entry.startswith("["):
+        inside, _, rest = entry[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        return inside, int(port_text) if port_text.isdigit() else None
+    if entry.count(":") == 1:
+        name, _, port_text = entry.partition(":")
+        return name, int(port_text) if port_text.isdigit() else -1  # a bad port matches nothing
+    return entry, None
+
+
+def _host_matches(host: str, entry: str) -> bool:
+    try:
+        network = ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        network = None
+    if network is not None:
+        try:
+            return ipaddress.ip_address(host) in network
+        except ValueError:
+            return False
+    domain = entry.lstrip("*").lstrip(".").rstrip(".")
+    return bool(domain) and (host == domain or host.endswith("." + domain))
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to ``host:port`` tunnelled through ``proxy`` with HTTP CONNECT."""
+    parts = urlsplit(proxy.url)
+    if parts.scheme != "http":
+        raise DialError(f"proxy {proxy}: only http:// proxies are supported, not {parts.scheme}://")
+    try:
+        proxy_host, proxy_port = parts.hostname, parts.port or 80
+    except ValueError as exc:
+        raise DialError(f"proxy {proxy}: {exc}") from None
+    if not proxy_host:
+        raise DialError(f"proxy {proxy}: missing host")
+    try:
+        sock = socket.create_connection((proxy_host, proxy_port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise DialError(f"cannot resolve proxy {proxy}: {exc.strerror}") from None
+    except TimeoutError:
+        raise DialError(f"cannot connect to proxy {proxy}: timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise DialError(f"cannot connect to proxy {proxy}: {_reason(exc)}") from None
+    try:
+        target = _authority(host, port)
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials).decode("ascii"))
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+        status, reason = _read_proxy_reply(sock, proxy)
+        if not 200 <= status < 300:
+            raise DialError(f"proxy {proxy} refused CONNECT {target}: HTTP {status} {reason}".rstrip())
+    except TimeoutError:
+        sock.close()
+        raise DialError(f"proxy {proxy} did not answer CONNECT in {timeout:g} s") from None
+    except OSError as exc:
+        sock.close()
+        raise DialError(f"proxy {proxy} failed during CONNECT: {_reason(exc)}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _read_proxy_reply(sock: socket.socket, proxy: ProxyChoice) -> tuple[int, str]:
+    """Read the CONNECT reply head, and not one byte past it; return (status, reason)."""
+    head = b""
+    while True:
+        peeked = sock.recv(MAX_PROXY_REPLY_BYTES + 1 - len(head), socket.MSG_PEEK)
+        if not peeked:
+            raise DialError(f"proxy {proxy} closed the connection before answering CONNECT")
+        end = (head + peeked).find(b"\r\n\r\n")
+        take = len(peeked) if end < 0 else end + 4 - len(head)
+        head += sock.recv(take)
+        if end >= 0:
+            break
+        if len(head) > MAX_PROXY_REPLY_BYTES:
+            raise DialError(f"proxy {proxy} sent a CONNECT reply head over {MAX_PROXY_REPLY_BYTES} bytes")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/") or not (len(code) == 3 and code.isdigit()):
+        raise DialError(f"proxy {proxy} sent no HTTP reply to CONNECT: {status_line[:80]!r}")
+    return int(code), reason.strip()[:200]
+
+
+_tls_lock = threading.Lock()
+_tls_contexts: dict[tuple[TlsOptions, tuple[tuple[int, int, int] | None, ...]], ssl.SSLContext] = {}
+
+
+def tls_context(options: TlsOptions) -> ssl.SSLContext:
+    """The client TLS context for ``options``: built once, then shared by every connection.
+
+    Cached by the options and the version (inode, size, mtime) of the files they
+    name, so replaced certificate or key files are picked up by new connections.
+    Raise DialError naming the file and what is wrong with it.
+    """
+    key = (options, tuple(_file_version(path) for path in (options.ca_file, options.cert_file, options.key_file)))
+    with _tls_lock:
+        context = _tls_contexts.get(key)
+    if context is not None:
+        return context
+    context = _build_tls_context(options)
+    with _tls_lock:
+        for stale in [k for k in _tls_contexts if k[0] == options]:
+            del _tls_contexts[stale]
+        while len(_tls_contexts) >= MAX_TLS_CONTEXTS:
+            del _tls_contexts[next(iter(_tls_contexts))]
+        return _tls_contexts.setdefault(key, context)
+
+
+def _file_version(path: str | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _build_tls_context(options: TlsOptions) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=options.ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise DialError(f"cannot use tls ca_file {options.ca_file}: {_reason(exc)}") from None
+    if options.cert_file:
+        try:
+            context.load_cert_chain(options.cert_file, options.key_file, password=_no_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            files = f"{options.cert_file}" + (f" and key_file {options.key_file}" if options.key_file else "")
+            raise DialError(f"cannot use tls cert_file {files}: {_reason(exc)}") from None
+    if not options.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _no_password() -> str:
+    # Without a callback OpenSSL would prompt for a pass phrase on the terminal.
+    raise ValueError("the private key is encrypted; give an unencrypted key_file")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or (exc.args[1] if len(exc.args) > 1 else exc)
+        return str(reason).replace("_", " ").lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)
+
+
+def _open_transport(url: str, tls: TlsOptions, proxy: ProxyChoice | None, timeout: float) -> socket.socket:
     """Connect the TCP (and TLS, for wss://) connection a websocket URL needs.
 
-    Opening it ourselves keeps websocket-client from applying ``http_proxy``
-    environment variables behind the user's back.
+    Opening it ourselves, directly or through ``proxy``, keeps websocket-client
+    from applying ``http_proxy`` environment variables its own way.
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
-    sock = socket.create_connection((host, port), timeout=timeout)
+    context = tls_context(tls) if secure else None  # a bad file fails before connecting
+    if proxy is None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    else:
+        sock = _connect_via_proxy(proxy, host, port, timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if secure:
-            context = ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=host)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=tls.server_name or host)
     except BaseException:
         sock.close()
         raise
@@ -175,7 +436,8 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str
     return lines
 
 
-def dial(tunnel: FrontendTunnel, secrets: SecretResolver) -> websocket.WebSocket:
+def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
+         environ: Mapping[str, str] = os.environ) -> websocket.WebSocket:
     """Open the websocket for one connection of ``tunnel``; raise DialError saying why not.
 
     No Origin header and no extension offer are sent (the Go backend refuses
@@ -184,9 +446,11 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver) -> websocket.WebSocket
     url = tunnel.url
     timeout = tunnel.options.connect_timeout
     header = request_headers(tunnel, secrets)
+    proxy = choose_proxy(url, tunnel.proxy, environ)
+    via = f" via proxy {proxy}" if proxy else ""
     sock: socket.socket | None = None
     try:
-        sock = transport = _open_transport(url, timeout)
+        sock = transport = _open_transport(url, tunnel.tls, proxy, timeout)
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
         ws.connect(  # type: ignore[no-untyped-call]
             url,
@@ -195,25 +459,40 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver) -> websocket.WebSocket
             header=header,
             suppress_origin=True,
         )
+    except DialError:
+        _close_quietly(sock)
+        raise
     except websocket.WebSocketBadStatusException as exc:
         _close_quietly(sock)
         raise DialError(f"backend refused the upgrade: {_status(exc)}") from None
     except ssl.SSLCertVerificationError as exc:
         _close_quietly(sock)
-        raise DialError(f"TLS certificate verification failed: {exc.verify_message}") from None
+        raise DialError(f"TLS certificate verification failed: {exc.verify_message}{_trusted(exc, tunnel.tls)}{via}") \
+            from None
+    except ssl.SSLError as exc:
+        _close_quietly(sock)
+        raise DialError(f"TLS handshake failed: {_reason(exc)}{via}") from None
     except (TimeoutError, websocket.WebSocketTimeoutException):
         _close_quietly(sock)
-        raise DialError(f"timed out after {timeout:g} s (connect_timeout)") from None
+        raise DialError(f"timed out after {timeout:g} s (connect_timeout){via}") from None
     except socket.gaierror as exc:
         raise DialError(f"cannot resolve host: {exc.strerror}") from None
     except OSError as exc:
         _close_quietly(sock)
-        raise DialError(exc.strerror.lower() if exc.strerror else str(exc)) from None
+        raise DialError(f"{_reason(exc)}{via}") from None
     except websocket.WebSocketException as exc:
         _close_quietly(sock)
-        raise DialError(f"websocket handshake failed: {exc}") from None
+        raise DialError(f"websocket handshake failed: {exc}{via}") from None
     transport.settimeout(None)
     return ws
+
+
+def _trusted(exc: ssl.SSLCertVerificationError, tls: TlsOptions) -> str:
+    """What the certificate was checked against, unless only its name was wrong."""
+    if exc.verify_code in NAME_MISMATCH_CODES:
+        return ""
+    return f" (checked against tls ca_file {tls.ca_file})" if tls.ca_file else \
+        " (checked against the system CAs; set tls ca_file for a private CA)"
 
 
 def _bytes(data: str | bytes) -> bytes:
@@ -223,8 +502,10 @@ def _bytes(data: str | bytes) -> bytes:
 def _status(exc: websocket.WebSocketBadStatusException) -> str:
     # Never include the response headers: the Go backend echoes Authorization back.
     status = f"HTTP {exc.status_code} {exc.status_message or ''}".rstrip()
-    body = (exc.resp_body or b"").decode("utf-8", "replace").strip().splitlines()
-    return f"{status} ({body[0][:200]})" if body else status
+    text = (exc.resp_body or b"").decode("utf-8", "replace")
+    title = re.search(r"<title>([^<]*)</title>", text, re.IGNORECASE)  # an HTML error page (nginx)
+    body = [title.group(1)] if title else text.strip().splitlines()
+    return f"{status} ({body[0].strip()[:200]})" if body and body[0].strip() else status
 
 
 def _close_quietly(sock: socket.socket | None) -> None:
@@ -263,6 +544,9 @@ class Frontend:
         self.registry = registry
         self.secrets = SecretResolver()
         self._listeners: dict[str, _Listener] = {}
+        self._slots_lock = threading.Lock()
+        self._live: dict[str, int] = {}  # tunnel name -> connections dialing or running
+        self._refused: dict[str, tuple[float, int]] = {}  # name -> (last warning, refusals since)
 
     def bind(self) -> None:
         """Bind every tunnel's port, or none: raise ListenError on the first that fails."""
@@ -302,6 +586,8 @@ class Frontend:
             if changed:
                 listener.tunnel = wanted[name]
                 changes.append(f"tunnel {name}: {', '.join(changed)} changed for new connections")
+                if {"backend", "tls"} & set(changed):
+                    _check_tls(wanted[name])
         self.config = config
         return changes
 
@@ -317,7 +603,10 @@ class Frontend:
     def _start(self, listener: _Listener) -> None:
         tunnel = listener.tunnel
         threading.Thread(target=self._accept_loop, args=(listener,), name=f"accept-{tunnel.name}", daemon=True).start()
-        log.info("tunnel %s: listening on %s -> %s", tunnel.name, _bound(listener.sock), redact_url(tunnel.url))
+        proxy = choose_proxy(tunnel.url, tunnel.proxy, os.environ)
+        log.info("tunnel %s: listening on %s -> %s%s", tunnel.name, _bound(listener.sock), redact_url(tunnel.url),
+                 f" via proxy {proxy}" if proxy else "")
+        _check_tls(tunnel)
 
     def _accept_loop(self, listener: _Listener) -> None:
         while not listener.stopping.is_set():
@@ -335,14 +624,56 @@ class Frontend:
                     time.sleep(ACCEPT_BACKOFF)
                 continue
             tunnel = listener.tunnel
+            if not self._take_slot(tunnel):
+                self._refuse(tunnel, client, peer)
+                continue
             try:
                 threading.Thread(target=self._serve, args=(tunnel, client, peer), daemon=True).start()
             except RuntimeError as exc:  # "can't start new thread": out of threads
+                self._release_slot(tunnel)
                 log.error("tunnel %s: cannot serve %s: %s", tunnel.name, _peer(peer), exc)
                 reset_on_close(client)
                 client.close()
 
+    def _take_slot(self, tunnel: FrontendTunnel) -> bool:
+        """Count a new connection of ``tunnel``, unless its ``max_connections`` are all in use."""
+        with self._slots_lock:
+            live = self._live.get(tunnel.name, 0)
+            if tunnel.max_connections and live >= tunnel.max_connections:
+                return False
+            self._live[tunnel.name] = live + 1
+            return True
+
+    def _release_slot(self, tunnel: FrontendTunnel) -> None:
+        with self._slots_lock:
+            live = self._live.get(tunnel.name, 0) - 1
+            if live > 0:
+                self._live[tunnel.name] = live
+            else:
+                self._live.pop(tunnel.name, None)
+
+    def _refuse(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
+        """Reset a connection over the cap at once; warn at most once a second per tunnel."""
+        reset_on_close(client)
+        client.close()
+        now = time.monotonic()
+        with self._slots_lock:
+            last, since = self._refused.get(tunnel.name, (-math.inf, 0))
+            if now - last < REFUSAL_LOG_INTERVAL:
+                self._refused[tunnel.name] = (last, since + 1)
+                return
+            self._refused[tunnel.name] = (now, 0)
+        more = f" ({since} more refused since the previous warning)" if since else ""
+        log.warning("tunnel %s: refused %s: max_connections (%d) reached, connection reset%s",
+                    tunnel.name, _peer(peer), tunnel.max_connections, more)
+
     def _serve(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            self._serve_counted(tunnel, client, peer)
+        finally:
+            self._release_slot(tunnel)
+
+    def _serve_counted(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
         tunnel_id = new_tunnel_id()
         with contextlib.suppress(OSError):  # a client already gone fails later, in the pump
             client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -366,6 +697,19 @@ class Frontend:
             tunnel_id=tunnel_id,
         )
         self.registry.run(pump)
+
+
+def _check_tls(tunnel: FrontendTunnel) -> None:
+    """Say at start (and reload) what is wrong or unsafe with a wss:// tunnel's TLS settings."""
+    if urlsplit(tunnel.url).scheme != "wss":
+        return
+    if not tunnel.tls.verify:
+        log.warning("tunnel %s: tls verify is off: the certificate of %s is not checked, so anyone on the path "
+                    "can read and change this tunnel's traffic", tunnel.name, redact_url(tunnel.url))
+    try:
+        tls_context(tunnel.tls)
+    except DialError as exc:
+        log.error("tunnel %s: %s; its connections will fail until this is fixed", tunnel.name, exc)
 
 
 def _bind_all(tunnels: dict[str, FrontendTunnel]) -> dict[str, _Listener]:

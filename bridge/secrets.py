@@ -9,7 +9,9 @@ name the source but never include a value.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -76,21 +78,38 @@ def _read_file(path: str) -> str:
 
 
 def _run(command: tuple[str, ...]) -> str:
+    """Run a token command; its stdout is the value. Bounded by COMMAND_TIMEOUT.
+
+    The command gets its own process group, killed whole on timeout: a shell script
+    whose child still holds the output pipe cannot hang the caller.
+    """
     try:
-        result = subprocess.run(command, capture_output=True, timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL,
-                                check=False)
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
     except FileNotFoundError:
         raise SecretError(f"command {command[0]} not found") from None
-    except subprocess.TimeoutExpired:
-        raise SecretError(f"command {command[0]} did not finish in {COMMAND_TIMEOUT:g} s") from None
     except OSError as exc:
         raise SecretError(f"cannot run command {command[0]}: {exc.strerror or exc}") from None
-    if result.returncode != 0:
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=5)
+            raise SecretError(f"command {command[0]} did not finish in {COMMAND_TIMEOUT:g} s") from None
+    if len(stdout) > MAX_SECRET_BYTES:
+        raise SecretError(f"command {command[0]} printed more than {MAX_SECRET_BYTES} bytes")
+    if proc.returncode != 0:
         # stderr of a failing token command explains the failure; it holds no token.
-        detail = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = stderr.decode("utf-8", "replace").strip().splitlines()
         reason = f": {detail[-1][:200]}" if detail else ""
-        raise SecretError(f"command {command[0]} exited with status {result.returncode}{reason}")
-    return result.stdout.decode("utf-8", "replace")
+        status = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else \
+            f"exited with status {proc.returncode}"
+        raise SecretError(f"command {command[0]} {status}{reason}")
+    return stdout.decode("utf-8", "replace")
 
 
 def _one_line(value: str, secret: Secret) -> str:

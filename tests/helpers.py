@@ -53,7 +53,7 @@ def sha256(data: bytes) -> str:
 def recv_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
     """Read until EOF; raise on timeout or reset."""
     sock.settimeout(timeout)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         data = sock.recv(1 << 20)
         if not data:
