@@ -34,9 +34,10 @@ from wsproto.utilities import LocalProtocolError
 
 from bridge import __version__, protocol
 from bridge.channel import RECV_CHUNK, SendLock, shutdown_socket
-from bridge.config import Address, BackendConfig, Listener, RouteOptions, changed_fields
+from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id
 
@@ -578,28 +579,11 @@ class Backend:
         is raised and the running configuration is untouched. Route and option
         changes apply to new upgrades; live tunnels keep what they started with.
         """
-        wanted = {listener.name: listener for listener in config.listeners}
-        current = self._servers
-        fresh = self._bind_all({name: lst for name, lst in wanted.items()
-                                if name not in current or current[name].listener.listen != lst.listen})
-        changes = []
-        for name in [name for name in current if name not in wanted]:
-            _stop(current.pop(name))
-            changes.append(f"listener {name}: removed (live tunnels finish normally)")
-        for name, server in fresh.items():
-            if name in current:
-                old = current.pop(name)
-                _stop(old)
-                changes.append(f"listener {name}: moved from {old.listener.listen} to {server.listener.listen}")
-            else:
-                changes.append(f"listener {name}: added")
-            current[name] = server
-            self._start(server)
-        for name, server in current.items():
-            changed = changed_fields(server.listener, wanted[name])
-            if changed:
-                server.listener = wanted[name]
-                changes.append(f"listener {name}: {', '.join(changed)} changed for new connections")
+        changes = reconcile(
+            self._servers, {listener.name: listener for listener in config.listeners},
+            kind="listener", settings_of=lambda server: server.listener, replace=_replace_listener,
+            bind_all=self._bind_all, start=self._start, stop=_stop,
+        )
         self.config = config
         return changes
 
@@ -632,6 +616,10 @@ class Backend:
         routes = ", ".join(f"{name} -> {target}" for name, target in listener.routes.items())
         host, port = server.socket.getsockname()[:2]
         log.info("listener %s: listening on %s; routes: %s", listener.name, Address(host, port), routes)
+
+
+def _replace_listener(server: ListenerServer, listener: Listener) -> None:
+    server.listener = listener
 
 
 def _stop(server: ListenerServer) -> None:

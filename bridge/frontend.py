@@ -7,10 +7,8 @@ becomes one of the tunnel's two pump threads.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
-import ipaddress
 import logging
 import math
 import os
@@ -20,18 +18,26 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import websocket
 from websocket import ABNF
 
 from bridge import protocol
 from bridge.channel import SendLock, close_payload, parse_close_payload, shutdown_socket
-from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, changed_fields, redact_url
+from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.listen import ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
+from bridge.transport import (
+    NAME_MISMATCH_CODES,
+    DialError,
+    choose_proxy,
+    describe_error,
+    open_transport,
+    tls_context,
+)
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
@@ -41,10 +47,6 @@ ACCEPT_BACKOFF = 0.1
 REFUSAL_LOG_INTERVAL = 1.0
 #: accept() errors that mean "out of resources for now": back off instead of spinning.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class DialError(Exception):
-    """The websocket to the backend could not be opened; the message says why."""
 
 
 # ---------------------------------------------------------------------------
@@ -151,279 +153,7 @@ class ClientChannel:
 
 
 # ---------------------------------------------------------------------------
-# Dialing: proxy choice, CONNECT tunnel, TLS, websocket handshake
-
-#: Largest CONNECT reply head (status line and headers) read from a proxy.
-MAX_PROXY_REPLY_BYTES = 16 * 1024
-#: Host names that always mean this machine: never sent through an environment proxy.
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
-#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, _EMAIL_MISMATCH and _IP_ADDRESS_MISMATCH.
-NAME_MISMATCH_CODES = frozenset({62, 63, 64})
-#: TLS contexts kept (one per distinct ``tls`` setting and version of its files).
-MAX_TLS_CONTEXTS = 64
-
-
-@dataclass(frozen=True)
-class ProxyChoice:
-    """An HTTP proxy to reach a backend through, and where that choice came from."""
-
-    url: str  #: ``http://[user:password@]host:port``; never logged as is
-    source: str  #: e.g. ``proxy setting`` or ``environment variable https_proxy``
-
-    def __str__(self) -> str:
-        return f"{redact_url(self.url).rstrip('/')} (from {self.source})"
-
-
-def choose_proxy(url: str, setting: str, environ: Mapping[str, str]) -> ProxyChoice | None:
-    """The proxy to CONNECT through for backend ``url``, or None to connect directly.
-
-    ``setting`` is the tunnel's ``proxy``: ``none``; an ``http://host:port`` URL
-    (always used); or ``env``: ``https_proxy``/``HTTPS_PROXY`` for ``wss://`` and
-    ``http_proxy``/``HTTP_PROXY`` for ``ws://`` (lower case first), unless ``no_proxy``
-    (or ``NO_PROXY``) matches the host, or the host is loopback (``localhost``,
-    127.0.0.0/8, ``::1``), which is never proxied. A pure function: no DNS.
-    """
-    if setting == "none":
-        return None
-    if setting != "env":
-        return ProxyChoice(setting, "proxy setting")
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower().rstrip(".")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    if is_loopback(host):
-        return None
-    for name in ("https_proxy", "HTTPS_PROXY") if secure else ("http_proxy", "HTTP_PROXY"):
-        value = environ.get(name, "").strip()
-        if value:
-            break
-    else:
-        return None
-    if no_proxy_matches(host, port, environ.get("no_proxy") or environ.get("NO_PROXY") or ""):
-        return None
-    if "://" not in value:
-        value = "http://" + value
-    return ProxyChoice(value, f"environment variable {name}")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an IP literal, no brackets) names this machine."""
-    host = host.lower().rstrip(".")
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
-    """Whether a ``no_proxy`` list exempts ``host:port``.
-
-    Comma-separated entries: ``*`` (everything); a domain, which also matches its
-    subdomains (``example.com``, ``.example.com`` and ``*.example.com`` alike); an IP
-    address or CIDR block (``10.0.0.0/8``, ``[::1]``); each optionally with ``:port``.
-    """
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        entry_host, entry_port = _split_no_proxy_entry(entry)
-        if entry_port is not None and entry_port != port:
-            continue
-        if _host_matches(host, entry_host):
-            return True
-    return False
-
-
-def _split_no_proxy_entry(entry: str) -> tuple[str, int | None]:
-    if entry.startswith("["):
-        inside, _, rest = entry[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        return inside, int(port_text) if port_text.isdigit() else None
-    if entry.count(":") == 1:
-        name, _, port_text = entry.partition(":")
-        return name, int(port_text) if port_text.isdigit() else -1  # a bad port matches nothing
-    return entry, None
-
-
-def _host_matches(host: str, entry: str) -> bool:
-    try:
-        network = ipaddress.ip_network(entry, strict=False)
-    except ValueError:
-        network = None
-    if network is not None:
-        try:
-            return ipaddress.ip_address(host) in network
-        except ValueError:
-            return False
-    domain = entry.lstrip("*").lstrip(".").rstrip(".")
-    return bool(domain) and (host == domain or host.endswith("." + domain))
-
-
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to ``host:port`` tunnelled through ``proxy`` with HTTP CONNECT."""
-    parts = urlsplit(proxy.url)
-    if parts.scheme != "http":
-        raise DialError(f"proxy {proxy}: only http:// proxies are supported, not {parts.scheme}://")
-    try:
-        proxy_host, proxy_port = parts.hostname, parts.port or 80
-    except ValueError as exc:
-        raise DialError(f"proxy {proxy}: {exc}") from None
-    if not proxy_host:
-        raise DialError(f"proxy {proxy}: missing host")
-    try:
-        sock = socket.create_connection((proxy_host, proxy_port), timeout=timeout)
-    except socket.gaierror as exc:
-        raise DialError(f"cannot resolve proxy {proxy}: {exc.strerror}") from None
-    except TimeoutError:
-        raise DialError(f"cannot connect to proxy {proxy}: timed out after {timeout:g} s") from None
-    except OSError as exc:
-        raise DialError(f"cannot connect to proxy {proxy}: {_reason(exc)}") from None
-    try:
-        target = _authority(host, port)
-        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-        if parts.username is not None:
-            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-            lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials).decode("ascii"))
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        status, reason = _read_proxy_reply(sock, proxy)
-        if not 200 <= status < 300:
-            raise DialError(f"proxy {proxy} refused CONNECT {target}: HTTP {status} {reason}".rstrip())
-    except TimeoutError:
-        sock.close()
-        raise DialError(f"proxy {proxy} did not answer CONNECT in {timeout:g} s") from None
-    except OSError as exc:
-        sock.close()
-        raise DialError(f"proxy {proxy} failed during CONNECT: {_reason(exc)}") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _read_proxy_reply(sock: socket.socket, proxy: ProxyChoice) -> tuple[int, str]:
-    """Read the CONNECT reply head, and not one byte past it; return (status, reason)."""
-    head = b""
-    while True:
-        peeked = sock.recv(MAX_PROXY_REPLY_BYTES + 1 - len(head), socket.MSG_PEEK)
-        if not peeked:
-            raise DialError(f"proxy {proxy} closed the connection before answering CONNECT")
-        end = (head + peeked).find(b"\r\n\r\n")
-        take = len(peeked) if end < 0 else end + 4 - len(head)
-        head += sock.recv(take)
-        if end >= 0:
-            break
-        if len(head) > MAX_PROXY_REPLY_BYTES:
-            raise DialError(f"proxy {proxy} sent a CONNECT reply head over {MAX_PROXY_REPLY_BYTES} bytes")
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    version, _, rest = status_line.partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/") or not (len(code) == 3 and code.isdigit()):
-        raise DialError(f"proxy {proxy} sent no HTTP reply to CONNECT: {status_line[:80]!r}")
-    return int(code), reason.strip()[:200]
-
-
-_tls_lock = threading.Lock()
-_tls_contexts: dict[tuple[TlsOptions, tuple[tuple[int, int, int] | None, ...]], ssl.SSLContext] = {}
-
-
-def tls_context(options: TlsOptions) -> ssl.SSLContext:
-    """The client TLS context for ``options``: built once, then shared by every connection.
-
-    Cached by the options and the version (inode, size, mtime) of the files they
-    name, so replaced certificate or key files are picked up by new connections.
-    Raise DialError naming the file and what is wrong with it.
-    """
-    key = (options, tuple(_file_version(path) for path in (options.ca_file, options.cert_file, options.key_file)))
-    with _tls_lock:
-        context = _tls_contexts.get(key)
-    if context is not None:
-        return context
-    context = _build_tls_context(options)
-    with _tls_lock:
-        for stale in [k for k in _tls_contexts if k[0] == options]:
-            del _tls_contexts[stale]
-        while len(_tls_contexts) >= MAX_TLS_CONTEXTS:
-            del _tls_contexts[next(iter(_tls_contexts))]
-        return _tls_contexts.setdefault(key, context)
-
-
-def _file_version(path: str | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _build_tls_context(options: TlsOptions) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=options.ca_file)
-    except (ssl.SSLError, OSError) as exc:
-        raise DialError(f"cannot use tls ca_file {options.ca_file}: {_reason(exc)}") from None
-    if options.cert_file:
-        try:
-            context.load_cert_chain(options.cert_file, options.key_file, password=_no_password)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            files = f"{options.cert_file}" + (f" and key_file {options.key_file}" if options.key_file else "")
-            raise DialError(f"cannot use tls cert_file {files}: {_reason(exc)}") from None
-    if not options.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _no_password() -> str:
-    # Without a callback OpenSSL would prompt for a pass phrase on the terminal.
-    raise ValueError("the private key is encrypted; give an unencrypted key_file")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or (exc.args[1] if len(exc.args) > 1 else exc)
-        return str(reason).replace("_", " ").lower()
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc)
-
-
-def _open_transport(url: str, tls: TlsOptions, proxy: ProxyChoice | None, timeout: float) -> socket.socket:
-    """Connect the TCP (and TLS, for wss://) connection a websocket URL needs.
-
-    Opening it ourselves, directly or through ``proxy``, keeps websocket-client
-    from applying ``http_proxy`` environment variables its own way.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    context = tls_context(tls) if secure else None  # a bad file fails before connecting
-    if proxy is None:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    else:
-        sock = _connect_via_proxy(proxy, host, port, timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if context is not None:
-            sock = context.wrap_socket(sock, server_hostname=tls.server_name or host)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
+# Dialing: the websocket handshake over a transport from bridge.transport
 
 def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str]:
     """The extra upgrade-request header lines of ``tunnel``, secrets read now."""
@@ -450,7 +180,7 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
     via = f" via proxy {proxy}" if proxy else ""
     sock: socket.socket | None = None
     try:
-        sock = transport = _open_transport(url, tunnel.tls, proxy, timeout)
+        sock = transport = open_transport(url, tunnel.tls, proxy, timeout)
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
         ws.connect(  # type: ignore[no-untyped-call]
             url,
@@ -471,7 +201,7 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
             from None
     except ssl.SSLError as exc:
         _close_quietly(sock)
-        raise DialError(f"TLS handshake failed: {_reason(exc)}{via}") from None
+        raise DialError(f"TLS handshake failed: {describe_error(exc)}{via}") from None
     except (TimeoutError, websocket.WebSocketTimeoutException):
         _close_quietly(sock)
         raise DialError(f"timed out after {timeout:g} s (connect_timeout){via}") from None
@@ -479,7 +209,7 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
         raise DialError(f"cannot resolve host: {exc.strerror}") from None
     except OSError as exc:
         _close_quietly(sock)
-        raise DialError(f"{_reason(exc)}{via}") from None
+        raise DialError(f"{describe_error(exc)}{via}") from None
     except websocket.WebSocketException as exc:
         _close_quietly(sock)
         raise DialError(f"websocket handshake failed: {exc}{via}") from None
@@ -564,30 +294,11 @@ class Frontend:
         is raised and the running configuration is untouched. Live tunnels keep
         the settings they started with.
         """
-        wanted = {t.name: t for t in config.tunnels}
-        current = self._listeners
-        fresh = _bind_all({name: t for name, t in wanted.items()
-                           if name not in current or current[name].tunnel.listen != t.listen})
-        changes = []
-        for name in [name for name in current if name not in wanted]:
-            current.pop(name).close()
-            changes.append(f"tunnel {name}: removed (live tunnels finish normally)")
-        for name, listener in fresh.items():
-            if name in current:
-                old = current.pop(name)
-                old.close()
-                changes.append(f"tunnel {name}: moved from {old.tunnel.listen} to {listener.tunnel.listen}")
-            else:
-                changes.append(f"tunnel {name}: added")
-            current[name] = listener
-            self._start(listener)
-        for name, listener in current.items():
-            changed = changed_fields(listener.tunnel, wanted[name])
-            if changed:
-                listener.tunnel = wanted[name]
-                changes.append(f"tunnel {name}: {', '.join(changed)} changed for new connections")
-                if {"backend", "tls"} & set(changed):
-                    _check_tls(wanted[name])
+        changes = reconcile(
+            self._listeners, {tunnel.name: tunnel for tunnel in config.tunnels},
+            kind="tunnel", settings_of=lambda listener: listener.tunnel, replace=_replace_tunnel,
+            bind_all=_bind_all, start=self._start, stop=_Listener.close,
+        )
         self.config = config
         return changes
 
@@ -697,6 +408,12 @@ class Frontend:
             tunnel_id=tunnel_id,
         )
         self.registry.run(pump)
+
+
+def _replace_tunnel(listener: _Listener, tunnel: FrontendTunnel) -> None:
+    previous, listener.tunnel = listener.tunnel, tunnel
+    if (previous.backend, previous.tls) != (tunnel.backend, tunnel.tls):
+        _check_tls(tunnel)
 
 
 def _check_tls(tunnel: FrontendTunnel) -> None:

@@ -1,7 +1,7 @@
 """The frontend's dial path: HTTP CONNECT proxies (a real tinyproxy) and per-tunnel connection caps.
 
 Every target is on loopback, which the ``env`` proxy setting never proxies; so the environment
-rules (no_proxy, scheme, precedence) are unit-tested on :func:`bridge.frontend.choose_proxy`,
+rules (no_proxy, scheme, precedence) are unit-tested on :func:`bridge.transport.choose_proxy`,
 and end to end only what loopback allows: exempt when ``http_proxy`` is set, proxied when
 ``proxy: http://...`` says so.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bridge.frontend import ProxyChoice, choose_proxy, is_loopback, no_proxy_matches
+from bridge.transport import ProxyChoice, choose_proxy, is_loopback, no_proxy_matches
 from tests.helpers import (
     Daemon,
     TcpServer,
