@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,fast]'
 	touch $(STAMP)
 
 ## make run: start a frontend+backend pair from conf/ on loopback and show bytes crossing it
@@ -27,6 +27,21 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make soak: rounds of tunnels, then 1000 concurrent 1 MiB tunnels, sha256-checked; fds/threads/RSS
+## before and after, restart times after SIGKILL (SOAK_ARGS='--rounds 5 --burst 200' for a short one)
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+## make bench: tcpbridge vs direct TCP vs a two-hop socat relay on loopback, interleaved rounds: bulk
+## throughput, RTT, setup rate, held tunnels, memory and CPU; table + bench/results/latest.{json,png}
+## (BENCH_ARGS='--quick' for a smoke test; installs socat with apt-get and matplotlib if missing)
+.PHONY: bench
+bench: $(STAMP)
+	@command -v socat >/dev/null || apt-get install -y socat || (apt-get update && apt-get install -y socat)
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet 'matplotlib>=3.7'
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
@@ -57,7 +72,7 @@ install-app:
 	@# Built from a copy, so the source tree gets no build/ or egg-info from it.
 	src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 		cp -R setup.py setup.cfg pyproject.toml README.md bridge "$$src/" && \
-		'$(DESTDIR)$(APPVENV)/bin/python' -m pip install --quiet --disable-pip-version-check --no-compile "$$src"
+		'$(DESTDIR)$(APPVENV)/bin/python' -m pip install --quiet --disable-pip-version-check --no-compile "$$src[fast]"
 	@# Scripts, activate files and pyvenv.cfg name the venv by its staging path: point them at $(PREFIX).
 	@if [ -n '$(DESTDIR)' ]; then \
 		grep -rlIZF -- '$(DESTDIR)$(APPVENV)' '$(DESTDIR)$(APPVENV)' | \

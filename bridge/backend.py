@@ -28,11 +28,12 @@ from io import BufferedIOBase
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import wsproto.frame_protocol
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from bridge import __version__, protocol
+from bridge import __version__, passthrough, protocol
 from bridge.channel import RECV_CHUNK, SendLock, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
@@ -42,6 +43,10 @@ from bridge.secrets import SecretError, SecretResolver
 from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id
 
 log = logging.getLogger("tcpbridge.backend")
+
+# wsproto's frame decoder unmasks through this name; ours does the same work in C
+# (numpy, or one big-integer XOR) instead of per-byte translate tables.
+wsproto.frame_protocol.XorMaskerSimple = protocol.RotatingMasker  # type: ignore[misc,assignment]
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Seconds a connection may take to send a complete request (and may idle between kept-alive requests).
@@ -82,6 +87,7 @@ class ServerChannel:
         self._sock = sock
         self._conn = Connection(ConnectionType.SERVER)
         self.send_lock = self._send_lock = SendLock()
+        self.sock = sock
         self._decoder = MessageDecoder(max_message_bytes)
         self._last_received = time.monotonic()
         self._conn.receive_data(received)
@@ -94,9 +100,14 @@ class ServerChannel:
             raise ChannelDropped("websocket is closing") from None
 
     def send_data(self, data: bytes) -> None:
-        message = TextMessage(data=protocol.encode(data).decode("ascii"))
+        payload = protocol.encode(data)
+        header = protocol.frame_header(protocol.OPCODE_TEXT, len(payload))
         with self._send_lock.held():
-            self._send(message)
+            # Data frames bypass wsproto's serialiser (it copied every payload twice);
+            # its state still decides whether data may be sent at all.
+            if self._conn.state is not ConnectionState.OPEN:
+                raise ChannelDropped("websocket is closing")
+            _send_all(self._sock, [header, payload])
 
     def send_end_of_stream(self) -> None:
         with self._send_lock.held():
@@ -154,6 +165,18 @@ class ServerChannel:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
+    """``sendall`` of several buffers without joining them (``sendmsg`` gathers them)."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
 
 
 def _reason(code: int, reason: str) -> str:
@@ -235,6 +258,9 @@ class _BoundedLineReader:
         self._raw = raw
         self._left = limit
 
+    def read1(self, size: int = -1) -> bytes:
+        return self._raw.read1(size)
+
     def readline(self, size: int = -1) -> bytes:
         if self._left < 0:
             raise _HeaderBlockTooLarge
@@ -268,6 +294,12 @@ class ListenerServer(ThreadingHTTPServer):
         self.registry = registry
         self.secrets = secrets or SecretResolver()
         self.counters = counters or TunnelCounters()
+        #: Idle keep-alive connections to the listener's passthrough origin.
+        self.origin_pool = passthrough.OriginPool()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.origin_pool.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log a failed request in one line; a client that went away is not worth a traceback."""
@@ -279,7 +311,8 @@ class ListenerServer(ThreadingHTTPServer):
 
 
 class BridgeRequestHandler(BaseHTTPRequestHandler):
-    """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404.
+    """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404
+    or, with the listener's ``passthrough`` set, is reverse-proxied there (:mod:`bridge.passthrough`).
 
     Every check happens before the 101 and before the target is dialled, in this
     order: bridge path (404), handshake (400/426), Origin (403), token (401/403/503),
@@ -304,12 +337,38 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         # without NODELAY the second waits for a delayed ACK (~40 ms).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self) -> None:
+        """One request, whose line and headers must all arrive within :data:`HANDSHAKE_TIMEOUT`.
+
+        The socket timeout only bounds each read, so a client trickling a byte at a
+        time could hold the thread forever; the housekeeper shuts such a connection
+        down when the deadline passes. The deadline also ends idle keep-alive
+        connections.
+        """
+        self._request_deadline = self.server.registry.call_at(
+            time.monotonic() + HANDSHAKE_TIMEOUT, self._request_too_slow)
+        try:
+            super().handle_one_request()
+        finally:
+            self._request_deadline.cancel()
+
+    def _request_too_slow(self) -> None:
+        log.debug("listener %s: %s did not send a complete request within %g s; closing",
+                  self.server.listener.name, self._peer(), HANDSHAKE_TIMEOUT)
+        shutdown_socket(self.connection)
+
     def parse_request(self) -> bool:
         """http.server's parsing, with the header block limited to :data:`MAX_HEADER_BYTES` (else 431)."""
         raw = self.rfile
         self.rfile = cast(BufferedIOBase, _BoundedLineReader(raw, MAX_HEADER_BYTES))
         try:
-            return super().parse_request()
+            parsed = super().parse_request()
+            self._request_deadline.cancel()  # the headers are in: bodies and tunnels have their own timeouts
+            if parsed and self.server.listener.passthrough and passthrough.TOKEN.fullmatch(self.command) \
+                    and not hasattr(self, f"do_{self.command}"):
+                # A method http.server has no do_ method for (PROPFIND, ...): passed through too, not 501.
+                setattr(self, f"do_{self.command}", self._not_found)
+            return parsed
         except _HeaderBlockTooLarge:
             pass
         finally:
@@ -322,6 +381,9 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         listener = self.server.listener  # once: a reload may swap it while this request runs
+        if listener.passthrough and not self._is_bridge_upgrade():
+            self._passthrough(listener, listener.passthrough)
+            return
         tunnel_id = new_tunnel_id()
         try:
             route = self._bridge_route()
@@ -365,18 +427,31 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         self.server.registry.run(pump)
 
     def _not_found(self) -> None:
+        listener = self.server.listener
+        if listener.passthrough:
+            self._passthrough(listener, listener.passthrough)
+            return
         self._refuse(new_tunnel_id(), UpgradeRefused(
             HTTPStatus.NOT_FOUND, f"{self.command} {urlsplit(self.path).path}: not a tcpbridge upgrade"
         ), quiet=True)
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_found  # noqa: N815
 
+    def _is_bridge_upgrade(self) -> bool:
+        """A websocket upgrade on a bridge path: a tunnel (or a refusal), never passed through."""
+        path = urlsplit(self.path).path
+        return protocol.route_for_path(path) is not None and "websocket" in _tokens(self.headers.get("Upgrade"))
+
     def _bridge_route(self) -> str:
         path = urlsplit(self.path).path
         route = protocol.route_for_path(path)
-        if route is None or "websocket" not in _tokens(self.headers.get("Upgrade")):
+        if route is None or not self._is_bridge_upgrade():
             raise UpgradeRefused(HTTPStatus.NOT_FOUND, f"GET {path}: not a tcpbridge upgrade")
         return route
+
+    def _passthrough(self, listener: Listener, url: str) -> None:
+        """Reverse-proxy this request to the listener's HTTP origin: no token, Origin or cap applies (as in Go)."""
+        passthrough.serve(self, url, pool=self.server.origin_pool, options=listener.options, listener=listener.name)
 
     def _target(self, listener: Listener, route: str) -> Address:
         target = listener.routes.get(route)
@@ -615,7 +690,9 @@ class Backend:
                          name=f"listener-{listener.name}", daemon=True).start()
         routes = ", ".join(f"{name} -> {target}" for name, target in listener.routes.items())
         host, port = server.socket.getsockname()[:2]
-        log.info("listener %s: listening on %s; routes: %s", listener.name, Address(host, port), routes)
+        other = f"passed through to {listener.passthrough}" if listener.passthrough else "404"
+        log.info("listener %s: listening on %s; routes: %s; other requests: %s", listener.name,
+                 Address(host, port), routes, other)
 
 
 def _replace_listener(server: ListenerServer, listener: Listener) -> None:

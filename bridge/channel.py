@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -26,6 +27,41 @@ def parse_close_payload(payload: bytes) -> tuple[int, str]:
         return 1005, ""
     (code,) = struct.unpack("!H", payload[:2])
     return code, payload[2:].decode("utf-8", "replace")
+
+
+def unacknowledged_segments(sock: socket.socket) -> int | None:
+    """Segments we sent that the peer's kernel has not acknowledged (``tcpi_unacked`` of TCP_INFO).
+
+    Zero means the peer's machine is alive and reading its network, whatever its
+    process is doing; None when the kernel does not say.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return None
+    return int(struct.unpack_from("I", info, 24)[0]) if len(info) >= 28 else None
+
+
+def has_error(sock: socket.socket) -> bool:
+    """Whether the connection failed (a RST arrived, keepalive timed out); the error is not consumed."""
+    return _poll(sock, select.POLLERR)
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """Whether the peer shut its side down (a FIN arrived), whatever is still unread before it."""
+    return _poll(sock, select.POLLRDHUP | select.POLLERR)
+
+
+def _poll(sock: socket.socket, mask: int) -> bool:
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return False
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, mask)
+    return any(events & mask for _, events in poller.poll(0))
 
 
 def shutdown_socket(sock: socket.socket) -> None:

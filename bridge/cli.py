@@ -75,6 +75,8 @@ def backend_config(args: argparse.Namespace) -> config.BackendConfig:
             "name": "default",
             "listen": _listen(args),
             "routes": {protocol.DEFAULT_ROUTE: f"localhost:{args.backend_port}"},
+            # Like the Go backend: every request that is not a bridge upgrade goes to the same port as HTTP.
+            "passthrough": f"http://localhost:{args.backend_port}",
         }],
     }, "command line")
 
@@ -97,7 +99,8 @@ def backend_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser("tcpbridge-backend", "Accept tcpbridge websockets and connect each to a TCP target.")
     _daemon_arguments(parser, config.DEFAULT_BACKEND_CONFIG)
     parser.add_argument("--backend-port", "-backend-port", type=_port, metavar="PORT",
-                        help="Go-compatible single-route mode: the target port on localhost")
+                        help="Go-compatible single-route mode: the target port on localhost, which is also "
+                             "the HTTP origin every request that is not a bridge upgrade is passed through to")
     args = parser.parse_args(argv)
     return _run_daemon("tcpbridge-backend", args, backend_config, Backend)
 

@@ -173,6 +173,8 @@ class Listener:
     allowed_origins: tuple[str, ...] = ()
     max_tunnels: int = 0
     route_options: Mapping[str, RouteOptions] = field(default_factory=dict)
+    #: ``http://host[:port]`` of the HTTP origin every non-bridge request is reverse-proxied to (None: 404).
+    passthrough: str | None = None
 
     def token_for(self, route: str) -> Secret | None:
         """The shared secret a route demands: its own, else the listener's, else none."""
@@ -339,7 +341,8 @@ _DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
 _FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_DIAL_KEYS, *_OPTION_KEYS)
 _TUNNEL_KEYS = ("name", "listen", "backend", "route", *_DIAL_KEYS, *_OPTION_KEYS)
 _BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_OPTION_KEYS)
-_LISTENER_KEYS = ("name", "listen", "routes", "token", "allowed_origins", "max_tunnels", *_OPTION_KEYS)
+_LISTENER_KEYS = ("name", "listen", "routes", "token", "allowed_origins", "max_tunnels", "passthrough",
+                  *_OPTION_KEYS)
 _ROUTE_KEYS = ("target", "token", "max_tunnels")
 _SECRET_SOURCES = ("value", "env", "file", "command")
 _TLS_KEYS = ("verify", "ca_file", "cert_file", "key_file", "server_name")
@@ -399,9 +402,14 @@ def _boolean(value: object) -> bool:
 
 
 def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    try:
+        valid = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+            and value >= 0
+    except OverflowError:  # an integer too large for a float
+        valid = False
+    if not valid:
         raise ValueError(f"expected a number of seconds >= 0, got {_kind(value)}")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def _positive_seconds(value: object) -> float:
@@ -466,7 +474,7 @@ def _secret(value: object) -> Secret:
         return Secret.literal(_text(value))
     unknown = set(value) - {*_SECRET_SOURCES, "prefix", "cache_seconds"}
     if unknown:
-        raise ValueError(f"unknown key {sorted(unknown)[0]!r}; a secret takes one of "
+        raise ValueError(f"unknown key {sorted(unknown, key=str)[0]!r}; a secret takes one of "
                          f"{', '.join(_SECRET_SOURCES)}, plus prefix (and cache_seconds for command)")
     sources = [key for key in _SECRET_SOURCES if key in value]
     if len(sources) != 1:
@@ -514,7 +522,7 @@ def _basic_auth(value: object) -> BasicAuth:
 def _tls(value: object) -> TlsOptions:
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of {', '.join(_TLS_KEYS)}, got {_kind(value)}")
-    unknown = sorted(set(value) - set(_TLS_KEYS))
+    unknown = sorted(set(value) - set(_TLS_KEYS), key=str)
     if unknown:
         hint = difflib.get_close_matches(str(unknown[0]), _TLS_KEYS, n=1)
         raise ValueError(f"unknown key {unknown[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
@@ -545,6 +553,29 @@ def _proxy(value: object) -> str:
         if parts.scheme == "http" and parts.hostname and port:
             return value
     raise ValueError(f"expected 'env', 'none' or http://host:port, got {_kind(value)}")
+
+
+def _passthrough(value: object) -> str:
+    """An ``http://host[:port]`` origin URL, returned as ``http://host:port`` (IPv6 in brackets)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected an http://host:port URL, got {_kind(value)}")
+    parts = urlsplit(value)
+    if parts.scheme != "http":
+        raise ValueError(f"{value!r}: only http:// origins are supported, not {parts.scheme or 'no scheme'}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    if port == 0:
+        raise ValueError(f"{value!r}: port 0 is out of range (expected 1-65535)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{value!r}: user info is not supported")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: only scheme, host and port: requests keep their own path")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port or 80}"
 
 
 def _origins(value: object) -> tuple[str, ...]:
@@ -724,6 +755,7 @@ def parse_backend(data: object, source: str = "<backend config>") -> BackendConf
             allowed_origins=check.field(where, entry, "allowed_origins", _origins, ()),
             max_tunnels=check.field(where, entry, "max_tunnels", _count, 0),
             route_options=route_options,
+            passthrough=check.field(where, entry, "passthrough", _passthrough, None),
         ))
         if ok and name and listen:
             names.append((where, name, listen))

@@ -60,7 +60,7 @@ class ClientChannel:
         if ws.sock is None:
             raise ChannelDropped("websocket is not connected")
         self._ws = ws
-        self._sock: socket.socket = ws.sock
+        self.sock = self._sock = ws.sock
         self.send_lock = self._send_lock = SendLock()
         self._decoder = MessageDecoder(max_message_bytes)
         self._in_message = False
@@ -90,8 +90,11 @@ class ClientChannel:
             raise ChannelDropped(str(exc)) from None
 
     def send_data(self, data: bytes) -> None:
+        payload = protocol.encode(data)
+        key = os.urandom(4)
+        frame = protocol.frame_header(protocol.OPCODE_TEXT, len(payload), key) + protocol.mask(payload, key)
         with self._send_lock.held():
-            self._send(protocol.encode(data), ABNF.OPCODE_TEXT)
+            self._sock.sendall(frame)
 
     def send_end_of_stream(self) -> None:
         with self._send_lock.held():

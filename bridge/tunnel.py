@@ -23,6 +23,7 @@ runs the daemon's one housekeeping thread for timeouts and draining.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import secrets
 import socket
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge import protocol
-from bridge.channel import SendLock
+from bridge.channel import SendLock, has_error, peer_hung_up, unacknowledged_segments
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 
@@ -93,6 +94,10 @@ class Channel(Protocol):
     def send_lock(self) -> SendLock:
         """The lock serialising this channel's frames (it tracks whether sends are stuck)."""
 
+    @property
+    def sock(self) -> socket.socket:
+        """The connection's socket, for the housekeeper's checks (never read or written through)."""
+
     def receive(self) -> Received:
         """Block for the next stream event.
 
@@ -115,6 +120,28 @@ def reset_on_close(sock: socket.socket) -> None:
     """Make ``close()`` send a TCP RST instead of a FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AF_UNSPEC_ADDRESS = (ctypes.c_ubyte * 16)()  # a sockaddr whose family is AF_UNSPEC (0)
+
+
+def reset_now(sock: socket.socket) -> bool:
+    """Reset a TCP connection at once: RST, never a FIN, and wake threads blocked on it.
+
+    ``connect()`` to an AF_UNSPEC address disconnects a TCP socket (Linux
+    tcp_disconnect): queued data is dropped, the peer gets a RST, and threads
+    blocked in send or recv return with an error. ``shutdown(SHUT_WR)`` would
+    instead let the peer read a FIN, a clean end, first. Returns False where the
+    kernel refuses (some versions do while a thread is blocked); the caller then
+    falls back to shutdown.
+    """
+    reset_on_close(sock)
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return False
+    return fd >= 0 and _LIBC.connect(fd, _AF_UNSPEC_ADDRESS, ctypes.sizeof(_AF_UNSPEC_ADDRESS)) == 0
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -191,13 +218,15 @@ class Tunnel:
             self._done = self._aborted = True
             self._outcome = reason
             tell_peer = self._close_sent_at is None
-        reset_on_close(self._tcp)
-        # SHUT_RD wakes our TCP reader without sending anything. A writer blocked
-        # in sendall only wakes on SHUT_WR; its FIN then sits behind the unsent
-        # data it was blocked on, and the RST at close discards both.
-        _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
-        if tell_peer:
-            self._channel.send_close(code, reason[:120], wait=False)
+        if not reset_now(self._tcp):
+            # SHUT_RD wakes our reader without sending anything; a writer blocked
+            # in sendall only wakes on SHUT_WR, whose FIN then sits behind the data
+            # it was blocked on, and the RST at close discards both.
+            _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
+        if tell_peer and not self._channel.send_close(code, reason[:120], wait=False):
+            # Our own frames are stuck on a peer that is not reading: a FIN would
+            # queue behind them and never arrive. A RST always does.
+            reset_now(self._channel.sock)
         self._channel.shutdown()
 
     def check_timeouts(self, now: float) -> None:
@@ -209,6 +238,8 @@ class Tunnel:
                 log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, CLOSE_HANDSHAKE_TIMEOUT)
                 self._channel.shutdown()
             return
+        if self._writing_tcp or self._channel.send_lock.sending:
+            self.last_activity = now  # bytes are waiting on a slow peer: busy, not idle
         options = self.options
         idle = now - self.last_activity
         if options.idle_timeout and idle > options.idle_timeout:
@@ -217,6 +248,24 @@ class Tunnel:
             self._close("half-close timeout")
         elif options.ping_interval:
             self._keepalive(now)
+
+    def check_sockets(self) -> None:
+        """Called by the housekeeper: notice a reset on a socket no thread is reading.
+
+        When both pumps are blocked elsewhere (the upload waiting on the
+        websocket, the download waiting on the peer), a RST from the TCP peer
+        would otherwise go unseen until one of them wakes.
+        """
+        if self._done:
+            return
+        if has_error(self._tcp):
+            self.abort(f"abort: {self.tcp_role} reset")
+        elif has_error(self._channel.sock):
+            self.abort("abort: websocket connection reset")
+        elif self._writing_tcp and self._close_sent_at is None and peer_hung_up(self._channel.sock):
+            # Our reader is stuck on a slow TCP peer, so it cannot see that the
+            # websocket peer hung up without finishing the close handshake: gone.
+            self.abort("abort: websocket peer hung up")
 
     def _keepalive(self, now: float) -> None:
         """Ping a quiet peer; abort if it stays silent for ping_timeout while we were able to read.
@@ -236,9 +285,16 @@ class Tunnel:
         if self._writing_tcp or sender.sending:
             return
         silent_since = max(self._ping_sent_at, self._reading_since, sender.last_send_done)
-        if now - silent_since > self.options.ping_timeout:
-            self.abort(f"abort: websocket peer unresponsive (nothing received for {now - last_received:.0f} s "
-                       "after a ping)")
+        if now - silent_since <= self.options.ping_timeout:
+            return
+        # A peer whose kernel acknowledged everything we sent, the ping included,
+        # is alive and only slow to answer (a starved process, a reader blocked on
+        # its own slow client): only a path or machine that stopped acknowledging
+        # is dead.
+        if unacknowledged_segments(self._channel.sock) == 0:
+            return
+        self.abort(f"abort: websocket peer unresponsive (nothing received or acknowledged for "
+                   f"{now - last_received:.0f} s after a ping)")
 
     # -- directions -----------------------------------------------------------
 
@@ -314,7 +370,7 @@ class Tunnel:
                     return
                 finally:
                     self._writing_tcp = False
-                    self._reading_since = time.monotonic()
+                    self._reading_since = self.last_activity = time.monotonic()
                 self.bytes_to_tcp += len(event)
             elif isinstance(event, EndOfStream):
                 self._received_end_of_stream()
@@ -379,15 +435,29 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+@dataclass
+class Deadline:
+    """An action the housekeeper runs at ``when`` (monotonic) unless cancelled first."""
+
+    when: float
+    action: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class TunnelRegistry:
     """The live tunnels of one daemon, and its housekeeping thread.
 
     The housekeeper wakes every :data:`HOUSEKEEPING_INTERVAL` seconds to enforce
-    per-tunnel timeouts; it is the only timer thread a daemon has.
+    per-tunnel timeouts and run due :class:`Deadline` actions; it is the only
+    timer thread a daemon has.
     """
 
     def __init__(self) -> None:
         self._tunnels: dict[str, Tunnel] = {}
+        self._deadlines: list[Deadline] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -448,6 +518,24 @@ class TunnelRegistry:
         for tunnel in self.active():
             tunnel.abort(reason, CloseCode.GOING_AWAY)
 
+    def call_at(self, when: float, action: Callable[[], None]) -> Deadline:
+        """Run ``action`` on the housekeeper at ``when`` (within a tick); it must not block."""
+        deadline = Deadline(when, action)
+        with self._lock:
+            self._deadlines.append(deadline)
+        return deadline
+
+    def _run_due(self, now: float) -> None:
+        with self._lock:
+            pending = [d for d in self._deadlines if not d.cancelled]
+            due = [d for d in pending if d.when <= now]
+            self._deadlines = [d for d in pending if d.when > now]
+        for deadline in due:
+            try:
+                deadline.action()
+            except Exception:
+                log.exception("housekeeper: a deadline action failed")
+
     def housekeeper_alive(self, within: float) -> bool:
         """Whether the housekeeper finished a round in the last ``within`` seconds (the watchdog's test)."""
         return time.monotonic() - self._last_tick < max(within, 2 * HOUSEKEEPING_INTERVAL)
@@ -457,4 +545,6 @@ class TunnelRegistry:
             now = time.monotonic()
             for tunnel in self.active():
                 tunnel.check_timeouts(now)
+                tunnel.check_sockets()
+            self._run_due(now)
             self._last_tick = now

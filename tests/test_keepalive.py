@@ -41,19 +41,24 @@ class SilentBackend:
         self.sock.close()
 
 
-def test_a_peer_that_stops_answering_is_declared_dead(tmp_path: Path) -> None:
+def test_a_silent_peer_whose_kernel_still_acknowledges_is_left_to_idle_timeout(tmp_path: Path) -> None:
+    """A peer process that stops answering while its machine still acknowledges our pings is slow, not
+    dead: under load a starved daemon looks exactly like this (the soak run lost healthy tunnels to
+    that verdict). Pings never reset it; idle_timeout does. (A peer whose machine or path is gone
+    stops acknowledging, and that is what the dead-peer verdict needs.)"""
     silent = SilentBackend()
     port = free_port()
     daemon = frontend(write_yaml(tmp_path, "f.yaml", {
-        "backend": f"ws://127.0.0.1:{silent.port}", "ping_interval": 0.5, "ping_timeout": 1,
+        "backend": f"ws://127.0.0.1:{silent.port}", "ping_interval": 0.3, "ping_timeout": 0.5, "idle_timeout": 3,
         "tunnels": [{"name": "t", "listen": port}]})).wait_ready()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             started = time.monotonic()
             with pytest.raises(ConnectionResetError):
                 recv_all(client, timeout=15)
-            assert time.monotonic() - started < 10
-        assert daemon.wait_for_log("websocket peer unresponsive")
+            assert time.monotonic() - started > 2.5  # many ping timeouts passed without a verdict
+        assert daemon.wait_for_log("closed (idle timeout (3 s without data))")
+        assert "unresponsive" not in daemon.log
     finally:
         daemon.stop(), silent.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from urllib.parse import urlsplit
 
@@ -374,3 +375,34 @@ def test_bridge_url_path_is_recognised_by_route_for_path() -> None:
             path = urlsplit(bridge_url(base, route)).path
             prefix = urlsplit(base).path.rstrip("/")
             assert route_for_path(path[len(prefix):]) == route
+
+
+# -- data frames and masking -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 63, 64, 65, 125, 126, 65535, 65536, 200003])
+def test_mask_is_its_own_inverse_and_matches_the_pure_version(length: int) -> None:
+    data = os.urandom(length)
+    key = os.urandom(4)
+    masked = protocol.mask(data, key)
+    assert masked == protocol.mask_pure(data, key)
+    assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data[:1000])) + masked[1000:]
+    assert protocol.mask(masked, key) == data
+
+
+@pytest.mark.parametrize(("length", "header_length", "marker"), [
+    (0, 2, 0), (125, 2, 125), (126, 4, 126), (65535, 4, 126), (65536, 10, 127)])
+def test_frame_header_uses_the_shortest_length_form(length: int, header_length: int, marker: int) -> None:
+    plain = protocol.frame_header(protocol.OPCODE_TEXT, length)
+    assert len(plain) == header_length
+    assert plain[0] == 0x81 and plain[1] == marker
+    masked = protocol.frame_header(protocol.OPCODE_TEXT, length, b"abcd")
+    assert masked[1] == 0x80 | marker and masked.endswith(b"abcd") and len(masked) == header_length + 4
+
+
+def test_rotating_masker_unmasks_a_payload_split_anywhere() -> None:
+    key, data = os.urandom(4), os.urandom(5003)
+    masked = protocol.mask(data, key)
+    for size in (1, 3, 4, 7, 333, 4096):
+        masker = protocol.RotatingMasker(key)
+        assert b"".join(masker.process(masked[i:i + size]) for i in range(0, len(masked), size)) == data

@@ -1,0 +1,856 @@
+"""HTTP passthrough on the backend: every request that is not a bridge upgrade goes to an HTTP origin.
+
+Behind the inverting proxy the agent sends *all* of a VM's HTTP traffic to one
+port, so the backend stands in front of the real application (a notebook server,
+say), as the Go backend does with ``httputil.NewSingleHostReverseProxy``. This
+module is that reverse proxy, run on the request-handler thread that
+http.server gave the request:
+
+* the request line, ``Host`` (as the client sent it, like Go's default Director)
+  and the end-to-end headers go to the origin over HTTP/1.1; hop-by-hop headers
+  (``Connection`` and those it names, ``Keep-Alive``, ``Proxy-*``, ``TE`` except
+  ``trailers``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``) are dropped both
+  ways (RFC 9110 section 7.6.1); ``X-Forwarded-For`` gets the client's address
+  appended, ``X-Forwarded-Host``/``-Proto`` are added unless present;
+* bodies stream both ways in pieces of at most :data:`PIECE` bytes, never
+  buffered whole: ``Content-Length`` bodies are copied, chunked ones re-chunked
+  (trailers kept); a request body is sent by a second thread while this one
+  reads the answer, so an origin that answers while it reads cannot deadlock;
+* connections to the origin are kept alive and reused through a small
+  per-listener :class:`OriginPool`;
+* an ``Upgrade`` request (a notebook's kernel websocket) goes to the origin too,
+  and after the origin's 101 the two sockets are spliced, bytes as-is, one thread
+  per direction, a FIN passed on as a half-close, until both sides are done;
+* an unreachable origin gets a 502 whose text names the origin and the reason,
+  and one warning line in the log (504 when it accepts but does not answer).
+
+No authentication is applied here, as in Go: the inverting proxy authenticates
+users itself, and the listener's ``token`` guards bridge upgrades only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import re
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from io import BufferedIOBase
+from typing import cast
+from urllib.parse import urlsplit
+
+from bridge.config import Address, TunnelOptions
+
+log = logging.getLogger("tcpbridge.passthrough")
+
+#: Largest piece of a body read or written at once; what bounds memory per request.
+PIECE = 64 * 1024
+#: Seconds the origin may stay silent while it owes us bytes (the answer's head or body); then 504 or a cut.
+ORIGIN_TIMEOUT = 300.0
+#: Idle connections kept per origin, and how long one may idle before it is closed instead of reused.
+POOL_SIZE = 8
+POOL_IDLE_SECONDS = 30.0
+#: Limits on what an origin (or a chunked request) may send us outside bodies.
+MAX_LINE = 64 * 1024
+MAX_TRAILER_LINES = 100
+MAX_INFORMATIONAL = 16
+#: After the answer, how long a request body still being sent may take before the connection is dropped.
+BODY_GRACE_SECONDS = 2.0
+#: At most this much of a request body that will not be passed on is read and dropped before closing.
+DRAIN_BYTES = 1024 * 1024
+#: How often a spliced connection with a timeout checks whether it ran out.
+SPLICE_TICK = 1.0
+
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"})
+#: Not forwarded in a trailer section: framing, routing and hop-by-hop fields.
+NOT_IN_TRAILERS = HOP_BY_HOP | {"content-length", "host", "content-type", "content-encoding"}
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+Headers = list[tuple[str, str]]
+
+
+class PassthroughError(Exception):
+    """The exchange failed; ``status`` is what the client is told if nothing was sent to it yet."""
+
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _ClientGone(Exception):
+    """The client's connection failed or timed out (nothing more can be told to it)."""
+
+
+class _NoAnswer(PassthroughError):
+    """The origin closed or reset the connection before sending a byte of its answer."""
+
+
+def origin_of(url: str) -> Address:
+    """The host and port of a (validated) ``http://host[:port]`` passthrough URL."""
+    parts = urlsplit(url)
+    return Address(parts.hostname or "localhost", parts.port or 80)
+
+
+def _socket_reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.strerror.lower() if exc.strerror else (str(exc) or type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------
+# Connections to the origin
+
+
+@dataclass
+class OriginConnection:
+    """One connection to an origin, with its buffered reader."""
+
+    origin: Address
+    sock: socket.socket
+    rfile: BufferedIOBase = field(init=False)
+    idle_since: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rfile = cast(BufferedIOBase, self.sock.makefile("rb", buffering=PIECE))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def abort(self) -> None:
+        """Shut the socket down (waking any thread blocked on it); :meth:`close` still follows."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def looks_alive(self) -> bool:
+        """An idle keep-alive connection has nothing to read; EOF or stray bytes mean it is done."""
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
+
+
+class OriginPool:
+    """A few idle keep-alive connections per origin, shared by one listener's requests; newest reused first."""
+
+    def __init__(self, size: int = POOL_SIZE, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
+        self._size = size
+        self._idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._idle: dict[Address, list[OriginConnection]] = {}
+        self._closed = False
+
+    def acquire(self, origin: Address, connect_timeout: float) -> tuple[OriginConnection, bool]:
+        """A live idle connection (reused: True) or a new one; raise PassthroughError(502) if none can be made."""
+        now = time.monotonic()
+        stale: list[OriginConnection] = []
+        found: OriginConnection | None = None
+        with self._lock:
+            idle = self._idle.get(origin, [])
+            while idle and found is None:  # bounded: at most POOL_SIZE entries
+                candidate = idle.pop()
+                if now - candidate.idle_since < self._idle_seconds and candidate.looks_alive():
+                    found = candidate
+                else:
+                    stale.append(candidate)
+        for conn in stale:
+            conn.close()
+        if found is not None:
+            return found, True
+        return self._connect(origin, connect_timeout), False
+
+    @staticmethod
+    def _connect(origin: Address, connect_timeout: float) -> OriginConnection:
+        try:
+            sock = socket.create_connection((origin.host, origin.port), timeout=connect_timeout)
+        except TimeoutError:
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY,
+                                   f"cannot connect: timed out after {connect_timeout:g} s") from None
+        except OSError as exc:
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"cannot connect: {_socket_reason(exc)}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(ORIGIN_TIMEOUT)
+        return OriginConnection(origin, sock)
+
+    def release(self, conn: OriginConnection) -> None:
+        """Keep ``conn`` for a later request (it finished a whole exchange), or close it if the pool is full."""
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            idle = self._idle.setdefault(conn.origin, [])
+            if not self._closed and len(idle) < self._size:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = [conn for idle in self._idle.values() for conn in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Message framing
+
+
+@dataclass
+class _Framing:
+    """How a body is delimited: ``kind`` is "none", "length", "chunked" or "close" (until EOF)."""
+
+    kind: str
+    length: int = 0
+
+
+def _tokens(values: list[str]) -> list[str]:
+    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
+
+
+def _content_length(values: list[str]) -> int | None:
+    """The one length that all Content-Length fields agree on (``5, 5`` is 5); ValueError otherwise."""
+    lengths = {item.strip() for value in values for item in value.split(",")}
+    if len(lengths) != 1:
+        raise ValueError("conflicting Content-Length values")
+    text = lengths.pop()
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ValueError("invalid Content-Length")
+    return int(text)
+
+
+def _clean(value: str) -> str:
+    """A header value as one line (obsolete line folding becomes a space)."""
+    return " ".join(value.replace("\r", "\n").split("\n")).strip() if ("\r" in value or "\n" in value) \
+        else value.strip()
+
+
+def _end_to_end(items: list[tuple[str, str]], drop: set[str]) -> Headers:
+    """``items`` without hop-by-hop fields, those named in ``Connection``, ``Proxy-*`` and ``drop``."""
+    named = set(_tokens([value for name, value in items if name.lower() == "connection"]))
+    kept: Headers = []
+    for name, value in items:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low in drop or low.startswith("proxy-") or not TOKEN.fullmatch(name):
+            continue
+        kept.append((name, _clean(value)))
+    return kept
+
+
+def _head(start_line: str, headers: Headers) -> bytes:
+    lines = [start_line, *(f"{name}: {value}" for name, value in headers), "", ""]
+    return "\r\n".join(lines).encode("latin-1", "replace")
+
+
+def _read_line(rfile: BufferedIOBase, what: str) -> bytes:
+    line = rfile.readline(MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise ValueError(f"{what} longer than {MAX_LINE} bytes")
+    return line
+
+
+def _read_trailers(rfile: BufferedIOBase) -> Headers:
+    """The trailer section after a last chunk, up to its empty line (bounded in lines and bytes)."""
+    trailers: Headers = []
+    for _ in range(MAX_TRAILER_LINES + 1):
+        line = _read_line(rfile, "trailer line")
+        if not line:
+            raise EOFError("connection closed inside the trailer section")
+        if line in (b"\r\n", b"\n"):
+            return trailers
+        name, sep, value = line.decode("latin-1").partition(":")
+        if sep and TOKEN.fullmatch(name) and name.lower() not in NOT_IN_TRAILERS:
+            trailers.append((name, value.strip()))
+    raise ValueError(f"more than {MAX_TRAILER_LINES} trailer lines")
+
+
+def _chunks(rfile: BufferedIOBase, trailers: Headers) -> Iterator[bytes]:
+    """Decode a chunked body from ``rfile`` in pieces of at most :data:`PIECE`; fill ``trailers`` at the end.
+
+    Raises ValueError for malformed framing and EOFError for a body cut short.
+    """
+    while True:
+        line = _read_line(rfile, "chunk size line")
+        if not line:
+            raise EOFError("connection closed before the last chunk")
+        size_text = line.split(b";", 1)[0].strip()
+        if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+            raise ValueError(f"bad chunk size line {line[:40]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            trailers.extend(_read_trailers(rfile))
+            return
+        while size:
+            data = rfile.read1(min(size, PIECE))
+            if not data:
+                raise EOFError("connection closed inside a chunk")
+            size -= len(data)
+            yield data
+        if _read_line(rfile, "chunk end") not in (b"\r\n", b"\n"):
+            raise ValueError("chunk data not followed by CRLF")
+
+
+def _counted(rfile: BufferedIOBase, length: int) -> Iterator[bytes]:
+    while length:
+        data = rfile.read1(min(length, PIECE))
+        if not data:
+            raise EOFError(f"connection closed with {length} body bytes still to come")
+        length -= len(data)
+        yield data
+
+
+def _until_eof(rfile: BufferedIOBase) -> Iterator[bytes]:
+    while data := rfile.read1(PIECE):
+        yield data
+
+
+def _body(rfile: BufferedIOBase, framing: _Framing, trailers: Headers) -> Iterator[bytes]:
+    if framing.kind == "length":
+        return _counted(rfile, framing.length)
+    if framing.kind == "chunked":
+        return _chunks(rfile, trailers)
+    if framing.kind == "close":
+        return _until_eof(rfile)
+    return iter(())
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _last_chunk(trailers: Headers) -> bytes:
+    return b"0\r\n" + b"".join(f"{name}: {value}\r\n".encode("latin-1", "replace") for name, value in trailers) \
+        + b"\r\n"
+
+
+def _take_buffered(rfile: BufferedIOBase, sock: socket.socket) -> bytes:
+    """What ``rfile`` already read from ``sock`` past the message, without waiting for more."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return rfile.read1(PIECE) or b""
+    except OSError:
+        return b""
+    finally:
+        sock.settimeout(timeout)
+
+
+# ---------------------------------------------------------------------------
+# One exchange
+
+
+@dataclass
+class _Response:
+    version: str
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+
+
+class _BodySender:
+    """Copies the request body from the client to the origin on its own thread."""
+
+    def __init__(self, source: Iterator[bytes], chunked: bool, trailers: Headers, conn: OriginConnection) -> None:
+        self._source = source
+        self._chunked = chunked
+        self._trailers = trailers
+        self._conn = conn
+        self.complete = False
+        self.client_error: str | None = None
+        self.origin_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="passthrough-body", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    data = next(self._source, None)
+                except (OSError, ValueError, EOFError) as exc:
+                    self.client_error = str(exc) or type(exc).__name__
+                    self._conn.abort()  # the origin must not take a cut body for a whole one
+                    return
+                if data is None:
+                    break
+                self._conn.sock.sendall(_chunk(data) if self._chunked else data)
+            if self._chunked:
+                self._conn.sock.sendall(_last_chunk(self._trailers))
+            self.complete = True
+        except OSError as exc:
+            self.origin_error = _socket_reason(exc)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class Exchange:
+    """One request passed through to the origin, and its answer passed back."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler, url: str, *, pool: OriginPool, options: TunnelOptions,
+                 listener: str) -> None:
+        self.handler = handler
+        self.url = url
+        self.origin = origin_of(url)
+        self.pool = pool
+        self.options = options
+        self.listener = listener
+        self.client_sock: socket.socket = handler.connection
+        self.answered = False  # whether any byte of the answer went to the client
+        self.sender: _BodySender | None = None
+
+    # -- the request --------------------------------------------------------
+
+    def _request_framing(self) -> _Framing:
+        headers = self.handler.headers
+        codings = _tokens(headers.get_all("Transfer-Encoding") or [])
+        if codings:
+            if codings[-1] != "chunked":
+                raise PassthroughError(HTTPStatus.BAD_REQUEST, "a request Transfer-Encoding must end in chunked")
+            if headers.get_all("Content-Length"):
+                # RFC 9112 section 6.1: chunked wins, and the connection must not be reused.
+                self.handler.close_connection = True
+            return _Framing("chunked")
+        lengths = headers.get_all("Content-Length")
+        if lengths:
+            try:
+                length = _content_length(lengths)
+            except ValueError as exc:
+                raise PassthroughError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            assert length is not None
+            return _Framing("length", length)
+        return _Framing("none")
+
+    def _target(self) -> str:
+        path = self.handler.path
+        if path.startswith("/") or (path == "*" and self.handler.command == "OPTIONS"):
+            return path
+        parts = urlsplit(path)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        raise PassthroughError(HTTPStatus.BAD_REQUEST, "request target is neither a path nor an absolute URL")
+
+    def _upgrade(self) -> str | None:
+        headers = self.handler.headers
+        if "upgrade" not in _tokens(headers.get_all("Connection") or []):
+            return None
+        values = headers.get_all("Upgrade") or []
+        return _clean(", ".join(values)) or None
+
+    def _request_head(self, framing: _Framing, upgrade: str | None) -> bytes:
+        handler = self.handler
+        incoming = list(handler.headers.items())
+        drop = {"content-length", "x-forwarded-for"}
+        if (handler.headers.get("Expect") or "").strip().lower() == "100-continue":
+            drop.add("expect")  # http.server has already told the client to go on
+        headers = _end_to_end(incoming, drop)
+        names = {name.lower() for name, _ in headers}
+        if "host" not in names:
+            headers.insert(0, ("Host", str(self.origin) if self.origin.port != 80 else self.origin.host))
+        if len(handler.headers.get_all("Host") or []) > 1:
+            raise PassthroughError(HTTPStatus.BAD_REQUEST, "more than one Host header")
+        prior = [_clean(value) for value in handler.headers.get_all("X-Forwarded-For") or []]
+        headers.append(("X-Forwarded-For", ", ".join([*prior, str(handler.client_address[0])])))
+        host = handler.headers.get("Host")
+        if "x-forwarded-host" not in names and host:
+            headers.append(("X-Forwarded-Host", _clean(host)))
+        if "x-forwarded-proto" not in names:
+            headers.append(("X-Forwarded-Proto", "http"))
+        if "trailers" in _tokens(handler.headers.get_all("TE") or []):
+            headers.append(("TE", "trailers"))
+        if framing.kind == "length":
+            headers.append(("Content-Length", str(framing.length)))
+        elif framing.kind == "chunked":
+            headers.append(("Transfer-Encoding", "chunked"))
+        if upgrade:
+            headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
+        return _head(f"{handler.command} {self._target()} HTTP/1.1", headers)
+
+    # -- the answer ---------------------------------------------------------
+
+    def _read_response(self, conn: OriginConnection) -> _Response:
+        """The origin's next response head; _NoAnswer if it closed before its first byte."""
+        try:
+            line = _read_line(conn.rfile, "status line")
+        except TimeoutError:
+            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT,
+                                   f"no answer within {ORIGIN_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {_socket_reason(exc)}") from None
+        except ValueError as exc:
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
+        if not line:
+            raise _NoAnswer(HTTPStatus.BAD_GATEWAY, "closed the connection without answering")
+        text = line.decode("latin-1").rstrip("\r\n")
+        version, _, rest = text.partition(" ")
+        status_text, _, reason = rest.partition(" ")
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not (len(status_text) == 3 and status_text.isdigit()):
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"not an HTTP/1.x answer: {text[:60]!r}")
+        try:
+            headers = http.client.parse_headers(conn.rfile)
+        except (http.client.HTTPException, ValueError) as exc:
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer headers: {exc}") from None
+        except TimeoutError:
+            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"answer stalled for {ORIGIN_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"connection failed: {_socket_reason(exc)}") from None
+        status = int(status_text)
+        reason = reason.strip()
+        if not reason:
+            with contextlib.suppress(ValueError):
+                reason = HTTPStatus(status).phrase
+        return _Response(version, status, reason, headers)
+
+    def _response_framing(self, response: _Response) -> _Framing:
+        status = response.status
+        if self.handler.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            return _Framing("none")
+        codings = _tokens(response.headers.get_all("Transfer-Encoding") or [])
+        if codings:
+            return _Framing("chunked") if codings[-1] == "chunked" else _Framing("close")
+        lengths = response.headers.get_all("Content-Length")
+        if lengths:
+            try:
+                length = _content_length(lengths)
+            except ValueError as exc:
+                raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
+            assert length is not None
+            return _Framing("length", length)
+        return _Framing("close")
+
+    def _send_to_client(self, data: bytes) -> None:
+        try:
+            self.handler.wfile.write(data)
+        except OSError as exc:
+            raise _ClientGone(_socket_reason(exc)) from None
+        self.answered = True
+
+    # -- the whole exchange -------------------------------------------------
+
+    def run(self) -> None:
+        handler = self.handler
+        try:
+            if not TOKEN.fullmatch(handler.command):
+                raise PassthroughError(HTTPStatus.BAD_REQUEST, "invalid method")
+            if handler.command == "CONNECT":
+                raise PassthroughError(HTTPStatus.NOT_IMPLEMENTED, "CONNECT is not passed through")
+            framing = self._request_framing()
+            upgrade = self._upgrade()
+            head = self._request_head(framing, upgrade)
+        except PassthroughError as exc:
+            handler.close_connection = True
+            self._refuse(exc, log_level=logging.INFO)
+            self._drop_request_body()
+            return
+        conn: OriginConnection | None = None
+        try:
+            conn = self._exchange(head, framing, upgrade)
+        except PassthroughError as exc:
+            if self.answered:
+                log.warning("listener %s: passthrough %s %s to %s cut short: %s", self.listener, handler.command,
+                            self._path(), self.url, exc.reason)
+                handler.close_connection = True
+            else:
+                unread = framing.kind != "none" and not (self.sender is not None and self.sender.complete)
+                if unread:  # what is left of the body must not be read as the next request
+                    handler.close_connection = True
+                self._refuse(exc, log_level=logging.WARNING)
+                if unread:
+                    self._drop_request_body()
+        except _ClientGone as exc:
+            log.debug("listener %s: passthrough client %s went away: %s", self.listener, self._peer(), exc)
+            handler.close_connection = True
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _drop_request_body(self) -> None:
+        """Before a connection with an unread request body closes: read and drop what the client still sends.
+
+        Bounded (:data:`DRAIN_BYTES`, :data:`BODY_GRACE_SECONDS`): closing a socket with unread
+        bytes makes the kernel send a reset, which can destroy the answer before the client read it.
+        """
+        sock = self.client_sock
+        if self.sender is not None and not self.sender.join(0):
+            with contextlib.suppress(OSError):  # the sender still reads the body: stop it instead
+                sock.shutdown(socket.SHUT_RD)
+            self.sender.join(BODY_GRACE_SECONDS)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.handler.wfile.flush()
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + BODY_GRACE_SECONDS
+            left = DRAIN_BYTES
+            while left > 0:  # bounded by bytes and by time
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                data = self.handler.rfile.read1(min(left, PIECE))
+                if not data:
+                    break
+                left -= len(data)
+
+    def _exchange(self, head: bytes, framing: _Framing, upgrade: str | None) -> OriginConnection | None:
+        """Run the exchange; return the origin connection if it must be closed, None if it went back to the pool."""
+        handler = self.handler
+        replayable = handler.command in REPLAYABLE and framing.kind == "none"
+        for attempt in range(2):  # one retry: a reused connection the origin had just closed
+            conn, reused = self.pool.acquire(self.origin, self.options.connect_timeout)
+            sender: _BodySender | None = None
+            try:
+                try:
+                    conn.sock.sendall(head)
+                except OSError as exc:
+                    raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {_socket_reason(exc)}") from None
+                if framing.kind != "none":
+                    trailers: Headers = []
+                    sender = self.sender = _BodySender(_body(handler.rfile, framing, trailers),
+                                                       framing.kind == "chunked", trailers, conn)
+                response = self._final_response(conn, upgrade, sender)
+            except _NoAnswer:
+                conn.close()
+                if sender is not None:
+                    sender.join(BODY_GRACE_SECONDS)
+                    if sender.client_error is not None:
+                        raise _ClientGone(sender.client_error) from None
+                if reused and replayable and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                if sender is not None:
+                    sender.join(BODY_GRACE_SECONDS)
+                conn.close()
+                raise
+            return self._answer(conn, response, sender, upgrade)
+        raise AssertionError("unreachable")
+
+    def _final_response(self, conn: OriginConnection, upgrade: str | None, sender: _BodySender | None) -> _Response:
+        """Read past informational answers (forwarding 1xx but 100 to HTTP/1.1 clients) to the real one."""
+        for _ in range(MAX_INFORMATIONAL):
+            try:
+                response = self._read_response(conn)
+            except PassthroughError:
+                if sender is not None and sender.client_error is not None:
+                    raise _ClientGone(sender.client_error) from None
+                raise
+            if response.status >= 200 or response.status == 101:
+                return response
+            if response.status != 100 and self.handler.request_version == "HTTP/1.1":
+                headers = _end_to_end(list(response.headers.items()), set())
+                self._send_to_client(_head(f"HTTP/1.1 {response.status} {response.reason}", headers))
+        raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"more than {MAX_INFORMATIONAL} informational answers")
+
+    def _answer(self, conn: OriginConnection, response: _Response, sender: _BodySender | None,
+                upgrade: str | None) -> OriginConnection | None:
+        handler = self.handler
+        if response.status == 101:
+            return self._switch(conn, response, sender, upgrade)
+        framing = self._response_framing(response)
+        headers = _end_to_end(list(response.headers.items()), {"content-length"})
+        to_client = framing.kind
+        if framing.kind == "length" or (framing.kind == "none" and response.status != 204):
+            for value in response.headers.get_all("Content-Length") or []:
+                headers.append(("Content-Length", _clean(value)))
+                break
+        if handler.request_version != "HTTP/1.1":
+            handler.close_connection = True
+        if framing.kind in ("chunked", "close"):
+            if handler.request_version == "HTTP/1.1":
+                headers.append(("Transfer-Encoding", "chunked"))
+                to_client = "chunked"
+            else:
+                to_client = "close"
+                handler.close_connection = True
+        if handler.close_connection:
+            headers.append(("Connection", "close"))
+        self._send_to_client(_head(f"HTTP/1.1 {response.status} {response.reason}", headers))
+        trailers: Headers = []
+        try:
+            for data in _body(conn.rfile, framing, trailers):
+                self._send_to_client(_chunk(data) if to_client == "chunked" else data)
+        except TimeoutError:
+            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"body stalled for {ORIGIN_TIMEOUT:g} s") from None
+        except (OSError, ValueError, EOFError) as exc:
+            if sender is not None and sender.client_error is not None:
+                raise _ClientGone(sender.client_error) from None
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"answer body failed: {exc}") from None
+        if to_client == "chunked":
+            self._send_to_client(_last_chunk(trailers))
+        log.debug("listener %s: passthrough %s %s %s -> %d", self.listener, self._peer(), handler.command,
+                  self._path(), response.status)
+        reusable = (framing.kind != "close" and response.version == "HTTP/1.1"
+                    and "close" not in _tokens(response.headers.get_all("Connection") or []))
+        if sender is not None and not sender.join(BODY_GRACE_SECONDS):
+            # The origin answered without reading the whole body: drop both connections.
+            handler.close_connection = True
+            conn.abort()
+            sender.join(BODY_GRACE_SECONDS)
+            self._drop_request_body()
+            return conn
+        if sender is not None and not sender.complete:
+            handler.close_connection = True
+            self._drop_request_body()
+            return conn
+        if reusable:
+            self.pool.release(conn)
+            return None
+        return conn
+
+    def _switch(self, conn: OriginConnection, response: _Response, sender: _BodySender | None,
+                upgrade: str | None) -> OriginConnection:
+        """The origin switched protocols: pass its 101 on and splice the two connections."""
+        handler = self.handler
+        offered = _clean(", ".join(response.headers.get_all("Upgrade") or []))
+        if upgrade is None or offered.lower() != upgrade.lower():
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY,
+                                   f"switched protocols to {offered!r} when {upgrade!r} was asked for")
+        if sender is not None and not (sender.join(BODY_GRACE_SECONDS) and sender.complete):
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, "switched protocols before reading the request body")
+        headers = _end_to_end(list(response.headers.items()), set())
+        headers += [("Connection", "Upgrade"), ("Upgrade", offered)]
+        self._send_to_client(_head(f"HTTP/1.1 101 {response.reason}", headers))
+        handler.close_connection = True
+        from_client = _take_buffered(handler.rfile, self.client_sock)
+        from_origin = _take_buffered(conn.rfile, conn.sock)
+        log.debug("listener %s: passthrough %s %s %s: %s spliced", self.listener, self._peer(), handler.command,
+                  self._path(), offered)
+        splice = Splice(self.client_sock, conn.sock, idle_timeout=self.options.idle_timeout,
+                        half_close_timeout=self.options.half_close_timeout if self.options.half_close else 0.0)
+        ended = splice.run(from_client, from_origin)
+        log.debug("listener %s: passthrough %s %s spliced connection ended: %s", self.listener, self._peer(),
+                  offered, ended)
+        return conn
+
+    # -- answers of our own -------------------------------------------------
+
+    def _refuse(self, exc: PassthroughError, *, log_level: int) -> None:
+        handler = self.handler
+        if exc.status in (HTTPStatus.BAD_GATEWAY, HTTPStatus.GATEWAY_TIMEOUT):
+            detail = f"passthrough origin {self.url}: {exc.reason}"
+        else:
+            detail = f"passthrough: {exc.reason}"
+        log.log(log_level, "listener %s: %s %s %s: %d %s", self.listener, self._peer(), handler.command,
+                self._path(), exc.status, detail)
+        body = f"{exc.status} {exc.status.phrase}: {detail}\n".encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        if handler.close_connection:
+            headers.append(("Connection", "close"))
+        with contextlib.suppress(_ClientGone):
+            self._send_to_client(_head(f"HTTP/1.1 {exc.status} {exc.status.phrase}", headers)
+                                 + (b"" if handler.command == "HEAD" else body))
+
+    def _path(self) -> str:
+        return urlsplit(self.handler.path).path[:200]
+
+    def _peer(self) -> str:
+        host, port = self.handler.client_address[:2]
+        return str(Address(str(host), int(port)))
+
+
+def serve(handler: BaseHTTPRequestHandler, url: str, *, pool: OriginPool, options: TunnelOptions,
+          listener: str) -> None:
+    """Pass the request ``handler`` has parsed through to the origin at ``url``, and its answer back."""
+    Exchange(handler, url, pool=pool, options=options, listener=listener).run()
+
+
+# ---------------------------------------------------------------------------
+# Spliced connections (after a 101)
+
+
+class Splice:
+    """Two connections joined byte for byte, one thread per direction, until both directions are done.
+
+    A FIN from one side becomes ``shutdown(SHUT_WR)`` on the other; a reset or error
+    on either shuts both down. With ``idle_timeout`` (no bytes either way) or, once
+    one direction ended, ``half_close_timeout`` (no bytes in the open one) the
+    splice is cut; 0 turns either off, as for tunnels.
+    """
+
+    def __init__(self, client: socket.socket, origin: socket.socket, *, idle_timeout: float,
+                 half_close_timeout: float) -> None:
+        self._client = client
+        self._origin = origin
+        self._idle_timeout = idle_timeout
+        self._half_close_timeout = half_close_timeout
+        self._lock = threading.Lock()
+        self._last_activity = time.monotonic()
+        self._ended = 0
+        self._outcome = "closed"
+
+    def run(self, from_client: bytes, from_origin: bytes) -> str:
+        """Splice until both directions are done; return how it ended."""
+        for sock in (self._client, self._origin):
+            sock.settimeout(None)
+        other = threading.Thread(target=self._pump, args=(self._origin, self._client, from_origin),
+                                 name="passthrough-splice", daemon=True)
+        other.start()
+        self._pump(self._client, self._origin, from_client)
+        other.join()  # ends: it is cut by the first direction's error, its own EOF, or its timeout
+        return self._outcome
+
+    def _pump(self, src: socket.socket, dst: socket.socket, first: bytes) -> None:
+        try:
+            if first:
+                dst.sendall(first)
+            while self._wait_readable(src):
+                data = src.recv(PIECE)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    with self._lock:
+                        self._ended += 1
+                    return
+                dst.sendall(data)
+                with self._lock:
+                    self._last_activity = time.monotonic()
+            self._cut("timed out")
+        except OSError as exc:
+            self._cut(_socket_reason(exc))
+
+    def _limit(self) -> float:
+        with self._lock:
+            limits = [self._idle_timeout] if self._idle_timeout > 0 else []
+            if self._ended and self._half_close_timeout > 0:
+                limits.append(self._half_close_timeout)
+            return min(limits) if limits else 0.0
+
+    def _wait_readable(self, sock: socket.socket) -> bool:
+        """Wait until ``sock`` has something (data, EOF, error); False when a timeout ran out."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+        bounded = self._idle_timeout > 0 or self._half_close_timeout > 0
+        while True:  # each pass waits at most SPLICE_TICK; ends when the limit is reached
+            limit = self._limit()
+            if limit:
+                with self._lock:
+                    remaining = limit - (time.monotonic() - self._last_activity)
+                if remaining <= 0:
+                    return False
+                wait: float | None = min(remaining, SPLICE_TICK)
+            else:
+                wait = SPLICE_TICK if bounded else None
+            if poller.poll(None if wait is None else wait * 1000):
+                return True
+
+    def _cut(self, reason: str) -> None:
+        with self._lock:
+            if self._outcome == "closed":
+                self._outcome = reason
+        for sock in (self._client, self._origin):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
