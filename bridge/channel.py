@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,9 +49,13 @@ def has_error(sock: socket.socket) -> bool:
     return _poll(sock, select.POLLERR)
 
 
-def peer_hung_up(sock: socket.socket) -> bool:
-    """Whether the peer shut its side down (a FIN arrived), whatever is still unread before it."""
-    return _poll(sock, select.POLLRDHUP | select.POLLERR)
+def send_queue_bytes(sock: socket.socket) -> int | None:
+    """Bytes in the socket's send queue (written, not yet acknowledged by the peer), or None if unknown."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ for TCP
+    except (OSError, ValueError):
+        return None
+    return int(struct.unpack("i", raw)[0])
 
 
 def _poll(sock: socket.socket, mask: int) -> bool:

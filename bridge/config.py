@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -225,13 +225,15 @@ def _check_ipv6(host: str, raw: str) -> None:
         raise ValueError(f"{raw!r}: {host!r} is not an IPv6 address") from None
 
 
-def check_backend_url(url: object) -> str:
-    """Return ``url`` if it is a usable backend base URL, else raise ValueError saying why."""
+def _split_url(url: object, schemes: tuple[str, ...], expected: str) -> tuple[SplitResult, str, int | None]:
+    """(parts, host, port) of ``url``, or ValueError if it is not ``expected`` with a host and a valid port."""
     if not isinstance(url, str) or not url:
-        raise ValueError(f"expected a ws:// or wss:// URL, got {_kind(url)}")
+        raise ValueError(f"expected {expected}, got {_kind(url)}")
     parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"{url!r}: scheme must be ws:// or wss://, not {parts.scheme or 'none'}")
+    if parts.scheme not in schemes:
+        allowed = " or ".join(f"{scheme}://" for scheme in schemes)
+        rule = f"only {allowed} URLs are supported" if len(schemes) == 1 else f"scheme must be {allowed}"
+        raise ValueError(f"{url!r}: {rule}, not {parts.scheme or 'none'}")
     try:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
@@ -240,6 +242,13 @@ def check_backend_url(url: object) -> str:
         raise ValueError(f"{url!r}: missing host")
     if port == 0:
         raise ValueError(f"{url!r}: port 0 is out of range (expected 1-65535)")
+    return parts, host, port
+
+
+def check_backend_url(url: object) -> str:
+    """Return ``url`` if it is a usable backend base URL, else raise ValueError saying why."""
+    parts, _host, _port = _split_url(url, ("ws", "wss"), "a ws:// or wss:// URL")
+    assert isinstance(url, str)
     if parts.fragment:
         raise ValueError(f"{url!r}: a URL fragment (#...) has no meaning here")
     return url
@@ -557,19 +566,7 @@ def _proxy(value: object) -> str:
 
 def _passthrough(value: object) -> str:
     """An ``http://host[:port]`` origin URL, returned as ``http://host:port`` (IPv6 in brackets)."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected an http://host:port URL, got {_kind(value)}")
-    parts = urlsplit(value)
-    if parts.scheme != "http":
-        raise ValueError(f"{value!r}: only http:// origins are supported, not {parts.scheme or 'no scheme'}")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError as exc:
-        raise ValueError(f"{value!r}: {exc}") from None
-    if not host:
-        raise ValueError(f"{value!r}: missing host")
-    if port == 0:
-        raise ValueError(f"{value!r}: port 0 is out of range (expected 1-65535)")
+    parts, host, port = _split_url(value, ("http",), "an http://host:port URL")
     if parts.username is not None or parts.password is not None:
         raise ValueError(f"{value!r}: user info is not supported")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge import protocol
-from bridge.channel import SendLock, has_error, peer_hung_up, unacknowledged_segments
+from bridge.channel import SendLock, has_error, send_queue_bytes, unacknowledged_segments
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 
@@ -192,6 +192,8 @@ class Tunnel:
         self._writing_tcp = False
         self._reading_since = self.started
         self._ping_sent_at: float | None = None
+        self._close_queue: int | None = None
+        self._close_progress_at = 0.0
 
     # -- public -------------------------------------------------------------
 
@@ -234,9 +236,7 @@ class Tunnel:
         if self._done:
             return
         if self._close_sent_at is not None:
-            if now - self._close_sent_at > CLOSE_HANDSHAKE_TIMEOUT:
-                log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, CLOSE_HANDSHAKE_TIMEOUT)
-                self._channel.shutdown()
+            self._await_close_reply(now)
             return
         if self._writing_tcp or self._channel.send_lock.sending:
             self.last_activity = now  # bytes are waiting on a slow peer: busy, not idle
@@ -248,6 +248,23 @@ class Tunnel:
             self._close("half-close timeout")
         elif options.ping_interval:
             self._keepalive(now)
+
+    def _await_close_reply(self, now: float) -> None:
+        """Give up on the peer's close frame after CLOSE_HANDSHAKE_TIMEOUT without progress.
+
+        A peer still reading what we sent before our close frame (its reader slowed
+        by its own TCP client) is not stuck: while our send queue shrinks, wait.
+        Closing early would lose nothing of ours, but the RST that closing with
+        unread data sends could destroy bytes the peer has not yet read.
+        """
+        queued = send_queue_bytes(self._channel.sock)
+        if queued is not None and self._close_queue is not None and queued < self._close_queue:
+            self._close_progress_at = now
+        self._close_queue = queued
+        waited = now - max(self._close_sent_at or now, self._close_progress_at)
+        if waited > CLOSE_HANDSHAKE_TIMEOUT:
+            log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, waited)
+            self._channel.shutdown()
 
     def check_sockets(self) -> None:
         """Called by the housekeeper: notice a reset on a socket no thread is reading.
@@ -262,10 +279,6 @@ class Tunnel:
             self.abort(f"abort: {self.tcp_role} reset")
         elif has_error(self._channel.sock):
             self.abort("abort: websocket connection reset")
-        elif self._writing_tcp and self._close_sent_at is None and peer_hung_up(self._channel.sock):
-            # Our reader is stuck on a slow TCP peer, so it cannot see that the
-            # websocket peer hung up without finishing the close handshake: gone.
-            self.abort("abort: websocket peer hung up")
 
     def _keepalive(self, now: float) -> None:
         """Ping a quiet peer; abort if it stays silent for ping_timeout while we were able to read.
