@@ -9,7 +9,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 
 #: How long a close frame waits for a send already in progress on another thread.
@@ -44,9 +44,18 @@ def unacknowledged_segments(sock: socket.socket) -> int | None:
     return int(struct.unpack_from("I", info, 24)[0]) if len(info) >= 28 else None
 
 
-def has_error(sock: socket.socket) -> bool:
-    """Whether the connection failed (a RST arrived, keepalive timed out); the error is not consumed."""
-    return _poll(sock, select.POLLERR)
+def failed_sockets(socks: Iterable[socket.socket]) -> set[int]:
+    """The file descriptors among ``socks`` whose connection failed (a RST arrived, keepalive timed out).
+
+    One poll() for all of them; the errors are not consumed.
+    """
+    poller = select.poll()
+    for sock in socks:
+        with suppress(OSError):
+            fd = sock.fileno()
+            if fd >= 0:
+                poller.register(fd, select.POLLERR)
+    return {fd for fd, events in poller.poll(0) if events & select.POLLERR}
 
 
 def send_queue_bytes(sock: socket.socket) -> int | None:
@@ -56,18 +65,6 @@ def send_queue_bytes(sock: socket.socket) -> int | None:
     except (OSError, ValueError):
         return None
     return int(struct.unpack("i", raw)[0])
-
-
-def _poll(sock: socket.socket, mask: int) -> bool:
-    try:
-        fd = sock.fileno()
-    except OSError:
-        return False
-    if fd < 0:
-        return False
-    poller = select.poll()
-    poller.register(fd, mask)
-    return any(events & mask for _, events in poller.poll(0))
 
 
 def shutdown_socket(sock: socket.socket) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge import protocol
-from bridge.channel import SendLock, has_error, send_queue_bytes, unacknowledged_segments
+from bridge.channel import SendLock, failed_sockets, send_queue_bytes, unacknowledged_segments
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 
@@ -266,18 +266,20 @@ class Tunnel:
             log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, waited)
             self._channel.shutdown()
 
-    def check_sockets(self) -> None:
-        """Called by the housekeeper: notice a reset on a socket no thread is reading.
+    def watched_sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The TCP and websocket sockets, for the housekeeper's check for failed connections."""
+        return self._tcp, self._channel.sock
+
+    def socket_failed(self, sock: socket.socket) -> None:
+        """Called by the housekeeper when ``sock`` (one of :meth:`watched_sockets`) has failed.
 
         When both pumps are blocked elsewhere (the upload waiting on the
-        websocket, the download waiting on the peer), a RST from the TCP peer
-        would otherwise go unseen until one of them wakes.
+        websocket, the download waiting on the peer), a RST would otherwise go
+        unseen until one of them wakes.
         """
-        if self._done:
-            return
-        if has_error(self._tcp):
+        if sock is self._tcp:
             self.abort(f"abort: {self.tcp_role} reset")
-        elif has_error(self._channel.sock):
+        else:
             self.abort("abort: websocket connection reset")
 
     def _keepalive(self, now: float) -> None:
@@ -549,6 +551,18 @@ class TunnelRegistry:
             except Exception:
                 log.exception("housekeeper: a deadline action failed")
 
+    @staticmethod
+    def _check_sockets(tunnels: list[Tunnel]) -> None:
+        """Abort tunnels with a failed socket: one poll() over all of them per round."""
+        owners: dict[int, tuple[Tunnel, socket.socket]] = {}
+        for tunnel in tunnels:
+            for sock in tunnel.watched_sockets():
+                with contextlib.suppress(OSError):
+                    owners[sock.fileno()] = (tunnel, sock)
+        for fd in failed_sockets(sock for _, sock in owners.values()):
+            tunnel, sock = owners[fd]
+            tunnel.socket_failed(sock)
+
     def housekeeper_alive(self, within: float) -> bool:
         """Whether the housekeeper finished a round in the last ``within`` seconds (the watchdog's test)."""
         return time.monotonic() - self._last_tick < max(within, 2 * HOUSEKEEPING_INTERVAL)
@@ -556,8 +570,9 @@ class TunnelRegistry:
     def _housekeep(self) -> None:
         while not self._stop.wait(HOUSEKEEPING_INTERVAL):
             now = time.monotonic()
-            for tunnel in self.active():
+            tunnels = self.active()
+            for tunnel in tunnels:
                 tunnel.check_timeouts(now)
-                tunnel.check_sockets()
+            self._check_sockets(tunnels)
             self._run_due(now)
             self._last_tick = now
