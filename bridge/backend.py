@@ -81,14 +81,22 @@ def _tokens(value: str | None) -> set[str]:
 
 
 class ServerChannel:
-    """A :class:`~bridge.tunnel.Channel` over an upgraded socket, framed by wsproto."""
+    """A :class:`~bridge.tunnel.Channel` over an upgraded socket, framed by wsproto.
 
-    def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int) -> None:
+    ``binary_consented``: our 101 consented to binary messages, so the frontend's
+    switch marker is accepted; on receiving it the channel sends its own marker
+    and binary messages from then on (:mod:`bridge.protocol`).
+    """
+
+    def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int, *,
+                 binary_consented: bool = False) -> None:
         self._sock = sock
         self._conn = Connection(ConnectionType.SERVER)
         self.send_lock = self._send_lock = SendLock()
         self.sock = sock
-        self._decoder = MessageDecoder(max_message_bytes)
+        self._decoder = MessageDecoder(max_message_bytes, switch_allowed=binary_consented)
+        #: True once our switch marker is on the wire: our messages are binary from then on.
+        self.binary = False
         self._last_received = time.monotonic()
         self._conn.receive_data(received)
         self._events: Iterator[Event] = self._conn.events()
@@ -100,18 +108,28 @@ class ServerChannel:
             raise ChannelDropped("websocket is closing") from None
 
     def send_data(self, data: bytes) -> None:
-        payload = protocol.encode(data)
-        header = protocol.frame_header(protocol.OPCODE_TEXT, len(payload))
         with self._send_lock.held():
             # Data frames bypass wsproto's serialiser (it copied every payload twice);
-            # its state still decides whether data may be sent at all.
+            # its state still decides whether data may be sent at all. The encoding is
+            # chosen under the lock: the switch marker may have gone out meanwhile.
             if self._conn.state is not ConnectionState.OPEN:
                 raise ChannelDropped("websocket is closing")
-            _send_all(self._sock, [header, payload])
+            if self.binary:
+                _send_all(self._sock, [protocol.frame_header(protocol.OPCODE_BINARY, len(data)), data])
+            else:
+                payload = protocol.encode(data)
+                _send_all(self._sock, [protocol.frame_header(protocol.OPCODE_TEXT, len(payload)), payload])
 
     def send_end_of_stream(self) -> None:
         with self._send_lock.held():
-            self._send(TextMessage(data=""))
+            self._send(BytesMessage(data=b"") if self.binary else TextMessage(data=""))
+
+    def _switch_to_binary(self) -> None:
+        """The frontend switched: send our marker after what we sent so far, then binary only."""
+        with self._send_lock.held():
+            if self._conn.state is ConnectionState.OPEN:
+                self._send(BytesMessage(data=b""))
+            self.binary = True
 
     def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
         def send() -> None:
@@ -138,7 +156,9 @@ class ServerChannel:
                 result = self._decoder.feed(
                     event.data, binary=isinstance(event, BytesMessage), message_finished=event.message_finished
                 )
-                if result:
+                if isinstance(result, protocol.SwitchToBinary):
+                    self._switch_to_binary()
+                elif result:
                     return result
             elif isinstance(event, Ping):
                 with self._send_lock.held():
@@ -385,6 +405,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             self._passthrough(listener, listener.passthrough)
             return
         tunnel_id = new_tunnel_id()
+        self._headers_read = time.monotonic()  # the start of the handshake time in stats and metrics
         try:
             route = self._bridge_route()
             key = self._check_upgrade()
@@ -407,16 +428,19 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             self._refuse(tunnel_id, refused)
             return
         self.close_connection = True
+        binary = listener.options.frames == "auto" and \
+            protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER) or [])
         try:
-            received = self._upgrade(key)
+            received = self._upgrade(key, binary)
         except OSError as exc:
             log.info("tunnel %s [%s]: client %s left during the handshake: %s",
                      tunnel_id, listener.name, self._peer(), exc)
             sock.close()
             return
+        self.server.registry.stats.handshake(f"{listener.name}/{route}", time.monotonic() - self._headers_read)
         pump = Tunnel(
             sock,
-            ServerChannel(self.connection, received, listener.options.max_message_bytes),
+            ServerChannel(self.connection, received, listener.options.max_message_bytes, binary_consented=binary),
             label=f"{listener.name}/{route}",
             peer=self._peer(),
             destination=str(target),
@@ -550,13 +574,14 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _upgrade(self, key: str) -> bytes:
-        """Send the 101 and return the bytes the client already sent after its request."""
+    def _upgrade(self, key: str, binary: bool) -> bytes:
+        """Send the 101 (consenting to binary messages if ``binary``); return the bytes the client sent after it."""
+        consent = f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}\r\n" if binary else ""
         response = (
             "HTTP/1.1 101 Switching Protocols\r\n"
             "Upgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_token(key)}\r\n\r\n"
+            f"Sec-WebSocket-Accept: {accept_token(key)}\r\n{consent}\r\n"
         )
         self.connection.sendall(response.encode("ascii"))
         received = self._buffered_request_bytes()
@@ -579,6 +604,8 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         level = logging.DEBUG if quiet else refused.level
         log.log(level, "tunnel %s [%s]: refused %s: %d %s", tunnel_id, self.server.listener.name,
                 self._peer(), refused.status, refused.detail)
+        if not quiet:  # quiet: a request that was no bridge upgrade at all
+            self.server.registry.stats.open_failed(self._stats_label(), f"http_{int(refused.status)}")
         body = f"{refused.status} {refused.status.phrase}: {refused.body}\n".encode()
         self.send_response(refused.status)
         for name, value in refused.headers.items():
@@ -617,6 +644,12 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 
     def _peer(self) -> str:
         return str(Address(self.client_address[0], self.client_address[1]))
+
+    def _stats_label(self) -> str:
+        """``listener/route`` for stats; ``listener/-`` for a route not configured (clients cannot add labels)."""
+        listener = self.server.listener
+        route = protocol.route_for_path(urlsplit(getattr(self, "path", "")).path)
+        return f"{listener.name}/{route if route in listener.routes else '-'}"
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Nothing: every answer is logged, once, where it is decided."""
@@ -664,6 +697,16 @@ class Backend:
 
     def describe(self) -> str:
         return f"{len(self._servers)} listeners"
+
+    def listeners(self) -> list[dict[str, Any]]:
+        """Each listener, for ``tcpbridge status`` (``labels``: its routes' labels in stats and metrics)."""
+        shown = []
+        for name, server in list(self._servers.items()):
+            listener = server.listener
+            routes = ", ".join(f"{route} -> {target}" for route, target in listener.routes.items())
+            shown.append({"name": name, "listen": str(listener.listen), "to": routes,
+                          "labels": [f"{name}/{route}" for route in listener.routes]})
+        return shown
 
     def close_listeners(self) -> None:
         """Stop accepting; live tunnels carry on."""

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bridge import __version__, config, protocol
+from bridge import __version__, config, connect, control, protocol
 from bridge.backend import Backend
 from bridge.config import ConfigError
 from bridge.frontend import Frontend
@@ -140,9 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "signalled. Needs no /bin/kill.")
     reload.add_argument("--pid", type=int, required=True, help="the daemon's process id ($MAINPID in a unit)")
     reload.add_argument("file", metavar="FILE")
+    control.add_status_arguments(commands.add_parser(
+        "status", help="show a running daemon's listeners, live tunnels and counters (its control socket)"))
+    connect.add_arguments(commands.add_parser(
+        "connect", help="carry stdin/stdout over one websocket (ssh's ProxyCommand)",
+        description="Carry stdin/stdout over one websocket to a backend route, e.g. "
+                    "ssh -o ProxyCommand='tcpbridge connect wss://host/ --route ssh' user@host. "
+                    "Exit status: 0 clean end, 1 cannot connect or aborted, 2 usage or configuration error."))
     args = parser.parse_args(argv)
     if args.command == "reload":
         return reload_daemon(args.pid, args.file)
+    if args.command == "status":
+        return control.run_status(args.daemon, args.socket, args.json)
+    if args.command == "connect":
+        return connect.run(args)
     return check_config(args.files)
 
 

@@ -34,8 +34,12 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 RESERVED_HEADERS = frozenset(
     {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
      "sec-websocket-extensions", "sec-websocket-accept", "content-length", "transfer-encoding"}
-)
+) | protocol.RESERVED_HEADERS
+#: ``frames``: ``auto`` negotiates binary messages with a tcpbridge peer; ``text`` keeps hex always.
+FRAMES = ("auto", "text")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+#: sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -69,6 +73,7 @@ class TunnelOptions:
     ping_interval: float = 30.0
     ping_timeout: float = 30.0
     idle_timeout: float = 0.0
+    frames: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,9 @@ class FrontendConfig:
     log_level: str = "info"
     drain_timeout: float = 10.0
     source: str = "<flags>"
+    #: Where the Prometheus endpoint listens (None: off), and the control socket's path (None: default).
+    metrics: Address | None = None
+    control_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,8 @@ class BackendConfig:
     log_level: str = "info"
     drain_timeout: float = 10.0
     source: str = "<flags>"
+    metrics: Address | None = None
+    control_socket: str | None = None
 
 
 Config = FrontendConfig | BackendConfig
@@ -345,11 +355,12 @@ def load_backend(path: str | Path) -> BackendConfig:
 T = TypeVar("T")
 
 _OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
-                "ping_interval", "ping_timeout", "idle_timeout")
+                "ping_interval", "ping_timeout", "idle_timeout", "frames")
 _DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
-_FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_DIAL_KEYS, *_OPTION_KEYS)
+_SERVICE_KEYS = ("metrics", "control_socket")
+_FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_SERVICE_KEYS, *_DIAL_KEYS, *_OPTION_KEYS)
 _TUNNEL_KEYS = ("name", "listen", "backend", "route", *_DIAL_KEYS, *_OPTION_KEYS)
-_BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_OPTION_KEYS)
+_BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_SERVICE_KEYS, *_OPTION_KEYS)
 _LISTENER_KEYS = ("name", "listen", "routes", "token", "allowed_origins", "max_tunnels", "passthrough",
                   *_OPTION_KEYS)
 _ROUTE_KEYS = ("target", "token", "max_tunnels")
@@ -437,6 +448,13 @@ def _message_bytes(value: object) -> int:
             f"{protocol.GO_FRONTEND_MESSAGE_BYTES} bytes (minimum)"
         )
     return value
+
+
+def _frames(value: object) -> str:
+    if isinstance(value, str) and value.lower() in FRAMES:
+        return value.lower()
+    raise ValueError(f"expected auto (binary messages when both ends are tcpbridge) or text (always hex), "
+                     f"got {_kind(value)}")
 
 
 def _log_level(value: object) -> str:
@@ -613,6 +631,7 @@ def _options(check: _Checker, where: str, data: Mapping[str, Any], base: TunnelO
         ping_interval=check.field(where, data, "ping_interval", _seconds, base.ping_interval),
         ping_timeout=check.field(where, data, "ping_timeout", _positive_seconds, base.ping_timeout),
         idle_timeout=check.field(where, data, "idle_timeout", _seconds, base.idle_timeout),
+        frames=check.field(where, data, "frames", _frames, base.frames),
     )
 
 
@@ -636,6 +655,32 @@ def _require(check: _Checker, where: str, data: Mapping[str, Any], key: str, wha
         return True
     check.report(where, f"missing {key!r} ({what})")
     return False
+
+
+def _metrics(value: object) -> Address:
+    """The Prometheus endpoint's address; only valid where prometheus-client can be imported."""
+    address = parse_address(value)
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{address} needs the prometheus-client package: pip install 'tcpbridge[metrics]'") \
+            from None
+    return address
+
+
+def _socket_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"expected an absolute path for a Unix socket, got {_kind(value)}")
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise ValueError(f"{value!r}: longer than {MAX_SOCKET_PATH} bytes, the most a Unix socket path may have")
+    return value
+
+
+def _service_keys(check: _Checker, top: Mapping[str, Any], names: list[tuple[str, str, Address]]) -> dict[str, Any]:
+    """``metrics`` and ``control_socket``; the metrics address joins the check for colliding listen addresses."""
+    metrics = check.field("", top, "metrics", _metrics, None)
+    _check_listen_conflicts(check, [("metrics", "(metrics)", metrics), *names] if metrics else names)
+    return {"metrics": metrics, "control_socket": check.field("", top, "control_socket", _socket_path, None)}
 
 
 def _check_listen_conflicts(check: _Checker, entries: list[tuple[str, str, Address]]) -> None:
@@ -707,11 +752,12 @@ def parse_frontend(data: object, source: str = "<frontend config>") -> FrontendC
         if ok and name and listen:
             names.append((where, name, listen))
         tunnels.append(tunnel)
-    _check_listen_conflicts(check, names)
+    service = _service_keys(check, top, names)
     log_level = check.field("", top, "log_level", _log_level, "info")
     drain_timeout = check.field("", top, "drain_timeout", _seconds, 10.0)
     check.raise_if_any()
-    return FrontendConfig(tunnels=tuple(tunnels), log_level=log_level, drain_timeout=drain_timeout, source=source)
+    return FrontendConfig(tunnels=tuple(tunnels), log_level=log_level, drain_timeout=drain_timeout, source=source,
+                          **service)
 
 
 def _dial(check: _Checker, where: str, data: Mapping[str, Any], base: FrontendTunnel) -> FrontendTunnel:
@@ -756,11 +802,12 @@ def parse_backend(data: object, source: str = "<backend config>") -> BackendConf
         ))
         if ok and name and listen:
             names.append((where, name, listen))
-    _check_listen_conflicts(check, names)
+    service = _service_keys(check, top, names)
     log_level = check.field("", top, "log_level", _log_level, "info")
     drain_timeout = check.field("", top, "drain_timeout", _seconds, 10.0)
     check.raise_if_any()
-    return BackendConfig(listeners=tuple(listeners), log_level=log_level, drain_timeout=drain_timeout, source=source)
+    return BackendConfig(listeners=tuple(listeners), log_level=log_level, drain_timeout=drain_timeout, source=source,
+                         **service)
 
 
 def _routes(check: _Checker, where: str, value: object) -> tuple[dict[str, Address], dict[str, RouteOptions]]:

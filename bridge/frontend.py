@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import websocket
@@ -30,6 +31,7 @@ from bridge.listen import ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
+from bridge.stats import dial_failure_reason
 from bridge.transport import (
     NAME_MISMATCH_CODES,
     DialError,
@@ -54,19 +56,29 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 
 
 class ClientChannel:
-    """A :class:`~bridge.tunnel.Channel` over a websocket-client connection."""
+    """A :class:`~bridge.tunnel.Channel` over a websocket-client connection.
 
-    def __init__(self, ws: websocket.WebSocket, max_message_bytes: int) -> None:
+    With ``binary`` (the backend consented to binary messages in its 101) the
+    channel sends the switch marker at once and binary messages after it, and
+    expects the backend's own marker in return (:mod:`bridge.protocol`).
+    """
+
+    def __init__(self, ws: websocket.WebSocket, max_message_bytes: int, *, binary: bool = False) -> None:
         if ws.sock is None:
             raise ChannelDropped("websocket is not connected")
         self._ws = ws
         self.sock = self._sock = ws.sock
         self.send_lock = self._send_lock = SendLock()
-        self._decoder = MessageDecoder(max_message_bytes)
+        self._decoder = MessageDecoder(max_message_bytes, switch_allowed=binary)
         self._in_message = False
         self._binary = False
         self._last_received = time.monotonic()
         self._limit_frame_size(max_message_bytes)
+        self.binary = binary
+        self._data_opcode = protocol.OPCODE_BINARY if binary else protocol.OPCODE_TEXT
+        if binary:
+            with self._send_lock.held():
+                self._send(b"", ABNF.OPCODE_BINARY)  # the switch marker, before anything else
 
     def _limit_frame_size(self, limit: int) -> None:
         # websocket-client reads a whole frame into memory; refuse oversized ones
@@ -90,15 +102,15 @@ class ClientChannel:
             raise ChannelDropped(str(exc)) from None
 
     def send_data(self, data: bytes) -> None:
-        payload = protocol.encode(data)
+        payload = data if self.binary else protocol.encode(data)
         key = os.urandom(4)
-        frame = protocol.frame_header(protocol.OPCODE_TEXT, len(payload), key) + protocol.mask(payload, key)
+        frame = protocol.frame_header(self._data_opcode, len(payload), key) + protocol.mask(payload, key)
         with self._send_lock.held():
             self._sock.sendall(frame)
 
     def send_end_of_stream(self) -> None:
         with self._send_lock.held():
-            self._send(b"", ABNF.OPCODE_TEXT)
+            self._send(b"", self._data_opcode)
 
     def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
         return self._send_lock.try_send(lambda: self._send(close_payload(code, reason), ABNF.OPCODE_CLOSE), wait=wait)
@@ -131,6 +143,8 @@ class ClientChannel:
                 self._binary = opcode == ABNF.OPCODE_BINARY
             self._in_message = not frame.fin
             result = self._decoder.feed(frame.data, binary=self._binary, message_finished=bool(frame.fin))
+            if isinstance(result, protocol.SwitchToBinary):
+                continue  # the backend's messages are binary from here on; the decoder knows
             if result:
                 return result
 
@@ -159,14 +173,29 @@ class ClientChannel:
 # Dialing: the websocket handshake over a transport from bridge.transport
 
 def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str]:
-    """The extra upgrade-request header lines of ``tunnel``, secrets read now."""
+    """The extra upgrade-request header lines of ``tunnel``, secrets read now, and the offer of binary messages."""
     try:
         lines = [f"{name}: {secrets.resolve(value)}" for name, value in tunnel.headers]
         if tunnel.basic_auth:
             lines.append(f"Authorization: {secrets.basic_auth(tunnel.basic_auth)}")
     except SecretError as exc:
         raise DialError(f"cannot read a header value: {exc}") from None
+    if tunnel.options.frames == "auto":
+        lines.append(f"{protocol.OFFER_HEADER}: {protocol.OFFER_BINARY}")
     return lines
+
+
+def open_channel(tunnel: FrontendTunnel, secrets: SecretResolver,
+                 environ: Mapping[str, str] = os.environ) -> ClientChannel:
+    """Dial one websocket of ``tunnel`` (see :func:`dial`) and wrap it, binary if the backend consented."""
+    ws = dial(tunnel, secrets, environ)
+    consent = tunnel.options.frames == "auto" and protocol.binary_accepted(
+        [name for name, _ in tunnel.headers], list((ws.getheaders() or {}).items()))
+    try:
+        return ClientChannel(ws, tunnel.options.max_message_bytes, binary=consent)
+    except OSError as exc:
+        _close_quietly(ws.sock)
+        raise DialError(f"websocket dropped right after the handshake: {describe_error(exc)}") from None
 
 
 def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
@@ -308,6 +337,11 @@ class Frontend:
     def describe(self) -> str:
         return f"{len(self._listeners)} listeners"
 
+    def listeners(self) -> list[dict[str, Any]]:
+        """Each tunnel's listener, for ``tcpbridge status`` (``labels``: its tunnel label in stats and metrics)."""
+        return [{"name": name, "listen": str(listener.tunnel.listen), "to": redact_url(listener.tunnel.url),
+                 "labels": [name]} for name, listener in list(self._listeners.items())]
+
     def close_listeners(self) -> None:
         """Stop accepting; live tunnels carry on."""
         for listener in self._listeners.values():
@@ -370,6 +404,7 @@ class Frontend:
         """Reset a connection over the cap at once; warn at most once a second per tunnel."""
         reset_on_close(client)
         client.close()
+        self.registry.stats.open_failed(tunnel.name, "max_connections")
         now = time.monotonic()
         with self._slots_lock:
             last, since = self._refused.get(tunnel.name, (-math.inf, 0))
@@ -389,20 +424,23 @@ class Frontend:
 
     def _serve_counted(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
         tunnel_id = new_tunnel_id()
+        accepted = time.monotonic()
         with contextlib.suppress(OSError):  # a client already gone fails later, in the pump
             client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            ws = dial(tunnel, self.secrets)
+            channel = open_channel(tunnel, self.secrets)
         except DialError as exc:
             log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
                         tunnel_id, tunnel.name, redact_url(tunnel.url), _peer(peer), exc)
+            self.registry.stats.open_failed(tunnel.name, dial_failure_reason(str(exc)))
             reset_on_close(client)
             client.close()
             return
+        self.registry.stats.handshake(tunnel.name, time.monotonic() - accepted)
         pump = Tunnel(
             client,
-            ClientChannel(ws, tunnel.options.max_message_bytes),
+            channel,
             label=tunnel.name,
             peer=_peer(peer),
             destination=redact_url(tunnel.url),

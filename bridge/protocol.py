@@ -9,6 +9,26 @@ Compatible byte for byte with google/inverting-proxy ``utils/tcpbridge``:
 * an empty TEXT message is tcpbridge's end-of-stream marker (a half-close). The
   Go reference ignores empty messages, so sending one to it is harmless.
 
+Between two tcpbridge peers on a path that carries binary messages, the tunnel
+switches to BINARY messages holding the raw bytes (half the bytes on the wire,
+no hex work). Negotiation, in full:
+
+1. the frontend offers it with the request header ``X-Tcpbridge-Offer: binary-frames``;
+2. a backend willing to switch answers ``X-Tcpbridge-Frames: binary`` in its 101. The
+   Go backend echoes every request header into its 101, so only a response header
+   whose *name* the request did not carry can count as consent (:func:`binary_accepted`);
+3. a frontend that saw the consent sends an empty BINARY message as its very first
+   message (the *switch marker*) and binary messages from then on;
+4. a backend that consented and receives the switch marker answers with its own
+   switch marker, after whatever hex messages it already sent, and binary from then on.
+
+Each direction switches at its marker, so neither side waits for the other and a
+server that speaks first (ssh, smtp) is not held up. Where something between the
+two ends answers the upgrade itself and forwards request headers but not the
+101's (the inverting proxy's websocket shim), the frontend never sees consent and
+the tunnel stays hex. After a direction's marker, a TEXT message is the protocol
+error (1003) and an empty BINARY message is the end-of-stream marker.
+
 This module turns bytes into payloads and received message fragments back into
 stream events; the daemons do the socket work.
 """
@@ -32,6 +52,14 @@ READ_CHUNK: Final = 64 * 1024
 #: 65,536 hex characters.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 GO_FRONTEND_MESSAGE_BYTES: Final = 65536
+
+#: The frontend's offer of binary messages (request header) and the backend's consent (101 header).
+OFFER_HEADER: Final = "X-Tcpbridge-Offer"
+OFFER_BINARY: Final = "binary-frames"
+CONSENT_HEADER: Final = "X-Tcpbridge-Frames"
+CONSENT_BINARY: Final = "binary"
+#: Header names a user may not set on a tunnel: they would fake an offer or, echoed by a Go backend, a consent.
+RESERVED_HEADERS: Final = frozenset({OFFER_HEADER.lower(), CONSENT_HEADER.lower()})
 
 
 class CloseCode(IntEnum):
@@ -74,9 +102,44 @@ class EndOfStream:
 END_OF_STREAM: Final = EndOfStream()
 
 
+class SwitchToBinary:
+    """The peer's switch marker: its messages are BINARY from now on (see the module docstring)."""
+
+    _instance: SwitchToBinary | None = None
+
+    def __new__(cls) -> SwitchToBinary:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "SWITCH_TO_BINARY"
+
+
+SWITCH_TO_BINARY: Final = SwitchToBinary()
+
+
 def encode(data: bytes) -> bytes:
     """Return the TEXT payload (lowercase hex, ASCII) that carries ``data``."""
     return binascii.hexlify(data)
+
+
+def binary_offered(offers: list[str]) -> bool:
+    """Whether the values of a request's :data:`OFFER_HEADER` lines include :data:`OFFER_BINARY`."""
+    return any(token.strip().lower() == OFFER_BINARY for value in offers for token in value.split(","))
+
+
+def binary_accepted(request_header_names: list[str], response_headers: list[tuple[str, str]]) -> bool:
+    """Whether a 101's headers consent to binary messages.
+
+    Consent is exactly one :data:`CONSENT_HEADER` line saying :data:`CONSENT_BINARY`,
+    in answer to a request that did not carry that header name itself: a Go
+    backend echoes request headers, and an echo is never consent.
+    """
+    if CONSENT_HEADER.lower() in (name.lower() for name in request_header_names):
+        return False
+    values = [value.strip().lower() for name, value in response_headers if name.lower() == CONSENT_HEADER.lower()]
+    return values == [CONSENT_BINARY]
 
 
 def bridge_path(route: str = DEFAULT_ROUTE) -> str:
@@ -114,34 +177,49 @@ def bridge_url(base: str, route: str = DEFAULT_ROUTE) -> str:
 
 
 class MessageDecoder:
-    """Turns received websocket message fragments into stream bytes and end-of-stream markers.
+    """Turns received websocket message fragments into stream bytes and markers.
 
     Feed every data frame (or partial frame) in arrival order. Hex is decoded as it
     arrives, so a message is never buffered whole and memory stays bounded by the
     fragment size. Contract of :meth:`feed`:
 
-    * returns the bytes decoded from this fragment (possibly ``b""``), or
-      :data:`END_OF_STREAM` when a complete message turned out to be empty;
-    * raises :class:`ProtocolViolation` with 1003 for a binary message, 1007 for
-      text that is not hex or has an odd length, and 1009 for a message whose
-      payload exceeds ``max_message_bytes``. After that the decoder is unusable.
+    * returns the bytes decoded from this fragment (possibly ``b""``),
+      :data:`END_OF_STREAM` when a complete message turned out to be empty (TEXT
+      before the switch, BINARY after it), or :data:`SWITCH_TO_BINARY` for the
+      peer's switch marker, accepted only when ``switch_allowed`` and only once;
+    * raises :class:`ProtocolViolation` with 1003 for a BINARY message before the
+      switch (other than the marker) or a TEXT one after it, 1007 for text that is
+      not hex or has an odd length, and 1009 for a message whose payload exceeds
+      ``max_message_bytes``. After that the decoder is unusable.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, switch_allowed: bool = False) -> None:
         self.max_message_bytes = max_message_bytes
+        self.switch_allowed = switch_allowed
+        #: True once the peer's switch marker arrived: its messages are BINARY from then on.
+        self.binary = False
         self._message_length = 0
         self._odd_digit: bytes = b""
 
-    def feed(self, payload: bytes | str, *, binary: bool, message_finished: bool) -> bytes | EndOfStream:
-        if binary:
-            raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "binary message on a text (hex) tunnel")
+    def feed(self, payload: bytes | str, *, binary: bool,
+             message_finished: bool) -> bytes | EndOfStream | SwitchToBinary:
+        if binary != self.binary and not (binary and self.switch_allowed):
+            raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "text message on a binary tunnel" if self.binary
+                                    else "binary message on a text (hex) tunnel")
         self._message_length += len(payload)
         if self._message_length > self.max_message_bytes:
             raise ProtocolViolation(
                 CloseCode.MESSAGE_TOO_BIG,
                 f"message larger than max_message_bytes ({self.max_message_bytes})",
             )
-        data = self._decode(payload)
+        if binary and not self.binary:  # a candidate switch marker: it must be empty
+            if self._message_length:
+                raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "binary message before the switch marker")
+            if not message_finished:
+                return b""
+            self.binary, self.switch_allowed = True, False
+            return SWITCH_TO_BINARY
+        data = _bytes(payload) if binary else self._decode(payload)
         if message_finished:
             if self._odd_digit:
                 raise ProtocolViolation(CloseCode.INVALID_DATA, "hex payload of odd length")
@@ -166,6 +244,10 @@ class MessageDecoder:
             return binascii.unhexlify(payload)
         except binascii.Error:
             raise ProtocolViolation(CloseCode.INVALID_DATA, "text payload is not hex") from None
+
+
+def _bytes(payload: bytes | str) -> bytes:
+    return payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
 
 
 # ---------------------------------------------------------------------------

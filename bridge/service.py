@@ -19,6 +19,7 @@ housekeeping thread keeps ticking.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -30,8 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from bridge import __version__
 from bridge.config import Config, ConfigError
+from bridge.control import ControlServer, default_socket_path
 from bridge.listen import ListenError
+from bridge.stats import Snapshot, human_bytes
 from bridge.tunnel import TunnelRegistry
 
 log = logging.getLogger("tcpbridge")
@@ -48,6 +52,14 @@ class Daemon(Protocol):
     def apply(self, config: Any) -> list[str]: ...
     def close_listeners(self) -> None: ...
     def describe(self) -> str: ...
+    def listeners(self) -> list[dict[str, Any]]: ...
+
+
+class Endpoint(Protocol):
+    """The control socket or the metrics server: bound when created, then started and stopped."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class JournalFormatter(logging.Formatter):
@@ -136,15 +148,21 @@ class Service:
         os.set_blocking(self._wake_write, False)
         self._watchdog_interval = watchdog_interval()
         self._last_status = ""
+        self._config: Config | None = None
+        self._endpoints: list[Endpoint] = []  # the control socket and the metrics server
 
     def run(self, config: Config) -> int:
         """Serve ``config`` until SIGTERM/SIGINT; return the exit status. Binding errors propagate."""
         raise_open_files_limit()
         self.drain_timeout = config.drain_timeout
+        self._config = config
         self.daemon.bind()
+        self._bind_endpoints(config)
         self._install_handlers()
         self.registry.start()
         self.daemon.start()
+        for endpoint in self._endpoints:
+            endpoint.start()
         sd_notify(f"READY=1\nSTATUS={self.status()}")
         log.info("%s ready: %s", self.name, self.daemon.describe())
         while True:
@@ -155,9 +173,64 @@ class Service:
                 self._reload()
 
     def status(self) -> str:
-        """The one-line live summary sent as sd_notify ``STATUS=``."""
-        active = len(self.registry.active())
-        return f"{self.daemon.describe()}, {active} active tunnels, {self.registry.total_opened} served"
+        """The one-line live summary sent as sd_notify ``STATUS=`` (and shown by ``tcpbridge status``)."""
+        return self._summary(self.registry.snapshot())
+
+    def _summary(self, snap: Snapshot) -> str:
+        totals = snap.totals()
+        moved = human_bytes(totals["bytes_to_websocket"] + totals["bytes_to_tcp"])
+        failed = f", {totals['open_failures']} failed to open" if totals["open_failures"] else ""
+        return f"{self.daemon.describe()}, {totals['active']} active tunnels, {totals['opened']} served, " \
+               f"{moved} moved{failed}"
+
+    def status_document(self, request: str = "status") -> dict[str, Any]:
+        """What the control socket answers: the live view ``tcpbridge status`` prints."""
+        if request != "status":
+            return {"error": f"unknown request {request[:40]!r}; the only one is 'status'"}
+        snap = self.registry.snapshot()
+        closed: dict[str, int] = {}
+        failures: dict[str, int] = {}
+        for stats in snap.labels.values():
+            for kind, count in stats.closed.items():
+                closed[kind] = closed.get(kind, 0) + count
+            for reason, count in stats.failures.items():
+                failures[reason] = failures.get(reason, 0) + count
+        live = sorted(snap.live, key=lambda tunnel: -tunnel.age)
+        return {
+            "daemon": self.name, "version": __version__, "pid": os.getpid(), "uptime_seconds": round(snap.uptime, 3),
+            "config": self._config.source if self._config else None,
+            "summary": self._summary(snap),
+            "listeners": self.daemon.listeners(),
+            "tunnels": [{"id": t.id, "label": t.label, "peer": t.peer, "destination": t.destination,
+                         "age_seconds": round(t.age, 3), "bytes_to_websocket": t.bytes_to_ws,
+                         "bytes_to_tcp": t.bytes_to_tcp} for t in live],
+            "totals": {**snap.totals(), "closed": dict(sorted(closed.items())),
+                       "open_failures_by_reason": dict(sorted(failures.items()))},
+            "reloads": snap.reloads,
+        }
+
+    def _known_labels(self) -> list[str]:
+        return [label for listener in self.daemon.listeners() for label in listener["labels"]]
+
+    # -- control socket and metrics endpoint --------------------------------------
+
+    def _bind_endpoints(self, config: Config) -> None:
+        """Bind the control socket and the metrics endpoint (if any); ListenError names what failed."""
+        path = config.control_socket or default_socket_path()
+        if path:
+            control = ControlServer(path, self.status_document)
+            control.bind()
+            self._endpoints.append(control)
+        if config.metrics:
+            from bridge.metrics import start_metrics  # imports prometheus-client, which is optional
+
+            self._endpoints.append(start_metrics(config.metrics, self.name, self.registry.snapshot,
+                                                 self._known_labels))
+
+    def _stop_endpoints(self) -> None:
+        for endpoint in self._endpoints:
+            endpoint.stop()
+        self._endpoints.clear()
 
     # -- signals --------------------------------------------------------------
 
@@ -200,11 +273,15 @@ class Service:
             config = self.load()
             changes = self.daemon.apply(config)
         except ConfigError as exc:
+            self.registry.stats.reloaded(ok=False)
             for problem in exc.problems:
                 log.error("reload rejected, still running the previous configuration: %s", problem)
         except ListenError as exc:
+            self.registry.stats.reloaded(ok=False)
             log.error("reload rejected, still running the previous configuration: %s", exc)
         else:
+            self.registry.stats.reloaded(ok=True)
+            self._adopt(config)
             self.drain_timeout = config.drain_timeout
             set_log_level(self.log_level_flag or config.log_level)
             for change in changes:
@@ -225,8 +302,20 @@ class Service:
             self.registry.abort_all("abort: daemon shutting down")
             self.registry.wait_idle(5.0)
         self.registry.stop()
+        self._stop_endpoints()
         log.info("%s stopped after %.1f s of draining", self.name, time.monotonic() - started)
         return 0
+
+    def _adopt(self, config: Config) -> None:
+        """Remember a reloaded ``config``; ``metrics`` and ``control_socket`` are bound once, at start: say so."""
+        if self._config is None:
+            return
+        for key in ("metrics", "control_socket"):
+            if getattr(config, key) != getattr(self._config, key):
+                log.warning("reload: %s changed; it applies at the next restart (still %s)", key,
+                            getattr(self._config, key) or "off")
+        self._config = dataclasses.replace(config, metrics=self._config.metrics,
+                                           control_socket=self._config.control_socket)
 
 
 def watchdog_interval() -> float | None:

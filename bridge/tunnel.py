@@ -38,6 +38,7 @@ from bridge import protocol
 from bridge.channel import SendLock, failed_sockets, send_queue_bytes, unacknowledged_segments
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
+from bridge.stats import LiveTunnel, Snapshot, Stats
 
 log = logging.getLogger("tcpbridge.tunnel")
 
@@ -479,6 +480,8 @@ class TunnelRegistry:
         self._thread: threading.Thread | None = None
         self._last_tick = time.monotonic()
         self.total_opened = 0
+        #: The daemon's counters (status, metrics); tunnels opening and ending are counted here.
+        self.stats = Stats()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
@@ -493,15 +496,28 @@ class TunnelRegistry:
         with self._lock:
             self._tunnels[tunnel.id] = tunnel
             self.total_opened += 1
+            self.stats.tunnel_opened(tunnel.label)
 
-    def remove(self, tunnel: Tunnel) -> None:
+    def remove(self, tunnel: Tunnel, outcome: str | None = None) -> None:
+        """Forget ``tunnel``; with its ``outcome``, count it as ended (atomically, so byte totals never dip)."""
         with self._changed:
             self._tunnels.pop(tunnel.id, None)
+            if outcome is not None:
+                self.stats.tunnel_ended(tunnel.label, outcome, tunnel.bytes_to_ws, tunnel.bytes_to_tcp)
             self._changed.notify_all()
 
     def active(self) -> list[Tunnel]:
         with self._lock:
             return list(self._tunnels.values())
+
+    def snapshot(self) -> Snapshot:
+        """Live tunnels and counters at one instant: a tunnel is either live or counted as ended, never both."""
+        now = time.monotonic()
+        with self._lock:
+            live = tuple(LiveTunnel(t.id, t.label, t.peer, t.destination, now - t.started, t.bytes_to_ws,
+                                    t.bytes_to_tcp) for t in self._tunnels.values())
+            labels = self.stats.labels()
+        return Snapshot(live, labels, self.stats.reload_counts(), now - self.stats.started_monotonic)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no tunnel is live; return False if ``timeout`` passed first."""
@@ -518,10 +534,11 @@ class TunnelRegistry:
         """Run ``tunnel`` to its end on the calling thread, logging its open and close lines."""
         self.add(tunnel)
         log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
+        outcome = "abort: internal error"
         try:
             outcome = tunnel.run()
         finally:
-            self.remove(tunnel)
+            self.remove(tunnel, outcome)
         log.info(
             "tunnel %s [%s] closed (%s): %s sent %d B, received %d B in %.3f s",
             tunnel.id, tunnel.label, outcome, tunnel.tcp_role, tunnel.bytes_to_ws, tunnel.bytes_to_tcp,

@@ -406,3 +406,97 @@ def test_rotating_masker_unmasks_a_payload_split_anywhere() -> None:
     for size in (1, 3, 4, 7, 333, 4096):
         masker = protocol.RotatingMasker(key)
         assert b"".join(masker.process(masked[i:i + size]) for i in range(0, len(masked), size)) == data
+
+
+# ---------------------------------------------------------------------------
+# Negotiated binary messages
+
+VECTORS = os.path.join(os.path.dirname(__file__), "vectors")
+
+
+def response_headers(raw: bytes) -> list[tuple[str, str]]:
+    lines = raw.decode("latin-1").split("\r\n\r\n")[0].split("\r\n")[1:]
+    return [(name.strip(), value.strip()) for name, value in (line.split(":", 1) for line in lines)]
+
+
+@pytest.mark.parametrize(("values", "offered"), [
+    (["binary-frames"], True),
+    (["Binary-Frames"], True),
+    (["zstd, binary-frames"], True),
+    (["other", "binary-frames"], True),
+    ([], False),
+    (["binary"], False),
+    (["binary-frames-v2"], False),
+])
+def test_binary_offered(values: list[str], offered: bool) -> None:
+    assert protocol.binary_offered(values) is offered
+
+
+def test_binary_accepted_only_by_a_header_the_request_did_not_carry() -> None:
+    consent = [("Upgrade", "websocket"), ("X-Tcpbridge-Frames", "binary")]
+    assert protocol.binary_accepted(["Authorization"], consent)
+    assert protocol.binary_accepted([], [("x-tcpbridge-frames", " Binary ")])
+    # The request carried the consent header's name: a Go backend would echo it.
+    assert not protocol.binary_accepted(["x-TCPBRIDGE-frames"], consent)
+    assert not protocol.binary_accepted([], [*consent, ("X-Tcpbridge-Frames", "binary")])  # twice
+    assert not protocol.binary_accepted([], [("X-Tcpbridge-Frames", "text")])
+    assert not protocol.binary_accepted([], [("X-Tcpbridge-Frames", "binary, text")])
+    assert not protocol.binary_accepted([], [])
+
+
+def test_the_recorded_go_101_echoing_our_offer_is_not_consent() -> None:
+    with open(os.path.join(VECTORS, "backend_handshake_response.bin"), "rb") as recorded:
+        go_101 = recorded.read()
+    # What the Go backend answers to our request: the recorded 101 plus our offer echoed back.
+    echoed = go_101[:-2] + b"X-Tcpbridge-Offer: binary-frames\r\n\r\n"
+    headers = response_headers(echoed)
+    assert ("X-Tcpbridge-Offer", "binary-frames") in headers
+    assert not protocol.binary_accepted(["X-Tcpbridge-Offer"], headers)
+    assert not protocol.binary_accepted([], response_headers(go_101))
+
+
+def test_switch_marker_accepted_once_then_empty_binary_is_end_of_stream() -> None:
+    decoder = MessageDecoder(switch_allowed=True)
+    assert decoder.feed(b"6869", binary=False, message_finished=True) == b"hi"  # hex before the marker
+    assert decoder.feed(b"", binary=True, message_finished=True) is protocol.SWITCH_TO_BINARY
+    assert decoder.binary
+    assert decoder.feed(b"\x00\xff", binary=True, message_finished=True) == b"\x00\xff"
+    assert decoder.feed(bytearray(b"ab"), binary=True, message_finished=False) == b"ab"
+    assert decoder.feed(b"c", binary=True, message_finished=True) == b"c"
+    assert decoder.feed(b"", binary=True, message_finished=True) is END_OF_STREAM
+
+
+def test_fragmented_empty_switch_marker() -> None:
+    decoder = MessageDecoder(switch_allowed=True)
+    assert decoder.feed(b"", binary=True, message_finished=False) == b""
+    assert decoder.feed(b"", binary=True, message_finished=True) is protocol.SWITCH_TO_BINARY
+
+
+def test_text_after_the_switch_is_unsupported_data() -> None:
+    decoder = MessageDecoder(switch_allowed=True)
+    decoder.feed(b"", binary=True, message_finished=True)
+    with pytest.raises(ProtocolViolation) as caught:
+        decoder.feed(b"6869", binary=False, message_finished=True)
+    assert caught.value.code == CloseCode.UNSUPPORTED_DATA
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_binary_data_before_the_switch_is_unsupported_data(allowed: bool) -> None:
+    with pytest.raises(ProtocolViolation) as caught:
+        MessageDecoder(switch_allowed=allowed).feed(b"data", binary=True, message_finished=True)
+    assert caught.value.code == CloseCode.UNSUPPORTED_DATA
+
+
+def test_an_empty_binary_message_is_no_marker_when_not_consented() -> None:
+    with pytest.raises(ProtocolViolation) as caught:
+        MessageDecoder().feed(b"", binary=True, message_finished=True)
+    assert caught.value.code == CloseCode.UNSUPPORTED_DATA
+
+
+def test_binary_messages_keep_the_size_limit() -> None:
+    decoder = MessageDecoder(GO_FRONTEND_MESSAGE_BYTES, switch_allowed=True)
+    decoder.feed(b"", binary=True, message_finished=True)
+    decoder.feed(b"x" * GO_FRONTEND_MESSAGE_BYTES, binary=True, message_finished=True)
+    with pytest.raises(ProtocolViolation) as caught:
+        decoder.feed(b"x" * (GO_FRONTEND_MESSAGE_BYTES + 1), binary=True, message_finished=True)
+    assert caught.value.code == CloseCode.MESSAGE_TOO_BIG

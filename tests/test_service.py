@@ -120,7 +120,7 @@ def test_status_counts_active_tunnels(tmp_path: Path, notify: Notifications, ech
         with socket.create_connection(("127.0.0.1", frontend_port), timeout=10) as client:
             client.sendall(b"x")
             assert recv_exactly(client, 1) == b"x"
-            message = notify.wait_for("STATUS=1 listeners, 1 active tunnels, 1 served", timeout=5)
+            message = notify.wait_for("STATUS=1 listeners, 1 active tunnels, 1 served, 2 B moved", timeout=5)
             assert message
     finally:
         front.stop(), back.stop()

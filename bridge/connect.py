@@ -1,0 +1,367 @@
+"""``tcpbridge connect``: carry stdin/stdout over one websocket, e.g. as ssh's ProxyCommand.
+
+::
+
+    ssh -o ProxyCommand='tcpbridge connect wss://host/ --route ssh' user@host
+    tcpbridge connect --config /etc/tcpbridge/frontend.yaml ssh
+
+The connection is a frontend tunnel whose TCP side is this process's stdio: it is
+opened with :func:`bridge.frontend.open_channel` (the daemon's dial, and binary
+messages when the backend consents) and pumped by the daemons' own
+:class:`bridge.tunnel.Tunnel`, so auth, TLS, proxies, keepalive and half-close
+behave exactly as in ``tcpbridge-frontend``. The pump is given one end of a
+``socketpair()``; two copy threads join the other end to fd 0 and fd 1:
+
+* stdin EOF → ``shutdown(SHUT_WR)`` → the pump sends the end-of-stream marker,
+  and output keeps flowing (half-close);
+* the peer's end-of-stream → EOF on the pair → stdout is closed, so the reader
+  (ssh) sees EOF while our input may still flow;
+* an abort (reset, dropped websocket, bad frame, broken stdout) ends the process
+  with status 1, stdout left unclosed until exit, and one stderr line saying why.
+
+Exit statuses: 0 clean end; 1 the connection could not be opened or was
+aborted; 2 usage or configuration errors; 128+N after signal N aborted it
+(SIGINT at once; SIGHUP and SIGTERM after :data:`SIGNAL_GRACE` seconds in which
+the connection may still end cleanly, since ssh closes our stdin and then sends
+SIGHUP when it is done), quietly.
+Apart from that one line, nothing is written to stderr at the default log level
+(``warning``): ssh shows the proxy command's stderr to its user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from bridge import config
+from bridge.config import ConfigError, FrontendTunnel, redact_url
+from bridge.frontend import open_channel
+from bridge.protocol import CloseCode
+from bridge.secrets import SecretResolver
+from bridge.service import setup_logging
+from bridge.transport import DialError
+from bridge.tunnel import Tunnel, TunnelRegistry
+
+log = logging.getLogger("tcpbridge.connect")
+
+#: As in :mod:`bridge.cli` (not imported from there: cli imports this module).
+EXIT_CLEAN = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+PROG = "tcpbridge connect"
+#: Bytes copied per read from stdin or from the pump's end of the pair.
+CHUNK = 64 * 1024
+#: How long a connection may take to end cleanly after SIGHUP or SIGTERM before it is aborted.
+SIGNAL_GRACE = 2.0
+#: How long an aborted connection waits for the output copier before exiting anyway.
+ABORT_OUTPUT_WAIT = 1.0
+#: Outcomes of :meth:`Tunnel.run` that are a deliberate end, not a failure.
+CLEAN_OUTCOMES = frozenset({"clean", "closed by peer", "half-close timeout"})
+#: The tunnel's name in the URL form (never shown: it only names the config entry).
+URL_TUNNEL_NAME = "connect"
+#: ``listen`` of the URL form's tunnel: required by the config schema, never bound.
+UNUSED_LISTEN = "127.0.0.1:1"
+INTERRUPTING_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Define ``tcpbridge connect``'s arguments on ``parser`` (a subcommand's parser)."""
+    parser.add_argument("target", metavar="URL|TUNNEL",
+                        help="the backend's ws:// or wss:// base URL; with --config, a tunnel name of that file")
+    parser.add_argument("--config", metavar="FILE",
+                        help="take backend URL, route, headers, auth, TLS, proxy and options from the tunnel "
+                             "named TUNNEL of this frontend YAML (its listen address is not used)")
+    parser.add_argument("--route", metavar="NAME", help="backend route (default: default)")
+    parser.add_argument("--header", action="append", default=[], type=_header, metavar="'NAME: VALUE'",
+                        help="extra upgrade-request header (repeatable)")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="send the file's content as X-Tcpbridge-Token (the backend's token)")
+    parser.add_argument("--proxy", metavar="env|none|URL",
+                        help="HTTP proxy: env (default: *_proxy variables), none, or http://host:port")
+    parser.add_argument("--ca-file", metavar="PATH", help="wss://: trust this PEM CA bundle instead of the system's")
+    parser.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                        help="TCP, TLS and websocket handshake together (default 10)")
+    parser.add_argument("--log-level", choices=config.LOG_LEVELS, default="warning",
+                        help="stderr log level (default %(default)s: only why a connection failed)")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'Name: value'")
+    return name.strip(), value.strip()
+
+
+_URL_ONLY_FLAGS = ("route", "header", "token_file", "proxy", "ca_file", "connect_timeout")
+
+
+def tunnel_from_args(args: argparse.Namespace) -> FrontendTunnel:
+    """The tunnel to open, from the URL form's flags or from ``--config FILE TUNNEL``.
+
+    Everything is validated by :mod:`bridge.config`, with its messages; raise
+    ConfigError listing every problem.
+    """
+    if args.config:
+        used = [f"--{flag.replace('_', '-')}" for flag in _URL_ONLY_FLAGS if getattr(args, flag)]
+        if used:
+            raise ConfigError([f"{PROG}: {', '.join(used)} cannot be combined with --config "
+                               "(set them in the tunnel's YAML entry)"])
+        return tunnel_from_file(args.config, args.target)
+    return tunnel_from_url(args.target, route=args.route, headers=args.header, token_file=args.token_file,
+                           proxy=args.proxy, ca_file=args.ca_file, connect_timeout=args.connect_timeout)
+
+
+def tunnel_from_file(path: str, name: str) -> FrontendTunnel:
+    """Tunnel ``name`` of the frontend YAML at ``path``; ConfigError lists the known names if absent."""
+    loaded = config.load_frontend(path)
+    for tunnel in loaded.tunnels:
+        if tunnel.name == name:
+            return tunnel
+    known = ", ".join(tunnel.name for tunnel in loaded.tunnels)
+    raise ConfigError([f"{path}: no tunnel named {name!r}; known tunnels: {known}"])
+
+
+def tunnel_from_url(
+    url: str,
+    *,
+    route: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
+    token_file: str | None = None,
+    proxy: str | None = None,
+    ca_file: str | None = None,
+    connect_timeout: float | None = None,
+) -> FrontendTunnel:
+    """A tunnel to ``url`` built through :func:`bridge.config.parse_frontend`, so it is validated like YAML.
+
+    Connection settings go at the document's top level, where problems are
+    reported by key alone (``tcpbridge connect: backend: ...``); only the route
+    belongs to the tunnel entry, whose label is removed from its messages.
+    """
+    document: dict[str, Any] = {"backend": url}
+    header_map: dict[str, Any] = dict(headers or [])
+    if token_file is not None:
+        header_map["X-Tcpbridge-Token"] = {"file": os.path.abspath(token_file)}
+    if header_map:
+        document["headers"] = header_map
+    if proxy is not None:
+        document["proxy"] = proxy
+    if ca_file is not None:
+        document["tls"] = {"ca_file": ca_file}
+    if connect_timeout is not None:
+        document["connect_timeout"] = connect_timeout
+    entry: dict[str, Any] = {"name": URL_TUNNEL_NAME, "listen": UNUSED_LISTEN}
+    if route is not None:
+        entry["route"] = route
+    document["tunnels"] = [entry]
+    try:
+        return config.parse_frontend(document, PROG).tunnels[0]
+    except ConfigError as exc:
+        label = f"tunnels[0] {URL_TUNNEL_NAME!r}: "
+        raise ConfigError([problem.replace(label, "") for problem in exc.problems]) from None
+
+
+# ---------------------------------------------------------------------------
+# Running one connection
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tcpbridge connect``: open the tunnel, pump stdio through it, return the exit status."""
+    setup_logging(args.log_level)
+    try:
+        tunnel = tunnel_from_args(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    return connect(tunnel)
+
+
+def connect(tunnel: FrontendTunnel, stdin: int = 0, stdout: int = 1) -> int:
+    """Carry the file descriptors ``stdin``/``stdout`` over one websocket of ``tunnel``; return the exit status.
+
+    Returns when the tunnel has ended (both directions, or an abort) and, after a
+    clean end, everything received has been written to ``stdout``. A copy thread
+    may still be blocked reading ``stdin`` then: it is a daemon thread, and the
+    process exits without waiting for it.
+    """
+    url = redact_url(tunnel.url)
+    try:
+        channel = open_channel(tunnel, SecretResolver())
+    except DialError as exc:
+        print(f"{PROG}: cannot open {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    ours, theirs = socket.socketpair()
+    pump = Tunnel(theirs, channel, label=tunnel.name, peer="stdio", destination=url, options=tunnel.options,
+                  tcp_role="stdio")
+    return _pump(pump, ours, stdin, stdout, url)
+
+
+def _pump(pump: Tunnel, ours: socket.socket, stdin: int, stdout: int, url: str) -> int:
+    """Run ``pump`` with copy threads between ``ours`` and stdio; the exit status."""
+    finished = threading.Event()
+    interrupt = _Interrupt(pump, finished)
+    interrupt.install()
+    output = _start(_copy_output, ours, stdout, pump)
+    _start(_copy_input, stdin, ours, pump)
+    registry = TunnelRegistry()
+    registry.start()
+    try:
+        outcome = registry.run(pump)
+    finally:
+        finished.set()
+        registry.stop()
+    if outcome in CLEAN_OUTCOMES:
+        output.join()  # everything received reaches stdout before we exit
+        return EXIT_CLEAN
+    output.join(ABORT_OUTPUT_WAIT)
+    if interrupt.signum is not None:
+        return 128 + interrupt.signum
+    print(f"{PROG}: {url}: {outcome}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _start(target: Callable[..., None], *args: object) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, name=target.__name__.strip("_"), daemon=True)
+    thread.start()
+    return thread
+
+
+def _copy_input(fd: int, sock: socket.socket, pump: Tunnel) -> None:
+    """Copy ``fd`` into ``sock`` until EOF, then half-close ``sock``.
+
+    A read error aborts the tunnel (a cut input must not look complete); a send
+    error means the tunnel already ended, and copying stops.
+    """
+    while True:
+        try:
+            data = _read(fd)
+        except OSError as exc:
+            pump.abort(f"abort: cannot read stdin ({_strerror(exc)})")
+            return
+        try:
+            if not data:
+                sock.shutdown(socket.SHUT_WR)
+                return
+            sock.sendall(data)
+        except OSError:
+            return
+
+
+def _copy_output(sock: socket.socket, fd: int, pump: Tunnel) -> None:
+    """Copy ``sock`` to ``fd`` until EOF, then close ``fd`` unless the tunnel was aborted.
+
+    EOF arrives when the peer sent its end-of-stream marker (the output is
+    complete) or when the pump released its end after an abort; only the first
+    closes ``fd``. A write error (the reader went away) aborts the tunnel.
+    """
+    while True:
+        try:
+            data = sock.recv(CHUNK)
+        except OSError:
+            return  # the pump reset its end: the outcome says why
+        if not data:
+            break
+        try:
+            _write_all(fd, data)
+        except OSError as exc:
+            pump.abort(f"abort: cannot write stdout ({_strerror(exc)})")
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+            return
+    if pump.outcome is None or pump.outcome in CLEAN_OUTCOMES:
+        end_output(fd)
+
+
+def _read(fd: int) -> bytes:
+    """Up to CHUNK bytes from ``fd`` (b"" at EOF), waiting even if ``fd`` is non-blocking."""
+    while True:
+        try:
+            return os.read(fd, CHUNK)
+        except BlockingIOError:
+            select.select([fd], [], [])
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, waiting even if ``fd`` is non-blocking."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+def end_output(fd: int) -> None:
+    """Signal EOF to the reader of ``fd`` now: FIN if it is a socket, then close it.
+
+    ``fd`` is replaced by /dev/null rather than closed, so the number is never
+    reused by another file while something (sys.stdout) still refers to it.
+    """
+    duplicate = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:  # not a socket
+        os.close(duplicate)
+    else:
+        with sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _strerror(exc: OSError) -> str:
+    return (exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))).lower()
+
+
+class _Interrupt:
+    """SIGHUP, SIGINT and SIGTERM end the connection.
+
+    The handler only records the signal; a thread acts on it (a handler runs on
+    the main thread, which may hold the pump's lock). SIGINT aborts at once with
+    close 1001. After SIGHUP or SIGTERM the connection gets
+    :data:`SIGNAL_GRACE` seconds to end on its own first: ssh closes our stdin
+    and sends SIGHUP right away, before the half-close has gone round.
+    """
+
+    def __init__(self, pump: Tunnel, finished: threading.Event) -> None:
+        self.signum: int | None = None
+        self._pump = pump
+        self._finished = finished
+        self._received = threading.Event()
+
+    def install(self) -> None:
+        for signum in INTERRUPTING_SIGNALS:
+            signal.signal(signum, self._handle)
+        _start(self._act)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._received.set()
+
+    def _act(self) -> None:
+        self._received.wait()
+        if self.signum != signal.SIGINT and self._finished.wait(SIGNAL_GRACE):
+            return
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        self._pump.abort(f"abort: interrupted by {name}", CloseCode.GOING_AWAY)

@@ -1,0 +1,218 @@
+"""Counters every daemon keeps, always on, with no dependency: what ``tcpbridge status`` and the
+Prometheus endpoint (:mod:`bridge.metrics`) report.
+
+One :class:`Stats` per daemon (``TunnelRegistry.stats``). Everything is counted per *label*: the
+tunnel name on the frontend, ``listener/route`` on the backend (``listener/-`` for a refusal whose
+route is not configured, so a client cannot create labels at will). Nothing here runs per byte:
+a tunnel adds to the counters once when it opens and once when it ends, and the bytes of live
+tunnels are read from their :class:`~bridge.tunnel.Tunnel` objects when someone asks
+(:meth:`TunnelRegistry.snapshot`), so byte totals include live tunnels and never go down.
+
+Outcome classes of ended tunnels (few and stable, for dashboards): ``clean`` (both directions
+finished), ``closed`` (the peer closed the websocket with 1000 before both had finished, or our own
+full close), ``timeout`` (idle, half-close or ping timeout), ``protocol_error`` (bad input from the
+websocket peer), ``abort`` (a reset, a dropped connection, a shutdown: everything else).
+
+Open failures (a connection or upgrade that never became a tunnel) are counted by reason class:
+``http_NNN`` (the backend answered NNN instead of 101; on the backend, the status it refused
+with), ``timeout``, ``tls``, ``dns``, ``connect_refused``, ``connect_error``, ``proxy``, ``secret``
+(a header secret could not be read), ``handshake`` (a bad websocket handshake), and
+``max_connections`` (the frontend's cap).
+
+The handshake histogram measures, on the frontend, from the accepted client connection to the
+backend's 101; on the backend, from the request's headers being read to our 101 being sent (so it
+includes connecting the target).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+#: Upper bounds (seconds) of the handshake histogram's buckets; +Inf is implied.
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OUTCOMES = ("clean", "closed", "timeout", "protocol_error", "abort")
+RELOAD_RESULTS = ("ok", "failed")
+
+
+def outcome_class(outcome: str) -> str:
+    """The class (one of :data:`OUTCOMES`) of a tunnel's outcome string (see ``Tunnel.outcome``)."""
+    if outcome == "clean":
+        return "clean"
+    if outcome.startswith("closed"):
+        return "closed"
+    if "timeout" in outcome or "unresponsive" in outcome:
+        return "timeout"
+    if outcome.startswith("bad frame"):
+        return "protocol_error"
+    return "abort"
+
+
+_HTTP_STATUS = re.compile(r"backend refused the upgrade: HTTP (\d{3})")
+
+
+def dial_failure_reason(message: str) -> str:
+    """The reason class of a frontend ``DialError`` message (see the module docstring)."""
+    status = _HTTP_STATUS.match(message)
+    if status:
+        return f"http_{status.group(1)}"
+    lowered = message.lower()
+    if lowered.startswith(("proxy ", "cannot connect to proxy", "cannot resolve proxy")):
+        return "proxy"
+    if lowered.startswith("cannot read a header value"):
+        return "secret"
+    if "tls" in lowered.split(":", 1)[0] or lowered.startswith("cannot use tls"):
+        return "tls"
+    if lowered.startswith("timed out"):
+        return "timeout"
+    if lowered.startswith("cannot resolve host"):
+        return "dns"
+    if lowered.startswith("connection refused"):
+        return "connect_refused"
+    if lowered.startswith("websocket handshake failed"):
+        return "handshake"
+    return "connect_error"
+
+
+@dataclass
+class Histogram:
+    """Cumulative-on-read bucket counts (``counts[i]``: observations in bucket ``i`` alone)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(HANDSHAKE_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(upper bound, observations <= it)`` pairs, ending with ``+Inf``, as Prometheus wants them."""
+        running, pairs = 0, []
+        for bound, count in zip((*map(_bound, HANDSHAKE_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            pairs.append((bound, running))
+        return pairs
+
+    def copy(self) -> Histogram:
+        return Histogram(list(self.counts), self.total, self.count)
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+@dataclass
+class LabelStats:
+    """The counters of one label (a frontend tunnel, a backend listener/route)."""
+
+    opened: int = 0
+    closed: dict[str, int] = field(default_factory=dict)  # outcome class -> tunnels
+    bytes_to_ws: int = 0  # of ended tunnels only
+    bytes_to_tcp: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # reason class -> connections
+    handshake: Histogram = field(default_factory=Histogram)
+
+    def copy(self) -> LabelStats:
+        return LabelStats(self.opened, dict(self.closed), self.bytes_to_ws, self.bytes_to_tcp,
+                          dict(self.failures), self.handshake.copy())
+
+
+class Stats:
+    """A daemon's counters. Thread-safe; each call takes one short lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._labels: dict[str, LabelStats] = {}
+        self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
+        #: Wall-clock and monotonic start, for uptime and ``process start`` metrics.
+        self.started = time.time()
+        self.started_monotonic = time.monotonic()
+
+    def _label(self, label: str) -> LabelStats:
+        stats = self._labels.get(label)
+        if stats is None:
+            stats = self._labels[label] = LabelStats()
+        return stats
+
+    def tunnel_opened(self, label: str) -> None:
+        with self._lock:
+            self._label(label).opened += 1
+
+    def tunnel_ended(self, label: str, outcome: str, bytes_to_ws: int, bytes_to_tcp: int) -> None:
+        kind = outcome_class(outcome)
+        with self._lock:
+            stats = self._label(label)
+            stats.closed[kind] = stats.closed.get(kind, 0) + 1
+            stats.bytes_to_ws += bytes_to_ws
+            stats.bytes_to_tcp += bytes_to_tcp
+
+    def open_failed(self, label: str, reason: str) -> None:
+        with self._lock:
+            failures = self._label(label).failures
+            failures[reason] = failures.get(reason, 0) + 1
+
+    def handshake(self, label: str, seconds: float) -> None:
+        with self._lock:
+            self._label(label).handshake.observe(max(0.0, seconds))
+
+    def reloaded(self, ok: bool) -> None:
+        with self._lock:
+            self.reloads["ok" if ok else "failed"] += 1
+
+    def labels(self) -> dict[str, LabelStats]:
+        """A copy of every label's counters, taken at one instant."""
+        with self._lock:
+            return {label: stats.copy() for label, stats in self._labels.items()}
+
+    def reload_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.reloads)
+
+
+@dataclass(frozen=True)
+class LiveTunnel:
+    """What the status and metrics views show of a tunnel that is still running."""
+
+    id: str
+    label: str
+    peer: str
+    destination: str
+    age: float
+    bytes_to_ws: int
+    bytes_to_tcp: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Live tunnels and counters read at one instant (ended tunnels are in ``labels``, live ones in ``live``)."""
+
+    live: tuple[LiveTunnel, ...]
+    labels: dict[str, LabelStats]
+    reloads: dict[str, int]
+    uptime: float
+
+    def totals(self) -> dict[str, int]:
+        """Opened, active, failed to open, and bytes each way (ended plus live tunnels)."""
+        return {
+            "opened": sum(s.opened for s in self.labels.values()),
+            "active": len(self.live),
+            "open_failures": sum(sum(s.failures.values()) for s in self.labels.values()),
+            "bytes_to_websocket": sum(s.bytes_to_ws for s in self.labels.values())
+            + sum(t.bytes_to_ws for t in self.live),
+            "bytes_to_tcp": sum(s.bytes_to_tcp for s in self.labels.values()) + sum(t.bytes_to_tcp for t in self.live),
+        }
+
+
+def human_bytes(count: int) -> str:
+    """``812 B``, ``1.5 KiB``, ``3.2 MiB``, …: for one-line summaries."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
