@@ -7,7 +7,8 @@ Starts, as real processes on 127.0.0.1: an echo target (asyncio, this same file 
 2. runs ``--rounds`` rounds of ``--tunnels`` concurrent tunnels, each echoing ``--size``
    pseudo-random bytes (sha256 checked both ways);
 3. runs one burst of ``--burst`` concurrent tunnels each moving ``--burst-size`` bytes both ways;
-4. after each phase waits (bounded) for both daemons to return to their idle fds and threads;
+4. after each phase waits (bounded) for both daemons to return to their idle fds and threads
+   (threads come back once the daemons' pooled workers have been idle ``IDLE_SECONDS``);
 5. SIGKILLs the backend, then the frontend, mid-transfer, restarts each on the same port and
    measures how long until a new tunnel echoes its first byte.
 
@@ -37,6 +38,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bridge.workers import IDLE_SECONDS
 
 BIN = Path(sys.executable).parent
 CHUNK = 64 * 1024
@@ -395,7 +398,7 @@ def main() -> int:
     parser.add_argument("--burst-size", type=int, default=1 << 20, help="bytes each burst tunnel moves each way")
     parser.add_argument("--connect-backlog", type=int, default=256, help="connection attempts in flight at once")
     parser.add_argument("--tunnel-timeout", type=float, default=600.0)
-    parser.add_argument("--settle-timeout", type=float, default=30.0)
+    parser.add_argument("--settle-timeout", type=float, default=IDLE_SECONDS + 30.0)
     parser.add_argument("--no-kill", action="store_true", help="skip the SIGKILL/restart measurements")
     parser.add_argument("--ping-interval", type=float, default=None,
                         help="set ping_interval in both daemons' YAML (0 turns keepalive off; default: theirs)")
@@ -447,7 +450,9 @@ def main() -> int:
             raise RuntimeError("the pair does not echo a byte")
         time.sleep(0.5)
         daemons = {"frontend": front, "backend": back}
-        idle = {name: settle(proc.pid) for name, proc in daemons.items()}
+        # stable for longer than a pooled worker stays parked: the warm-up tunnel's workers are gone
+        idle = {name: settle(proc.pid, stable=IDLE_SECONDS + 1, timeout=IDLE_SECONDS + 15)
+                for name, proc in daemons.items()}
         print("soak: idle  " + "  ".join(f"{n}: {s.fds} fds, {s.threads} threads, {s.rss_kib // 1024} MiB RSS"
                                           for n, s in idle.items()), flush=True)
 

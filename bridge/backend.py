@@ -34,7 +34,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, 
 from wsproto.utilities import LocalProtocolError
 
 from bridge import __version__, passthrough, protocol
-from bridge.channel import RECV_CHUNK, SendLock, shutdown_socket
+from bridge.channel import RECV_CHUNK, SEND_CLOSE_WAIT, Receiver, SendLock, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
@@ -95,6 +95,7 @@ class ServerChannel:
         self.send_lock = self._send_lock = SendLock()
         self.sock = sock
         self._decoder = MessageDecoder(max_message_bytes, switch_allowed=binary_consented)
+        self._receiver = Receiver(sock)
         #: True once our switch marker is on the wire: our messages are binary from then on.
         self.binary = False
         self._last_received = time.monotonic()
@@ -131,7 +132,7 @@ class ServerChannel:
                 self._send(BytesMessage(data=b""))
             self.binary = True
 
-    def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
+    def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
         def send() -> None:
             if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 self._sock.sendall(self._conn.send(CloseConnection(code=code, reason=_reason(code, reason))))
@@ -140,7 +141,7 @@ class ServerChannel:
     def send_ping(self) -> bool:
         def send() -> None:
             self._send(Ping(payload=b"tcpbridge"))
-        return self._send_lock.try_send(send, wait=False)
+        return self._send_lock.try_send(send, wait=0)
 
     @property
     def last_received(self) -> float:
@@ -173,7 +174,7 @@ class ServerChannel:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unexpected {type(event).__name__}")
 
     def _read_more(self) -> None:
-        data = self._sock.recv(RECV_CHUNK)
+        data = self._receiver.recv()
         if not data:
             raise ChannelDropped("connection closed without a close frame")
         self._last_received = time.monotonic()
@@ -187,8 +188,15 @@ class ServerChannel:
         self._sock.close()
 
 
+#: Below this many bytes a frame is joined and sent with one ``sendall`` (cheaper than a gather).
+_JOIN_BELOW = 16 * 1024
+
+
 def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
-    """``sendall`` of several buffers without joining them (``sendmsg`` gathers them)."""
+    """``sendall`` of several buffers; large ones are not joined (``sendmsg`` gathers them)."""
+    if sum(len(part) for part in parts) < _JOIN_BELOW:
+        sock.sendall(b"".join(parts))
+        return
     views = [memoryview(part) for part in parts if part]
     while views:
         sent = sock.sendmsg(views)
@@ -296,9 +304,14 @@ class ListenerServer(ThreadingHTTPServer):
     """One backend listener: an HTTP server whose handler threads become tunnels.
 
     ``listener`` is read afresh by every request, so a reload swaps it in place.
+    Each connection is handled on a daemon thread from ``registry.workers``
+    (pooled, not started per connection), and ``server_close`` never waits for
+    them: a listener removed by a reload or stopped for shutdown leaves its live
+    tunnels running (shutdown drains them through the registry).
     """
 
     daemon_threads = True
+    block_on_close = False
     request_queue_size = LISTEN_BACKLOG
     allow_reuse_address = True
 
@@ -316,6 +329,15 @@ class ListenerServer(ThreadingHTTPServer):
         self.counters = counters or TunnelCounters()
         #: Idle keep-alive connections to the listener's passthrough origin.
         self.origin_pool = passthrough.OriginPool()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a pooled thread (ThreadingMixIn starts a new thread for each).
+
+        Out of threads, the RuntimeError reaches socketserver, which logs it
+        through :meth:`handle_error` and closes the connection.
+        """
+        self.registry.workers.submit(self.process_request_thread, request, client_address,
+                                     name=f"request-{self.listener.name}")
 
     def server_close(self) -> None:
         super().server_close()

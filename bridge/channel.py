@@ -9,13 +9,34 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 
 #: How long a close frame waits for a send already in progress on another thread.
 SEND_CLOSE_WAIT = 5.0
-#: Bytes read from the websocket's socket per recv.
+#: Bytes read from the websocket's socket per recv while data streams in (see :class:`Receiver`).
 RECV_CHUNK = 256 * 1024
+#: Bytes read per recv otherwise: below glibc malloc's mmap threshold (128 KiB). A 256 KiB
+#: recv buffer is mmapped and unmapped on every call, ~12 µs, most of a small message's cost.
+SMALL_RECV_CHUNK = 64 * 1024
+
+
+class Receiver:
+    """Reads a websocket's socket: small reads for small messages, large ones while data streams in.
+
+    A read that filled its buffer means more is queued: the next read is
+    :data:`RECV_CHUNK`; any other read sets it back to :data:`SMALL_RECV_CHUNK`.
+    Buffers are allocated per read, never held between reads.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._size = SMALL_RECV_CHUNK
+
+    def recv(self) -> bytes:
+        data = self._sock.recv(self._size)
+        self._size = RECV_CHUNK if len(data) == self._size else SMALL_RECV_CHUNK
+        return data
 
 
 def close_payload(code: int, reason: str) -> bytes:
@@ -90,19 +111,22 @@ class SendLock:
         self.sending = False
         self.last_send_done = time.monotonic()
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        with self._lock:
-            self.sending = True
-            try:
-                yield
-            finally:
-                self.sending = False
-                self.last_send_done = time.monotonic()
+    def held(self) -> SendLock:
+        """``with lock.held():`` one frame is written (a class, not a generator: this is per frame)."""
+        return self
 
-    def try_send(self, send: Callable[[], None], *, wait: bool) -> bool:
-        """Run ``send`` under the lock; return False if the lock could not be had in time."""
-        if not self._lock.acquire(timeout=SEND_CLOSE_WAIT if wait else 0):
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.sending = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.sending = False
+        self.last_send_done = time.monotonic()
+        self._lock.release()
+
+    def try_send(self, send: Callable[[], None], *, wait: float) -> bool:
+        """Run ``send`` under the lock; return False if the lock could not be had within ``wait`` seconds."""
+        if not (self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)):
             return False
         try:
             send()

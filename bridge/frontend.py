@@ -1,8 +1,9 @@
 """The frontend daemon: local TCP listeners whose connections each get a websocket to a backend.
 
-Each accepted connection is served on its own thread, which opens the websocket
-(nothing is read from the client before the backend's 101 arrives) and then
-becomes one of the tunnel's two pump threads.
+Each accepted connection is served on its own thread (a pooled one, from
+``registry.workers``), which opens the websocket (nothing is read from the client
+before the backend's 101 arrives) and then becomes one of the tunnel's two pump
+threads.
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import websocket
-from websocket import ABNF
 
 from bridge import protocol
-from bridge.channel import SendLock, close_payload, parse_close_payload, shutdown_socket
+from bridge.channel import (
+    SEND_CLOSE_WAIT,
+    Receiver,
+    SendLock,
+    close_payload,
+    parse_close_payload,
+    shutdown_socket,
+)
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.listen import ListenError, bind_listener
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
@@ -56,50 +64,39 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 
 
 class ClientChannel:
-    """A :class:`~bridge.tunnel.Channel` over a websocket-client connection.
+    """A :class:`~bridge.tunnel.Channel` over the socket of an opened websocket (see :func:`dial`).
+
+    websocket-client did the handshake; frames are built and parsed here
+    (:class:`~bridge.protocol.FrameParser`): one ``recv`` brings in as many frames
+    as have arrived, where websocket-client read each frame's header and payload
+    with separate system calls. ``received`` is what arrived right after the 101.
 
     With ``binary`` (the backend consented to binary messages in its 101) the
     channel sends the switch marker at once and binary messages after it, and
     expects the backend's own marker in return (:mod:`bridge.protocol`).
     """
 
-    def __init__(self, ws: websocket.WebSocket, max_message_bytes: int, *, binary: bool = False) -> None:
-        if ws.sock is None:
-            raise ChannelDropped("websocket is not connected")
-        self._ws = ws
-        self.sock = self._sock = ws.sock
+    def __init__(self, sock: socket.socket, max_message_bytes: int, *, binary: bool = False,
+                 received: bytes = b"") -> None:
+        self.sock = self._sock = sock
         self.send_lock = self._send_lock = SendLock()
+        self._parser = protocol.FrameParser(max_message_bytes)
+        self._parser.feed(received)
+        self._receiver = Receiver(sock)
         self._decoder = MessageDecoder(max_message_bytes, switch_allowed=binary)
         self._in_message = False
         self._binary = False
         self._last_received = time.monotonic()
-        self._limit_frame_size(max_message_bytes)
         self.binary = binary
         self._data_opcode = protocol.OPCODE_BINARY if binary else protocol.OPCODE_TEXT
         if binary:
             with self._send_lock.held():
-                self._send(b"", ABNF.OPCODE_BINARY)  # the switch marker, before anything else
+                self._send(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else
 
-    def _limit_frame_size(self, limit: int) -> None:
-        # websocket-client reads a whole frame into memory; refuse oversized ones
-        # when their length arrives, before the payload is buffered.
-        frame_buffer = self._ws.frame_buffer
-        recv_strict = frame_buffer.recv_strict
-
-        def bounded_recv_strict(bufsize: int) -> bytes:
-            if bufsize > limit:
-                raise ProtocolViolation(
-                    CloseCode.MESSAGE_TOO_BIG, f"message larger than max_message_bytes ({limit})"
-                )
-            return recv_strict(bufsize)
-
-        frame_buffer.recv_strict = bounded_recv_strict  # type: ignore[method-assign]
-
-    def _send(self, payload: bytes, opcode: int) -> None:
-        try:
-            self._ws.send(payload, opcode)
-        except websocket.WebSocketException as exc:
-            raise ChannelDropped(str(exc)) from None
+    def _send(self, opcode: int, payload: bytes) -> None:
+        """One masked frame; the caller holds the send lock."""
+        key = os.urandom(4)
+        self._sock.sendall(protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key))
 
     def send_data(self, data: bytes) -> None:
         payload = data if self.binary else protocol.encode(data)
@@ -110,13 +107,14 @@ class ClientChannel:
 
     def send_end_of_stream(self) -> None:
         with self._send_lock.held():
-            self._send(b"", self._data_opcode)
+            self._send(self._data_opcode, b"")
 
-    def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
-        return self._send_lock.try_send(lambda: self._send(close_payload(code, reason), ABNF.OPCODE_CLOSE), wait=wait)
+    def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
+        return self._send_lock.try_send(lambda: self._send(protocol.OPCODE_CLOSE, close_payload(code, reason)),
+                                        wait=wait)
 
     def send_ping(self) -> bool:
-        return self._send_lock.try_send(lambda: self._send(b"tcpbridge", ABNF.OPCODE_PING), wait=False)
+        return self._send_lock.try_send(lambda: self._send(protocol.OPCODE_PING, b"tcpbridge"), wait=0)
 
     @property
     def last_received(self) -> float:
@@ -126,44 +124,92 @@ class ClientChannel:
         while True:
             frame = self._receive_frame()
             opcode = frame.opcode
-            if opcode == ABNF.OPCODE_CLOSE:
-                return Closed(*parse_close_payload(_bytes(frame.data)))
-            if opcode == ABNF.OPCODE_PING:
+            if opcode == protocol.OPCODE_CLOSE:
+                return _closed(frame.payload)
+            if opcode == protocol.OPCODE_PING:
                 with self._send_lock.held():
-                    self._send(_bytes(frame.data), ABNF.OPCODE_PONG)
+                    self._send(protocol.OPCODE_PONG, frame.payload)
                 continue
-            if opcode == ABNF.OPCODE_PONG:
+            if opcode == protocol.OPCODE_PONG:
                 continue
-            if opcode == ABNF.OPCODE_CONT:
+            if opcode == protocol.OPCODE_CONTINUATION:
                 if not self._in_message:
                     raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "continuation frame outside a message")
             elif self._in_message:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
             else:
-                self._binary = opcode == ABNF.OPCODE_BINARY
+                self._binary = opcode == protocol.OPCODE_BINARY
             self._in_message = not frame.fin
-            result = self._decoder.feed(frame.data, binary=self._binary, message_finished=bool(frame.fin))
+            result = self._decoder.feed(frame.payload, binary=self._binary, message_finished=frame.fin)
             if isinstance(result, protocol.SwitchToBinary):
                 continue  # the backend's messages are binary from here on; the decoder knows
             if result:
                 return result
 
-    def _receive_frame(self) -> ABNF:
-        try:
-            frame: ABNF = self._ws.recv_frame()  # type: ignore[no-untyped-call]
+    def _receive_frame(self) -> protocol.Frame:
+        while (frame := self._parser.next_frame()) is None:
+            data = self._receiver.recv()
+            if not data:
+                raise ChannelDropped("connection closed without a close frame")
             self._last_received = time.monotonic()
-            return frame
-        except websocket.WebSocketPayloadException as exc:
-            raise ProtocolViolation(CloseCode.INVALID_DATA, str(exc)) from None
-        except websocket.WebSocketProtocolException as exc:
-            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, str(exc)) from None
-        except websocket.WebSocketConnectionClosedException:
-            raise ChannelDropped("connection closed without a close frame") from None
-        except websocket.WebSocketException as exc:
-            raise ChannelDropped(str(exc)) from None
+            self._parser.feed(data)
+        return frame
 
     def shutdown(self) -> None:
         shutdown_socket(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+#: Close codes a peer may send (RFC 6455 section 7.4): 1004-1006 and 1015 never appear in a frame.
+def _valid_close_code(code: int) -> bool:
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code < 5000
+
+
+def _closed(payload: bytes) -> Closed:
+    """The peer's close frame, checked as RFC 6455 section 5.5.1 requires."""
+    if len(payload) == 1:
+        raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload")
+    code, reason = parse_close_payload(payload)
+    if payload and not _valid_close_code(code):
+        raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+    return Closed(code, reason)
+
+
+class _ReadAhead:
+    """The transport as websocket-client's handshake sees it.
+
+    websocket-client reads the 101 one byte per ``recv`` (two system calls each
+    with a timeout set); this reads ahead in one call and serves those bytes from
+    memory. Whatever followed the 101 (frames a target sent at once) is left in
+    :attr:`extra` for the channel.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.extra = b""
+
+    def recv(self, size: int) -> bytes:
+        if not self.extra:
+            data = self._sock.recv(max(size, 4096))
+            if len(data) <= size:
+                return data
+            self.extra = data
+        chunk, self.extra = self.extra[:size], self.extra[size:]
+        return chunk
+
+    def send(self, data: bytes) -> int:
+        return self._sock.send(data)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         self._sock.close()
@@ -188,18 +234,26 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str
 def open_channel(tunnel: FrontendTunnel, secrets: SecretResolver,
                  environ: Mapping[str, str] = os.environ) -> ClientChannel:
     """Dial one websocket of ``tunnel`` (see :func:`dial`) and wrap it, binary if the backend consented."""
-    ws = dial(tunnel, secrets, environ)
+    opened = dial(tunnel, secrets, environ)
     consent = tunnel.options.frames == "auto" and protocol.binary_accepted(
-        [name for name, _ in tunnel.headers], list((ws.getheaders() or {}).items()))
+        [name for name, _ in tunnel.headers], opened.headers)
     try:
-        return ClientChannel(ws, tunnel.options.max_message_bytes, binary=consent)
+        return ClientChannel(opened.sock, tunnel.options.max_message_bytes, binary=consent, received=opened.received)
     except OSError as exc:
-        _close_quietly(ws.sock)
+        _close_quietly(opened.sock)
         raise DialError(f"websocket dropped right after the handshake: {describe_error(exc)}") from None
 
 
-def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
-         environ: Mapping[str, str] = os.environ) -> websocket.WebSocket:
+@dataclass(frozen=True)
+class Opened:
+    """A websocket whose handshake is done: its socket, the 101's headers, the bytes that came after the 101."""
+
+    sock: socket.socket
+    headers: list[tuple[str, str]]
+    received: bytes
+
+
+def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, str] = os.environ) -> Opened:
     """Open the websocket for one connection of ``tunnel``; raise DialError saying why not.
 
     No Origin header and no extension offer are sent (the Go backend refuses
@@ -213,10 +267,11 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
     sock: socket.socket | None = None
     try:
         sock = transport = open_transport(url, tunnel.tls, proxy, timeout)
+        reader = _ReadAhead(transport)
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
         ws.connect(  # type: ignore[no-untyped-call]
             url,
-            socket=sock,
+            socket=reader,
             timeout=timeout,
             header=header,
             suppress_origin=True,
@@ -246,7 +301,8 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver,
         _close_quietly(sock)
         raise DialError(f"websocket handshake failed: {exc}{via}") from None
     transport.settimeout(None)
-    return ws
+    # websocket-client keeps one value per header name: enough, since consent is a name we never send.
+    return Opened(transport, list((ws.getheaders() or {}).items()), reader.extra)
 
 
 def _trusted(exc: ssl.SSLCertVerificationError, tls: TlsOptions) -> str:
@@ -255,10 +311,6 @@ def _trusted(exc: ssl.SSLCertVerificationError, tls: TlsOptions) -> str:
         return ""
     return f" (checked against tls ca_file {tls.ca_file})" if tls.ca_file else \
         " (checked against the system CAs; set tls ca_file for a private CA)"
-
-
-def _bytes(data: str | bytes) -> bytes:
-    return data.encode("utf-8") if isinstance(data, str) else data
 
 
 def _status(exc: websocket.WebSocketBadStatusException) -> str:
@@ -376,7 +428,7 @@ class Frontend:
                 self._refuse(tunnel, client, peer)
                 continue
             try:
-                threading.Thread(target=self._serve, args=(tunnel, client, peer), daemon=True).start()
+                self.registry.workers.submit(self._serve, tunnel, client, peer, name=f"serve-{tunnel.name}")
             except RuntimeError as exc:  # "can't start new thread": out of threads
                 self._release_slot(tunnel)
                 log.error("tunnel %s: cannot serve %s: %s", tunnel.name, _peer(peer), exc)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import binascii
 import posixpath
 import re
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -267,6 +268,98 @@ except ImportError:  # pragma: no cover - exercised where numpy is absent
     _numpy = None
 
 
+OPCODE_CONTINUATION: Final = 0x0
+OPCODE_CLOSE: Final = 0x8
+OPCODE_PING: Final = 0x9
+OPCODE_PONG: Final = 0xA
+_OPCODES: Final = frozenset({OPCODE_CONTINUATION, OPCODE_TEXT, OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG})
+#: Compact the parser's buffer once this much of its front has been consumed.
+_COMPACT_AFTER: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One received frame: its opcode, its FIN bit and its (unmasked) payload."""
+
+    opcode: int
+    fin: bool
+    payload: bytes
+
+
+class FrameParser:
+    """Splits the bytes a websocket *client* receives into frames (RFC 6455 section 5.2).
+
+    Contract: :meth:`feed` appends received bytes; :meth:`next_frame` returns the
+    next complete frame, or None until more bytes arrive. It raises
+    :class:`ProtocolViolation`, after which the parser is unusable:
+
+    * 1002 for reserved bits set (no extension is ever negotiated), an unknown
+      opcode, a masked frame (a server must not mask), a control frame that is
+      fragmented or longer than 125 bytes, a 64-bit length with its top bit set;
+    * 1009 for a data frame whose declared length exceeds ``max_payload``, as
+      soon as the header arrives: memory stays bounded by ``max_payload`` plus
+      one read.
+
+    Messages (continuation frames) are the caller's to reassemble.
+    """
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+        self._offset = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        buffer, pos = self._buffer, self._offset
+        available = len(buffer) - pos
+        if available < 2:
+            return None
+        first, second = buffer[pos], buffer[pos + 1]
+        opcode, fin = first & 0x0F, bool(first & _FIN)
+        if first & 0x70:
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
+        if opcode not in _OPCODES:
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+        if second & _MASKED:
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "masked frame from the server")
+        length, head = second & 0x7F, 2
+        if length == 126:
+            if available < 4:
+                return None
+            length, head = int.from_bytes(buffer[pos + 2:pos + 4], "big"), 4
+        elif length == 127:
+            if available < 10:
+                return None
+            length, head = int.from_bytes(buffer[pos + 2:pos + 10], "big"), 10
+            if length >> 63:
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "frame length with the top bit set")
+        if opcode >= OPCODE_CLOSE:
+            if not fin or length > 125:
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "fragmented or oversized control frame")
+        elif length > self.max_payload:
+            raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG,
+                                    f"message larger than max_message_bytes ({self.max_payload})")
+        end = pos + head + length
+        if len(buffer) < end:
+            return None
+        with memoryview(buffer) as view:
+            payload = bytes(view[pos + head:end])
+        self._consumed(end)
+        return Frame(opcode, fin, payload)
+
+    def _consumed(self, end: int) -> None:
+        if end == len(self._buffer):
+            self._buffer.clear()
+            self._offset = 0
+        elif end > _COMPACT_AFTER:
+            del self._buffer[:end]
+            self._offset = 0
+        else:
+            self._offset = end
+
+
 def frame_header(opcode: int, length: int, mask_key: bytes = b"") -> bytes:
     """The header of a single unfragmented frame (FIN set), with ``mask_key`` if given."""
     masked = _MASKED if mask_key else 0
@@ -281,7 +374,7 @@ def frame_header(opcode: int, length: int, mask_key: bytes = b"") -> bytes:
 
 def mask(payload: bytes, key: bytes) -> bytes:
     """XOR ``payload`` with the 4-byte ``key`` repeated (masking and unmasking are the same)."""
-    if _numpy is not None and len(payload) >= 64:
+    if _numpy is not None and len(payload) >= 1024:  # below, numpy's call overhead costs more than it saves
         return _mask_numpy(payload, key)
     return mask_pure(payload, key)
 

@@ -1,7 +1,8 @@
 """The two-thread pump that joins one TCP socket to one websocket, shared by both daemons.
 
 A :class:`Tunnel` runs on the thread that calls :meth:`Tunnel.run` (the websocket
-to TCP direction) plus exactly one thread it starts (TCP to websocket). Ends:
+to TCP direction) plus exactly one worker thread of the daemon's pool (TCP to
+websocket). Ends:
 
 * **clean**: a TCP FIN becomes an end-of-stream marker, and a received marker
   becomes ``shutdown(SHUT_WR)`` on the TCP side; the other direction keeps
@@ -15,8 +16,9 @@ to TCP direction) plus exactly one thread it starts (TCP to websocket). Ends:
   bytes for ``half_close_timeout`` is closed, so Go peers (which never send the
   marker) cannot leak it.
 
-Nothing survives a tunnel: both sockets are closed and both threads have ended
-when :meth:`Tunnel.run` returns. :class:`TunnelRegistry` tracks live tunnels and
+Nothing survives a tunnel: both sockets are closed and both directions have
+ended when :meth:`Tunnel.run` returns (their threads are pooled: see
+:mod:`bridge.workers`). :class:`TunnelRegistry` tracks live tunnels and
 runs the daemon's one housekeeping thread for timeouts and draining.
 """
 
@@ -39,9 +41,12 @@ from bridge.channel import SendLock, failed_sockets, send_queue_bytes, unacknowl
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.stats import LiveTunnel, Snapshot, Stats
+from bridge.workers import WorkerPool
 
 log = logging.getLogger("tcpbridge.tunnel")
 
+#: How long an abort on a pump thread waits for a frame in progress before resetting the websocket instead.
+PUMP_CLOSE_WAIT = 1.0
 #: How long we wait for the peer's close frame after sending ours.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
@@ -81,8 +86,8 @@ class Channel(Protocol):
     def send_end_of_stream(self) -> None:
         """Send the end-of-stream marker."""
 
-    def send_close(self, code: int, reason: str, *, wait: bool = True) -> bool:
-        """Send a close frame; with ``wait=False`` give up (return False) if a send is in progress."""
+    def send_close(self, code: int, reason: str, *, wait: float = ...) -> bool:
+        """Send a close frame; give up (return False) if a send in progress does not finish within ``wait`` s."""
 
     def send_ping(self) -> bool:
         """Send a ping unless a send is in progress (then return False); never blocks."""
@@ -195,6 +200,7 @@ class Tunnel:
         self._ping_sent_at: float | None = None
         self._close_queue: int | None = None
         self._close_progress_at = 0.0
+        self._pump_threads: set[int] = set()
 
     # -- public -------------------------------------------------------------
 
@@ -203,13 +209,29 @@ class Tunnel:
         """Why the tunnel ended ("clean", "abort: ...", ...), or None while it runs."""
         return self._outcome
 
-    def run(self) -> str:
-        """Pump until both directions end, close both sockets, and return the outcome."""
-        upstream = threading.Thread(target=self._guarded, args=(self._tcp_to_ws,),
-                                    name=f"tunnel-{self.id}-up", daemon=True)
-        upstream.start()
+    def run(self, workers: WorkerPool | None = None) -> str:
+        """Pump until both directions end, close both sockets, and return the outcome.
+
+        The TCP-to-websocket direction runs on a thread from ``workers`` (a
+        throwaway pool if None); the other on the calling thread.
+        """
+        upstream_done = threading.Lock()
+        upstream_done.acquire()
+
+        def upstream() -> None:
+            try:
+                self._guarded(self._tcp_to_ws)
+            finally:
+                upstream_done.release()
+
+        try:
+            (workers or WorkerPool(max_idle=0)).submit(upstream, name=f"tunnel-{self.id}-up")
+        except RuntimeError as exc:  # "can't start new thread": out of threads
+            self.abort(f"abort: cannot start the tunnel's thread ({exc})")
+            self._release()
+            return self._outcome or "abort"
         self._guarded(self._ws_to_tcp)
-        upstream.join()
+        upstream_done.acquire()
         self._release()
         return self._outcome or "clean"
 
@@ -226,7 +248,10 @@ class Tunnel:
             # in sendall only wakes on SHUT_WR, whose FIN then sits behind the data
             # it was blocked on, and the RST at close discards both.
             _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
-        if tell_peer and not self._channel.send_close(code, reason[:120], wait=False):
+        # A pump thread may wait a moment for the other pump's frame to finish (it may
+        # just not have been scheduled since its send returned); the housekeeper never waits.
+        wait = PUMP_CLOSE_WAIT if threading.get_ident() in self._pump_threads else 0
+        if tell_peer and not self._channel.send_close(code, reason[:120], wait=wait):
             # Our own frames are stuck on a peer that is not reading: a FIN would
             # queue behind them and never arrive. A RST always does.
             reset_now(self._channel.sock)
@@ -315,6 +340,7 @@ class Tunnel:
     # -- directions -----------------------------------------------------------
 
     def _guarded(self, direction: Callable[[], None]) -> None:
+        self._pump_threads.add(threading.get_ident())
         try:
             direction()
         except Exception as exc:  # a bug must not leave the other thread or the sockets behind
@@ -464,7 +490,7 @@ class Deadline:
 
 
 class TunnelRegistry:
-    """The live tunnels of one daemon, and its housekeeping thread.
+    """The live tunnels of one daemon, its housekeeping thread and its worker threads.
 
     The housekeeper wakes every :data:`HOUSEKEEPING_INTERVAL` seconds to enforce
     per-tunnel timeouts and run due :class:`Deadline` actions; it is the only
@@ -482,6 +508,8 @@ class TunnelRegistry:
         self.total_opened = 0
         #: The daemon's counters (status, metrics); tunnels opening and ending are counted here.
         self.stats = Stats()
+        #: The daemon's threads for connections and tunnels (:mod:`bridge.workers`).
+        self.workers = WorkerPool()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._housekeep, name="housekeeper", daemon=True)
@@ -491,6 +519,7 @@ class TunnelRegistry:
         self._stop.set()
         if self._thread:
             self._thread.join()
+        self.workers.close()
 
     def add(self, tunnel: Tunnel) -> None:
         with self._lock:
@@ -536,7 +565,7 @@ class TunnelRegistry:
         log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
         outcome = "abort: internal error"
         try:
-            outcome = tunnel.run()
+            outcome = tunnel.run(self.workers)
         finally:
             self.remove(tunnel, outcome)
         log.info(

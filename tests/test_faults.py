@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from bridge.protocol import BRIDGE_PATH
+from bridge.workers import IDLE_SECONDS
 from tests import gopeer
 from tests.conftest import start_pair
 from tests.helpers import (
@@ -182,8 +183,12 @@ def warnings(daemon: Daemon) -> list[str]:
     return [line for line in daemon.log.splitlines() if " WARNING " in line or line.startswith("<4>")]
 
 
-def settled(daemon: Daemon, timeout: float = 10.0) -> tuple[int, int]:
-    """The daemon's (fds, threads) once they stayed the same for half a second."""
+def settled(daemon: Daemon, timeout: float = IDLE_SECONDS + 10.0) -> tuple[int, int]:
+    """The daemon's (fds, threads) once they stayed the same for longer than a pooled worker stays parked.
+
+    Earlier tests leave parked worker threads that exit up to IDLE_SECONDS after
+    their last task: a baseline taken before they are gone would never be seen again.
+    """
     deadline = time.monotonic() + timeout
     last = (daemon.fds(), daemon.threads())
     stable_since = time.monotonic()
@@ -192,12 +197,13 @@ def settled(daemon: Daemon, timeout: float = 10.0) -> tuple[int, int]:
         now = (daemon.fds(), daemon.threads())
         if now != last:
             last, stable_since = now, time.monotonic()
-        elif time.monotonic() - stable_since >= 0.5:
+        elif time.monotonic() - stable_since >= IDLE_SECONDS + 0.5:
             break
     return last
 
 
-def back_to(daemon: Daemon, baseline: tuple[int, int], timeout: float = 20.0) -> bool:
+def back_to(daemon: Daemon, baseline: tuple[int, int], timeout: float = IDLE_SECONDS + 20.0) -> bool:
+    """Whether the daemon's (fds, threads) return to ``baseline``: threads once its idle workers exited."""
     return wait_until(lambda: (daemon.fds(), daemon.threads()) == baseline, timeout, interval=0.1)
 
 
@@ -444,7 +450,7 @@ def test_flood_of_unfinished_handshakes(stack: Stack) -> None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
-    assert back_to(stack.backend, baseline, 30), (
+    assert back_to(stack.backend, baseline, IDLE_SECONDS + 30), (
         f"backend: fds {stack.backend.fds()}, threads {stack.backend.threads()}; baseline {baseline}")
     assert stack.backend.log.count("Traceback") == tracebacks, stack.backend.log[-3000:]
     assert_serves(stack)

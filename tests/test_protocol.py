@@ -500,3 +500,83 @@ def test_binary_messages_keep_the_size_limit() -> None:
     with pytest.raises(ProtocolViolation) as caught:
         decoder.feed(b"x" * (GO_FRONTEND_MESSAGE_BYTES + 1), binary=True, message_finished=True)
     assert caught.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+# ---------------------------------------------------------------------------
+# FrameParser: what the frontend reads from a server
+
+
+def server_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    return bytes([(0x80 if fin else 0) | opcode]) + protocol.frame_header(opcode, len(payload))[1:] + payload
+
+
+def all_frames(parser: protocol.FrameParser) -> list[protocol.Frame]:
+    frames = []
+    while (frame := parser.next_frame()) is not None:
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 200000])
+def test_frame_parser_reads_every_length_encoding_fed_a_byte_at_a_time_or_whole(length: int) -> None:
+    payload = pattern(length)
+    wire = server_frame(protocol.OPCODE_BINARY, payload) + server_frame(protocol.OPCODE_TEXT, b"ab")
+    whole = protocol.FrameParser(1 << 20)
+    whole.feed(wire)
+    expected = [protocol.Frame(protocol.OPCODE_BINARY, True, payload),
+                protocol.Frame(protocol.OPCODE_TEXT, True, b"ab")]
+    assert all_frames(whole) == expected
+    pieces = protocol.FrameParser(1 << 20)
+    got = []
+    step = 1 if length < 1000 else 997
+    for start in range(0, len(wire), step):
+        pieces.feed(wire[start:start + step])
+        got += all_frames(pieces)
+    assert got == expected
+
+
+def test_frame_parser_keeps_fragments_and_control_frames_apart() -> None:
+    parser = protocol.FrameParser(1 << 20)
+    parser.feed(server_frame(protocol.OPCODE_TEXT, b"61", fin=False) + server_frame(protocol.OPCODE_PING, b"p")
+                + server_frame(protocol.OPCODE_CONTINUATION, b"62"))
+    assert [(f.opcode, f.fin, f.payload) for f in all_frames(parser)] == [
+        (protocol.OPCODE_TEXT, False, b"61"), (protocol.OPCODE_PING, True, b"p"),
+        (protocol.OPCODE_CONTINUATION, True, b"62")]
+
+
+def test_frame_parser_compacts_its_buffer_over_many_frames() -> None:
+    parser = protocol.FrameParser(1 << 20)
+    frame = server_frame(protocol.OPCODE_BINARY, b"x" * 1000)
+    stream, step, got = frame * 900, 300 * len(frame) + 10, 0  # reads never end on a frame boundary
+    for start in range(0, len(stream), step):
+        parser.feed(stream[start:start + step])
+        got += len(all_frames(parser))
+        assert len(parser._buffer) < step + len(frame)  # consumed bytes do not pile up
+    assert got == 900
+
+
+@pytest.mark.parametrize(("wire", "code"), [
+    (bytes([0x81 | 0x40, 0]), CloseCode.PROTOCOL_ERROR),  # RSV1 without an extension
+    (bytes([0x83, 0]), CloseCode.PROTOCOL_ERROR),  # reserved opcode
+    (bytes([0x81, 0x80 | 1]) + b"key!x", CloseCode.PROTOCOL_ERROR),  # masked by the server
+    (bytes([0x09, 0]), CloseCode.PROTOCOL_ERROR),  # fragmented ping
+    (bytes([0x88, 126, 0, 200]) + b"x" * 200, CloseCode.PROTOCOL_ERROR),  # control frame over 125 bytes
+    (bytes([0x82, 127]) + (1 << 63).to_bytes(8, "big"), CloseCode.PROTOCOL_ERROR),  # top length bit
+    (bytes([0x82, 127]) + (1 << 40).to_bytes(8, "big"), CloseCode.MESSAGE_TOO_BIG),  # refused by its header
+])
+def test_frame_parser_refuses_malformed_frames(wire: bytes, code: CloseCode) -> None:
+    parser = protocol.FrameParser(GO_FRONTEND_MESSAGE_BYTES)
+    parser.feed(wire)
+    with pytest.raises(ProtocolViolation) as caught:
+        parser.next_frame()
+    assert caught.value.code == code
+
+
+def test_frame_parser_limit_is_the_declared_length() -> None:
+    parser = protocol.FrameParser(100)
+    parser.feed(server_frame(protocol.OPCODE_BINARY, b"x" * 100))
+    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, b"x" * 100)
+    parser.feed(server_frame(protocol.OPCODE_BINARY, b"x" * 101)[:4])  # the header alone is enough
+    with pytest.raises(ProtocolViolation) as caught:
+        parser.next_frame()
+    assert caught.value.code == CloseCode.MESSAGE_TOO_BIG

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.workers import IDLE_SECONDS
 from tests.conftest import Pair, start_pair
 from tests.helpers import (
     TcpServer,
@@ -202,7 +203,11 @@ def test_without_half_close_a_fin_closes_the_whole_tunnel(tmp_path: Path) -> Non
 
 
 def test_nothing_survives_closed_tunnels(pair: Pair) -> None:
-    """200 tunnels opened and closed: fds and threads of both daemons return to idle."""
+    """200 tunnels opened and closed: fds and threads of both daemons return to idle.
+
+    The fds at once; the threads once the pooled workers that ran the tunnels have
+    waited ``IDLE_SECONDS`` for more work and exited.
+    """
     time.sleep(0.3)
     baseline = {d: (d.fds(), d.threads()) for d in (pair.frontend, pair.backend)}
 
@@ -215,7 +220,8 @@ def test_nothing_survives_closed_tunnels(pair: Pair) -> None:
     with ThreadPoolExecutor(max_workers=20) as pool:
         list(pool.map(one, range(200)))
     for daemon, (fds, threads) in baseline.items():
-        assert wait_until(lambda d=daemon, f=fds, t=threads: (d.fds(), d.threads()) == (f, t), timeout=15), (
+        assert wait_until(lambda d=daemon, f=fds, t=threads: (d.fds(), d.threads()) == (f, t),
+                          timeout=IDLE_SECONDS + 15), (
             f"{daemon.args[0]}: fds {daemon.fds()} (idle {fds}), threads {daemon.threads()} (idle {threads})"
         )
 
@@ -309,6 +315,7 @@ def test_drain_timeout_resets_what_is_left(tmp_path: Path, echo_server: TcpServe
 
 
 def test_each_open_tunnel_costs_exactly_two_threads_per_daemon(pair: Pair) -> None:
+    """Two busy threads per tunnel in each daemon (pooled ones: nothing parked before the first tunnel)."""
     time.sleep(0.3)
     idle = {d: d.threads() for d in (pair.frontend, pair.backend)}
     clients = []
