@@ -72,7 +72,7 @@ install-app:
 	@# Built from a copy, so the source tree gets no build/ or egg-info from it.
 	src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 		cp -R setup.py setup.cfg pyproject.toml README.md bridge "$$src/" && \
-		'$(DESTDIR)$(APPVENV)/bin/python' -m pip install --quiet --disable-pip-version-check --no-compile "$$src[fast]"
+		'$(DESTDIR)$(APPVENV)/bin/python' -m pip install --quiet --disable-pip-version-check --no-compile "$$src[fast,metrics]"
 	@# Scripts, activate files and pyvenv.cfg name the venv by its staging path: point them at $(PREFIX).
 	@if [ -n '$(DESTDIR)' ]; then \
 		grep -rlIZF -- '$(DESTDIR)$(APPVENV)' '$(DESTDIR)$(APPVENV)' | \

@@ -188,15 +188,22 @@ class _ReadAhead:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self.extra = b""
+        self._buffer = b""
+        self._pos = 0
+
+    @property
+    def extra(self) -> bytes:
+        """What was read ahead and not yet taken."""
+        return self._buffer[self._pos:]
 
     def recv(self, size: int) -> bytes:
-        if not self.extra:
+        if self._pos >= len(self._buffer):
             data = self._sock.recv(max(size, 4096))
             if len(data) <= size:
                 return data
-            self.extra = data
-        chunk, self.extra = self.extra[:size], self.extra[size:]
+            self._buffer, self._pos = data, 0
+        chunk = self._buffer[self._pos:self._pos + size]
+        self._pos += len(chunk)
         return chunk
 
     def send(self, data: bytes) -> int:

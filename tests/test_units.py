@@ -204,6 +204,10 @@ def test_installed_venv_runs_in_place(installed: Path) -> None:
                              str(installed / "etc/tcpbridge/backend.yaml")],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
+    # The optional extras are installed: numpy (masking) and prometheus-client (metrics: only a YAML edit away).
+    result = subprocess.run([str(venv / "bin/python"), "-c", "import numpy, prometheus_client"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def can_unshare_mounts() -> bool:
