@@ -4,9 +4,9 @@ A stdlib ``ThreadingHTTPServer`` is the front door; the request-handler thread
 of an upgrade connects the route's target *before* answering (so an unreachable
 target gets a 502 with the reason, where the Go backend answers 101 and hangs
 up), sends the 101 itself, and then becomes one of the tunnel's two pump threads.
-Frames are parsed by wsproto driven directly with blocking reads: the reader does
-not read the websocket again until the target accepted the last bytes, which is
-the backpressure that keeps memory bounded when a target stalls.
+Frames are read and written by :mod:`bridge.framing` with blocking reads: the
+reader does not read the websocket again until the target accepted the last
+bytes, which is the backpressure that keeps memory bounded when a target stalls.
 """
 
 from __future__ import annotations
@@ -21,32 +21,24 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BufferedIOBase
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import wsproto.frame_protocol
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, Pong, TextMessage
-from wsproto.utilities import LocalProtocolError
-
 from bridge import __version__, passthrough, protocol
-from bridge.channel import RECV_CHUNK, SEND_CLOSE_WAIT, Receiver, SendLock, shutdown_socket
+from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
+from bridge.framing import FramedChannel
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
-from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
-from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id
+from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id
 
 log = logging.getLogger("tcpbridge.backend")
 
-# wsproto's frame decoder unmasks through this name; ours does the same work in C
-# (numpy, or one big-integer XOR) instead of per-byte translate tables.
-wsproto.frame_protocol.XorMaskerSimple = protocol.RotatingMasker  # type: ignore[misc,assignment]
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Seconds a connection may take to send a complete request (and may idle between kept-alive requests).
@@ -80,112 +72,28 @@ def _tokens(value: str | None) -> set[str]:
 # The websocket, server side
 
 
-class ServerChannel:
-    """A :class:`~bridge.tunnel.Channel` over an upgraded socket, framed by wsproto.
+class ServerChannel(FramedChannel):
+    """The server end of a tunnel's websocket, over the socket of an upgraded request.
 
-    ``binary_consented``: our 101 consented to binary messages, so the frontend's
-    switch marker is accepted; on receiving it the channel sends its own marker
-    and binary messages from then on (:mod:`bridge.protocol`).
+    ``received``: what the client sent after its request. ``binary_consented``:
+    our 101 consented to binary messages, so the frontend's switch marker is
+    accepted; on receiving it the channel sends its own marker after what it
+    sent so far, and binary messages from then on (:mod:`bridge.protocol`).
     """
 
     def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int, *,
                  binary_consented: bool = False) -> None:
-        self._sock = sock
-        self._conn = Connection(ConnectionType.SERVER)
-        self.send_lock = self._send_lock = SendLock()
-        self.sock = sock
-        self._decoder = MessageDecoder(max_message_bytes, switch_allowed=binary_consented)
-        self._receiver = Receiver(sock)
-        #: True once our switch marker is on the wire: our messages are binary from then on.
-        self.binary = False
-        self._last_received = time.monotonic()
-        self._conn.receive_data(received)
-        self._events: Iterator[Event] = self._conn.events()
+        super().__init__(sock, protocol.FrameParser(max_message_bytes, masked=True), max_message_bytes,
+                         switch_allowed=binary_consented, received=received)
 
-    def _send(self, event: Event) -> None:
-        try:
-            self._sock.sendall(self._conn.send(event))
-        except LocalProtocolError:
-            raise ChannelDropped("websocket is closing") from None
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
+        _send_all(self._sock, [protocol.frame_header(opcode, len(payload)), payload])
 
-    def send_data(self, data: bytes) -> None:
+    def _peer_switched(self) -> None:
         with self._send_lock.held():
-            # Data frames bypass wsproto's serialiser (it copied every payload twice);
-            # its state still decides whether data may be sent at all. The encoding is
-            # chosen under the lock: the switch marker may have gone out meanwhile.
-            if self._conn.state is not ConnectionState.OPEN:
-                raise ChannelDropped("websocket is closing")
-            if self.binary:
-                _send_all(self._sock, [protocol.frame_header(protocol.OPCODE_BINARY, len(data)), data])
-            else:
-                payload = protocol.encode(data)
-                _send_all(self._sock, [protocol.frame_header(protocol.OPCODE_TEXT, len(payload)), payload])
-
-    def send_end_of_stream(self) -> None:
-        with self._send_lock.held():
-            self._send(BytesMessage(data=b"") if self.binary else TextMessage(data=""))
-
-    def _switch_to_binary(self) -> None:
-        """The frontend switched: send our marker after what we sent so far, then binary only."""
-        with self._send_lock.held():
-            if self._conn.state is ConnectionState.OPEN:
-                self._send(BytesMessage(data=b""))
+            if not self._close_sent:
+                self._write_frame(protocol.OPCODE_BINARY, b"")
             self.binary = True
-
-    def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
-        def send() -> None:
-            if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                self._sock.sendall(self._conn.send(CloseConnection(code=code, reason=_reason(code, reason))))
-        return self._send_lock.try_send(send, wait=wait)
-
-    def send_ping(self) -> bool:
-        def send() -> None:
-            self._send(Ping(payload=b"tcpbridge"))
-        return self._send_lock.try_send(send, wait=0)
-
-    @property
-    def last_received(self) -> float:
-        return self._last_received
-
-    def receive(self) -> Received:
-        while True:
-            event = next(self._events, None)
-            if event is None:
-                self._read_more()
-                continue
-            if isinstance(event, Message):
-                result = self._decoder.feed(
-                    event.data, binary=isinstance(event, BytesMessage), message_finished=event.message_finished
-                )
-                if isinstance(result, protocol.SwitchToBinary):
-                    self._switch_to_binary()
-                elif result:
-                    return result
-            elif isinstance(event, Ping):
-                with self._send_lock.held():
-                    self._send(event.response())
-            elif isinstance(event, CloseConnection):
-                if self._conn.state is ConnectionState.OPEN:
-                    # wsproto reports a frame it could not parse as a close event
-                    # without changing state; the peer sent no close frame.
-                    raise ProtocolViolation(CloseCode(event.code), event.reason or "malformed frame")
-                return Closed(event.code, event.reason or "")
-            elif not isinstance(event, Pong):
-                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unexpected {type(event).__name__}")
-
-    def _read_more(self) -> None:
-        data = self._receiver.recv()
-        if not data:
-            raise ChannelDropped("connection closed without a close frame")
-        self._last_received = time.monotonic()
-        self._conn.receive_data(data)
-        self._events = self._conn.events()
-
-    def shutdown(self) -> None:
-        shutdown_socket(self._sock)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 #: Below this many bytes a frame is joined and sent with one ``sendall`` (cheaper than a gather).
@@ -205,11 +113,6 @@ def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
             views.pop(0)
         if views and sent:
             views[0] = views[0][sent:]
-
-
-def _reason(code: int, reason: str) -> str:
-    # wsproto sends the reason as given; keep the frame within 125 bytes.
-    return reason.encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
 
 
 # ---------------------------------------------------------------------------
@@ -439,14 +342,16 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             self._refuse(tunnel_id, refused)
             return
         try:
-            self._open_tunnel(listener, route, target, key, tunnel_id)
+            self._open_tunnel(listener, route, target, key, tunnel_id, release)
         finally:
             release()
 
-    def _open_tunnel(self, listener: Listener, route: str, target: Address, key: str, tunnel_id: str) -> None:
+    def _open_tunnel(self, listener: Listener, route: str, target: Address, key: str, tunnel_id: str,
+                     release: Callable[[], None]) -> None:
         try:
             sock = self._connect(listener, route, target)
         except UpgradeRefused as refused:
+            release()  # before answering: the client may try again the moment it reads the 502
             self._refuse(tunnel_id, refused)
             return
         self.close_connection = True
@@ -575,9 +480,14 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             raise UpgradeRefused(HTTPStatus.SERVICE_UNAVAILABLE,
                                  f"route {route!r} is full: max_tunnels {route_limit} live tunnels", retry)
 
-        def release() -> None:
-            one.release()
-            whole.release()
+        released = False
+
+        def release() -> None:  # idempotent: called early on a refusal, and always at the end
+            nonlocal released
+            if not released:
+                released = True
+                one.release()
+                whole.release()
         return release
 
     def _connect(self, listener: Listener, route: str, target: Address) -> socket.socket:

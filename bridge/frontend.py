@@ -26,17 +26,9 @@ from urllib.parse import urlsplit
 import websocket
 
 from bridge import protocol
-from bridge.channel import (
-    SEND_CLOSE_WAIT,
-    Receiver,
-    SendLock,
-    close_payload,
-    parse_close_payload,
-    shutdown_socket,
-)
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
+from bridge.framing import FramedChannel
 from bridge.listen import ListenError, bind_listener
-from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
 from bridge.stats import dial_failure_reason
@@ -48,7 +40,7 @@ from bridge.transport import (
     open_transport,
     tls_context,
 )
-from bridge.tunnel import ChannelDropped, Closed, Received, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
+from bridge.tunnel import ChannelDropped, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
 
@@ -63,13 +55,13 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # The websocket, client side
 
 
-class ClientChannel:
-    """A :class:`~bridge.tunnel.Channel` over the socket of an opened websocket (see :func:`dial`).
+class ClientChannel(FramedChannel):
+    """The client end of a tunnel's websocket, over the socket :func:`dial` opened.
 
-    websocket-client did the handshake; frames are built and parsed here
-    (:class:`~bridge.protocol.FrameParser`): one ``recv`` brings in as many frames
-    as have arrived, where websocket-client read each frame's header and payload
-    with separate system calls. ``received`` is what arrived right after the 101.
+    websocket-client did the handshake; frames are ours (:mod:`bridge.framing`):
+    one ``recv`` brings in as many frames as have arrived, where websocket-client
+    read each frame's header and payload with separate system calls.
+    ``received`` is what arrived right after the 101.
 
     With ``binary`` (the backend consented to binary messages in its 101) the
     channel sends the switch marker at once and binary messages after it, and
@@ -78,103 +70,27 @@ class ClientChannel:
 
     def __init__(self, sock: socket.socket, max_message_bytes: int, *, binary: bool = False,
                  received: bytes = b"") -> None:
-        self.sock = self._sock = sock
-        self.send_lock = self._send_lock = SendLock()
-        self._parser = protocol.FrameParser(max_message_bytes)
-        self._parser.feed(received)
-        self._receiver = Receiver(sock)
-        self._decoder = MessageDecoder(max_message_bytes, switch_allowed=binary)
-        self._in_message = False
-        self._binary = False
-        self._last_received = time.monotonic()
-        self.binary = binary
-        self._data_opcode = protocol.OPCODE_BINARY if binary else protocol.OPCODE_TEXT
+        super().__init__(sock, protocol.FrameParser(max_message_bytes), max_message_bytes,
+                         switch_allowed=binary, received=received)
         if binary:
             with self._send_lock.held():
-                self._send(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else
+                self._write_frame(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else
+            self.binary = True
 
-    def _send(self, opcode: int, payload: bytes) -> None:
-        """One masked frame; the caller holds the send lock."""
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
         key = os.urandom(4)
         self._sock.sendall(protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key))
 
     def send_data(self, data: bytes) -> None:
+        # Encoded and masked before taking the lock: the other threads only ever send small frames.
         payload = data if self.binary else protocol.encode(data)
         key = os.urandom(4)
-        frame = protocol.frame_header(self._data_opcode, len(payload), key) + protocol.mask(payload, key)
+        opcode = protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT
+        frame = protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key)
         with self._send_lock.held():
+            if self._close_sent:
+                raise ChannelDropped("websocket is closing")
             self._sock.sendall(frame)
-
-    def send_end_of_stream(self) -> None:
-        with self._send_lock.held():
-            self._send(self._data_opcode, b"")
-
-    def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
-        return self._send_lock.try_send(lambda: self._send(protocol.OPCODE_CLOSE, close_payload(code, reason)),
-                                        wait=wait)
-
-    def send_ping(self) -> bool:
-        return self._send_lock.try_send(lambda: self._send(protocol.OPCODE_PING, b"tcpbridge"), wait=0)
-
-    @property
-    def last_received(self) -> float:
-        return self._last_received
-
-    def receive(self) -> Received:
-        while True:
-            frame = self._receive_frame()
-            opcode = frame.opcode
-            if opcode == protocol.OPCODE_CLOSE:
-                return _closed(frame.payload)
-            if opcode == protocol.OPCODE_PING:
-                with self._send_lock.held():
-                    self._send(protocol.OPCODE_PONG, frame.payload)
-                continue
-            if opcode == protocol.OPCODE_PONG:
-                continue
-            if opcode == protocol.OPCODE_CONTINUATION:
-                if not self._in_message:
-                    raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "continuation frame outside a message")
-            elif self._in_message:
-                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
-            else:
-                self._binary = opcode == protocol.OPCODE_BINARY
-            self._in_message = not frame.fin
-            result = self._decoder.feed(frame.payload, binary=self._binary, message_finished=frame.fin)
-            if isinstance(result, protocol.SwitchToBinary):
-                continue  # the backend's messages are binary from here on; the decoder knows
-            if result:
-                return result
-
-    def _receive_frame(self) -> protocol.Frame:
-        while (frame := self._parser.next_frame()) is None:
-            data = self._receiver.recv()
-            if not data:
-                raise ChannelDropped("connection closed without a close frame")
-            self._last_received = time.monotonic()
-            self._parser.feed(data)
-        return frame
-
-    def shutdown(self) -> None:
-        shutdown_socket(self._sock)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-#: Close codes a peer may send (RFC 6455 section 7.4): 1004-1006 and 1015 never appear in a frame.
-def _valid_close_code(code: int) -> bool:
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code < 5000
-
-
-def _closed(payload: bytes) -> Closed:
-    """The peer's close frame, checked as RFC 6455 section 5.5.1 requires."""
-    if len(payload) == 1:
-        raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload")
-    code, reason = parse_close_payload(payload)
-    if payload and not _valid_close_code(code):
-        raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
-    return Closed(code, reason)
 
 
 class _ReadAhead:

@@ -252,9 +252,10 @@ def _bytes(payload: bytes | str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Data frames (RFC 6455 section 5.2). Our senders build data frames themselves:
-# the libraries' generic paths (pure-Python masking in websocket-client, frame
-# serialisation copies in wsproto) were most of the CPU of a bulk transfer.
+# Frames (RFC 6455 section 5.2), built and parsed here for both daemons: the
+# libraries' generic paths (pure-Python masking in websocket-client, frame
+# serialisation copies and per-frame event machinery in wsproto) were most of the
+# CPU of a bulk transfer, and then most of what a small message or a connection cost.
 
 OPCODE_TEXT: Final = 0x1
 OPCODE_BINARY: Final = 0x2
@@ -287,14 +288,17 @@ class Frame:
 
 
 class FrameParser:
-    """Splits the bytes a websocket *client* receives into frames (RFC 6455 section 5.2).
+    """Splits the bytes one websocket endpoint receives into frames (RFC 6455 section 5.2).
+
+    ``masked``: the frames come from a client, so each must be masked (and is
+    unmasked here); otherwise from a server, which must not mask.
 
     Contract: :meth:`feed` appends received bytes; :meth:`next_frame` returns the
     next complete frame, or None until more bytes arrive. It raises
     :class:`ProtocolViolation`, after which the parser is unusable:
 
     * 1002 for reserved bits set (no extension is ever negotiated), an unknown
-      opcode, a masked frame (a server must not mask), a control frame that is
+      opcode, masking that does not match ``masked``, a control frame that is
       fragmented or longer than 125 bytes, a 64-bit length with its top bit set;
     * 1009 for a data frame whose declared length exceeds ``max_payload``, as
       soon as the header arrives: memory stays bounded by ``max_payload`` plus
@@ -303,8 +307,9 @@ class FrameParser:
     Messages (continuation frames) are the caller's to reassemble.
     """
 
-    def __init__(self, max_payload: int) -> None:
+    def __init__(self, max_payload: int, *, masked: bool = False) -> None:
         self.max_payload = max_payload
+        self.masked = masked
         self._buffer = bytearray()
         self._offset = 0
 
@@ -322,8 +327,9 @@ class FrameParser:
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
         if opcode not in _OPCODES:
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
-        if second & _MASKED:
-            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "masked frame from the server")
+        if bool(second & _MASKED) != self.masked:
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "unmasked frame from the client" if self.masked
+                                    else "masked frame from the server")
         length, head = second & 0x7F, 2
         if length == 126:
             if available < 4:
@@ -341,11 +347,14 @@ class FrameParser:
         elif length > self.max_payload:
             raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG,
                                     f"message larger than max_message_bytes ({self.max_payload})")
+        key_at, head = pos + head, head + (4 if self.masked else 0)
         end = pos + head + length
         if len(buffer) < end:
             return None
         with memoryview(buffer) as view:
             payload = bytes(view[pos + head:end])
+        if self.masked and payload:
+            payload = mask(payload, bytes(buffer[key_at:key_at + 4]))
         self._consumed(end)
         return Frame(opcode, fin, payload)
 
@@ -396,23 +405,3 @@ def _mask_numpy(payload: bytes, key: bytes) -> bytes:
     for index in range(tail, len(out)):
         out[index] ^= key[index - tail]
     return bytes(out)
-
-
-class RotatingMasker:
-    """Unmasks a frame's payload chunk by chunk, the key rotating across chunks.
-
-    The interface of wsproto's ``XorMaskerSimple`` (``process``), which the
-    backend installs this in place of: wsproto's pure-Python unmasking was a
-    quarter of the backend's CPU on upload.
-    """
-
-    def __init__(self, masking_key: bytes | bytearray) -> None:
-        self._key = bytes(masking_key)
-
-    def process(self, data: bytes | bytearray) -> bytes:
-        if not data:
-            return b""
-        result = mask(bytes(data), self._key)
-        rotation = len(data) % 4
-        self._key = self._key[rotation:] + self._key[:rotation]
-        return result

@@ -400,12 +400,26 @@ def test_frame_header_uses_the_shortest_length_form(length: int, header_length: 
     assert masked[1] == 0x80 | marker and masked.endswith(b"abcd") and len(masked) == header_length + 4
 
 
-def test_rotating_masker_unmasks_a_payload_split_anywhere() -> None:
-    key, data = os.urandom(4), os.urandom(5003)
-    masked = protocol.mask(data, key)
-    for size in (1, 3, 4, 7, 333, 4096):
-        masker = protocol.RotatingMasker(key)
-        assert b"".join(masker.process(masked[i:i + size]) for i in range(0, len(masked), size)) == data
+@pytest.mark.parametrize("length", [0, 1, 5, 125, 126, 70000])
+def test_frame_parser_unmasks_client_frames_fed_in_any_pieces(length: int) -> None:
+    key, data = os.urandom(4), os.urandom(length)
+    wire = protocol.frame_header(protocol.OPCODE_BINARY, length, key) + protocol.mask(data, key)
+    for size in (1, 3, 7, 333, 4096, len(wire)):
+        parser = protocol.FrameParser(1 << 20, masked=True)
+        frames = []
+        for start in range(0, len(wire), size):
+            parser.feed(wire[start:start + size])
+            while (frame := parser.next_frame()) is not None:
+                frames.append(frame)
+        assert frames == [protocol.Frame(protocol.OPCODE_BINARY, True, data)]
+
+
+def test_frame_parser_in_server_mode_refuses_an_unmasked_frame() -> None:
+    parser = protocol.FrameParser(1 << 20, masked=True)
+    parser.feed(protocol.frame_header(protocol.OPCODE_TEXT, 2) + b"ab")
+    with pytest.raises(ProtocolViolation) as caught:
+        parser.next_frame()
+    assert caught.value.code == CloseCode.PROTOCOL_ERROR
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""One websocket endpoint over a connected socket: the :class:`~bridge.tunnel.Channel` both daemons use.
+
+Frames are read with :class:`~bridge.protocol.FrameParser` (one ``recv`` for
+everything that arrived) and written by us; what differs between the two ends
+is small and lives in the subclasses of :class:`FramedChannel`: the client
+masks what it writes (:class:`bridge.frontend.ClientChannel`), the server
+does not and answers the client's binary switch marker with its own
+(:class:`bridge.backend.ServerChannel`).
+
+Contract of every channel: whole frames are written under :attr:`send_lock`
+(two pump threads and the housekeeper share the socket); after our close frame
+nothing more is written (data raises :class:`~bridge.tunnel.ChannelDropped`);
+:meth:`receive` returns stream bytes,
+the end-of-stream marker or the peer's close, answers pings itself, and raises
+:class:`~bridge.protocol.ProtocolViolation` for anything the wire format forbids.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from bridge import protocol
+from bridge.channel import (
+    SEND_CLOSE_WAIT,
+    Receiver,
+    SendLock,
+    close_payload,
+    parse_close_payload,
+    shutdown_socket,
+)
+from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
+from bridge.tunnel import ChannelDropped, Closed, Received
+
+#: Close codes a peer may send (RFC 6455 section 7.4.1): 1004-1006 and 1015 never appear in a frame.
+_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def closed(payload: bytes) -> Closed:
+    """The peer's close frame, checked as RFC 6455 section 5.5.1 requires."""
+    if len(payload) == 1:
+        raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload")
+    code, reason = parse_close_payload(payload)
+    if payload and code not in _SENDABLE_CLOSE_CODES and not 3000 <= code < 5000:
+        raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+    return Closed(code, reason)
+
+
+class FramedChannel:
+    """The websocket half of a tunnel: frames in and out of ``sock``.
+
+    ``parser`` splits what arrives (``received``: bytes already read past the
+    handshake); ``switch_allowed``: the peer may send the binary switch marker.
+    Subclasses implement :meth:`_write_frame` and may react to the peer's switch
+    in :meth:`_peer_switched`.
+    """
+
+    def __init__(self, sock: socket.socket, parser: protocol.FrameParser, max_message_bytes: int, *,
+                 switch_allowed: bool, received: bytes = b"") -> None:
+        self.sock = self._sock = sock
+        self.send_lock = self._send_lock = SendLock()
+        self._parser = parser
+        self._parser.feed(received)
+        self._decoder = MessageDecoder(max_message_bytes, switch_allowed=switch_allowed)
+        self._receiver = Receiver(sock)
+        self._in_message = False
+        self._message_binary = False
+        self._last_received = time.monotonic()
+        self._close_sent = False
+        #: True once our messages are binary (after our switch marker).
+        self.binary = False
+
+    # -- writing (the caller of _write_frame holds the send lock) ---------------
+
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _peer_switched(self) -> None:
+        """The peer's messages are binary from now on; the decoder already knows."""
+
+    def send_data(self, data: bytes) -> None:
+        with self._send_lock.held():
+            if self._close_sent:
+                raise ChannelDropped("websocket is closing")
+            if self.binary:
+                self._write_frame(protocol.OPCODE_BINARY, data)
+            else:
+                self._write_frame(protocol.OPCODE_TEXT, protocol.encode(data))
+
+    def send_end_of_stream(self) -> None:
+        with self._send_lock.held():
+            if self._close_sent:
+                raise ChannelDropped("websocket is closing")
+            self._write_frame(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
+
+    def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
+        def send() -> None:
+            if not self._close_sent:
+                self._close_sent = True
+                self._write_frame(protocol.OPCODE_CLOSE, close_payload(code, reason))
+        return self._send_lock.try_send(send, wait=wait)
+
+    def send_ping(self) -> bool:
+        def send() -> None:
+            if not self._close_sent:
+                self._write_frame(protocol.OPCODE_PING, b"tcpbridge")
+        return self._send_lock.try_send(send, wait=0)
+
+    # -- reading --------------------------------------------------------------
+
+    @property
+    def last_received(self) -> float:
+        return self._last_received
+
+    def receive(self) -> Received:
+        while True:
+            frame = self._next_frame()
+            opcode = frame.opcode
+            if opcode == protocol.OPCODE_CLOSE:
+                return closed(frame.payload)
+            if opcode == protocol.OPCODE_PING:
+                with self._send_lock.held():
+                    if not self._close_sent:
+                        self._write_frame(protocol.OPCODE_PONG, frame.payload)
+                continue
+            if opcode == protocol.OPCODE_PONG:
+                continue
+            if opcode == protocol.OPCODE_CONTINUATION:
+                if not self._in_message:
+                    raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "continuation frame outside a message")
+            elif self._in_message:
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
+            else:
+                self._message_binary = opcode == protocol.OPCODE_BINARY
+            self._in_message = not frame.fin
+            result = self._decoder.feed(frame.payload, binary=self._message_binary, message_finished=frame.fin)
+            if isinstance(result, protocol.SwitchToBinary):
+                self._peer_switched()
+            elif result:
+                return result
+
+    def _next_frame(self) -> protocol.Frame:
+        while (frame := self._parser.next_frame()) is None:
+            data = self._receiver.recv()
+            if not data:
+                raise ChannelDropped("connection closed without a close frame")
+            self._last_received = time.monotonic()
+            self._parser.feed(data)
+        return frame
+
+    def shutdown(self) -> None:
+        shutdown_socket(self._sock)
+
+    def close(self) -> None:
+        self._sock.close()
