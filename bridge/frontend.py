@@ -40,7 +40,7 @@ from bridge.transport import (
     open_transport,
     tls_context,
 )
-from bridge.tunnel import ChannelDropped, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
+from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
 
@@ -80,17 +80,6 @@ class ClientChannel(FramedChannel):
     def _write_frame(self, opcode: int, payload: bytes) -> None:
         key = os.urandom(4)
         self._sock.sendall(protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key))
-
-    def send_data(self, data: bytes) -> None:
-        # Encoded and masked before taking the lock: the other threads only ever send small frames.
-        payload = data if self.binary else protocol.encode(data)
-        key = os.urandom(4)
-        opcode = protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT
-        frame = protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key)
-        with self._send_lock.held():
-            if self._close_sent:
-                raise ChannelDropped("websocket is closing")
-            self._sock.sendall(frame)
 
 
 class _ReadAhead:

@@ -40,7 +40,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Self, cast
 from urllib.parse import urlsplit, urlunsplit
 
 BRIDGE_PATH: Final = "/tcp-over-websocket-bridge/35218cb7-1201-4940-89e8-48d8f03fed96"
@@ -86,37 +86,34 @@ class ProtocolViolation(Exception):
         self.reason = reason
 
 
-class EndOfStream:
-    """The peer's end-of-stream marker: its TCP side will send nothing more."""
+class _Marker:
+    """A stream event that carries no data: one instance per subclass, named by :attr:`name`."""
 
-    _instance: EndOfStream | None = None
+    name = ""
+    _instances: ClassVar[dict[type, _Marker]] = {}
 
-    def __new__(cls) -> EndOfStream:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    def __new__(cls) -> Self:
+        if cls not in _Marker._instances:
+            _Marker._instances[cls] = super().__new__(cls)
+        return cast(Self, _Marker._instances[cls])
 
     def __repr__(self) -> str:
-        return "END_OF_STREAM"
+        return self.name
+
+
+class EndOfStream(_Marker):
+    """The peer's end-of-stream marker: its TCP side will send nothing more."""
+
+    name = "END_OF_STREAM"
+
+
+class SwitchToBinary(_Marker):
+    """The peer's switch marker: its messages are BINARY from now on (see the module docstring)."""
+
+    name = "SWITCH_TO_BINARY"
 
 
 END_OF_STREAM: Final = EndOfStream()
-
-
-class SwitchToBinary:
-    """The peer's switch marker: its messages are BINARY from now on (see the module docstring)."""
-
-    _instance: SwitchToBinary | None = None
-
-    def __new__(cls) -> SwitchToBinary:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "SWITCH_TO_BINARY"
-
-
 SWITCH_TO_BINARY: Final = SwitchToBinary()
 
 

@@ -209,11 +209,11 @@ class Tunnel:
         """Why the tunnel ended ("clean", "abort: ...", ...), or None while it runs."""
         return self._outcome
 
-    def run(self, workers: WorkerPool | None = None) -> str:
+    def run(self, workers: WorkerPool) -> str:
         """Pump until both directions end, close both sockets, and return the outcome.
 
-        The TCP-to-websocket direction runs on a thread from ``workers`` (a
-        throwaway pool if None); the other on the calling thread.
+        The TCP-to-websocket direction runs on a thread from ``workers``; the
+        other on the calling thread.
         """
         upstream_done = threading.Lock()
         upstream_done.acquire()
@@ -225,7 +225,7 @@ class Tunnel:
                 upstream_done.release()
 
         try:
-            (workers or WorkerPool(max_idle=0)).submit(upstream, name=f"tunnel-{self.id}-up")
+            workers.submit(upstream, name=f"tunnel-{self.id}-up")
         except RuntimeError as exc:  # "can't start new thread": out of threads
             self.abort(f"abort: cannot start the tunnel's thread ({exc})")
             self._release()

@@ -215,3 +215,12 @@ def running(*daemons: Daemon) -> Iterator[None]:
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+@contextlib.contextmanager
+def started(daemon: Daemon) -> Iterator[Daemon]:
+    """Wait until ``daemon`` is ready, yield it, and stop it on the way out."""
+    try:
+        yield daemon.wait_ready()
+    finally:
+        daemon.stop()

@@ -52,7 +52,17 @@ from tests.gopeer import (
     reassemble,
     shortest_length_bits,
 )
-from tests.helpers import Daemon, TcpServer, backend, free_port, frontend, recv_exactly, wait_until, write_yaml
+from tests.helpers import (
+    Daemon,
+    TcpServer,
+    backend,
+    free_port,
+    frontend,
+    recv_exactly,
+    started,
+    wait_until,
+    write_yaml,
+)
 
 VECTORS = Path(__file__).parent / "vectors"
 SIZES = [1, 4096, 100000]
@@ -148,18 +158,10 @@ def target(send: bytes = b"", half_close_after_send: bool = False) -> Iterator[T
 
 
 @contextlib.contextmanager
-def running(daemon: Daemon) -> Iterator[Daemon]:
-    try:
-        yield daemon.wait_ready()
-    finally:
-        daemon.stop()
-
-
-@contextlib.contextmanager
 def go_flags_backend(target_port: int) -> Iterator[int]:
     """Our backend started with the Go binary's flags; yields its websocket port."""
     port = free_port()
-    with running(backend(None, "--frontend-port", str(port), "--backend-port", str(target_port))):
+    with started(backend(None, "--frontend-port", str(port), "--backend-port", str(target_port))):
         yield port
 
 
@@ -170,7 +172,7 @@ def yaml_backend(tmp_path: Path, routes: dict[str, str]) -> Iterator[int]:
         "drain_timeout": 1,
         "listeners": [{"name": "main", "listen": f"127.0.0.1:{port}", "routes": routes}],
     })
-    with running(backend(config)):
+    with started(backend(config)):
         yield port
 
 
@@ -183,7 +185,7 @@ def yaml_frontend(tmp_path: Path, backend_url: str, **options: object) -> Iterat
         **options,
         "tunnels": [{"name": "t", "listen": f"127.0.0.1:{port}"}],
     })
-    with running(frontend(config)) as daemon:
+    with started(frontend(config)) as daemon:
         yield port, daemon
 
 
@@ -360,14 +362,14 @@ def test_backend_half_close_timeout_against_go_frontend(tmp_path: Path) -> None:
             "drain_timeout": 1, "half_close_timeout": 1,
             "listeners": [{"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": tcp.server.address}}],
         })
-        with running(backend(config)), go_frontend(port) as ws:
+        with started(backend(config)), go_frontend(port) as ws:
             assert ws.read_exactly(3) == b"bye"
-            started = time.monotonic()
+            marker_seen = time.monotonic()
             with pytest.raises(GoCloseError) as closed:
                 ws.read(timeout=6)  # skips the marker, then meets the close frame (and echoes it, like gorilla)
             assert closed.value.code == 1000
             assert ws.received[-1].raw == b"\x88\x02\x03\xe8"  # unmasked close 1000, no reason
-            assert 0.8 <= time.monotonic() - started <= 4.0
+            assert 0.8 <= time.monotonic() - marker_seen <= 4.0
             with pytest.raises(EOFError):
                 ws.recv_frame(timeout=5)  # then our backend hangs up
             assert wait_until(lambda: tcp.outcome is not None, 5)
@@ -453,7 +455,7 @@ def test_frontend_reads_go_backend_frames(size: int, rotation: int) -> None:
     assert frames == vector(f"backend_frames_{size}.bin")
     with GoBackend(rotation=rotation) as go:
         port = free_port()
-        with running(frontend(None, "--frontend-port", str(port), "--backend", f"ws://127.0.0.1:{go.port}")), \
+        with started(frontend(None, "--frontend-port", str(port), "--backend", f"ws://127.0.0.1:{go.port}")), \
                 client(port) as sock:
             sock.sendall(b"hi")
             conn = go.accept()
@@ -471,7 +473,7 @@ def test_frontend_reads_frames_sent_with_the_101() -> None:
     data = vector_pattern(5000)
     with GoBackend(greeting=go_backend_frames(data)) as go:
         port = free_port()
-        with running(frontend(None, "--frontend-port", str(port), "--backend", f"ws://127.0.0.1:{go.port}")), \
+        with started(frontend(None, "--frontend-port", str(port), "--backend", f"ws://127.0.0.1:{go.port}")), \
                 client(port) as sock:
             assert recv_exactly(sock, len(data), timeout=5) == data
             go.accept().sock.close()

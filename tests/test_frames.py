@@ -31,7 +31,6 @@ from tests.gopeer import (
     read_http_head,
 )
 from tests.helpers import (
-    Daemon,
     TcpServer,
     backend,
     echo_handler,
@@ -42,6 +41,7 @@ from tests.helpers import (
     recv_exactly,
     send_then_shutdown,
     sha256,
+    started,
     wait_until,
     write_yaml,
 )
@@ -51,14 +51,6 @@ OFFER = "X-Tcpbridge-Offer: binary-frames"
 
 # ---------------------------------------------------------------------------
 # Harness
-
-
-@contextlib.contextmanager
-def started(daemon: Daemon) -> Iterator[Daemon]:
-    try:
-        yield daemon.wait_ready()
-    finally:
-        daemon.stop()
 
 
 @contextlib.contextmanager
