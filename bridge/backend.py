@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
 import hmac
 import logging
 import socket
@@ -32,6 +31,7 @@ from bridge import __version__, passthrough, protocol
 from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.framing import FramedChannel
+from bridge.handshake import accept_token
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
@@ -40,7 +40,6 @@ from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id
 log = logging.getLogger("tcpbridge.backend")
 
 
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Seconds a connection may take to send a complete request (and may idle between kept-alive requests).
 HANDSHAKE_TIMEOUT = 30.0
 #: The header carrying a listener's or route's shared secret. Not ``Authorization``:
@@ -56,12 +55,6 @@ RETRY_AFTER_SECONDS = 5
 #: before the client has read the answer.
 DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 2.0
-
-
-def accept_token(key: str) -> str:
-    """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
-    digest = hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()
-    return base64.b64encode(digest).decode("ascii")
 
 
 def _tokens(value: str | None) -> set[str]:

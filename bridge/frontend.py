@@ -13,7 +13,6 @@ import errno
 import logging
 import math
 import os
-import re
 import socket
 import ssl
 import threading
@@ -23,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import websocket
-
-from bridge import protocol
+from bridge import handshake, protocol
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.framing import FramedChannel
+from bridge.handshake import HandshakeError
 from bridge.listen import ListenError, bind_listener
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
@@ -45,6 +43,8 @@ from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 log = logging.getLogger("tcpbridge.frontend")
 
 ACCEPT_BACKOFF = 0.1
+#: Bytes asked for per recv while the answer to the upgrade arrives (a 101 is ~200 bytes).
+RECV_HANDSHAKE = 4096
 #: Seconds between two "max_connections reached" warnings of one tunnel.
 REFUSAL_LOG_INTERVAL = 1.0
 #: accept() errors that mean "out of resources for now": back off instead of spinning.
@@ -58,10 +58,8 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 class ClientChannel(FramedChannel):
     """The client end of a tunnel's websocket, over the socket :func:`dial` opened.
 
-    websocket-client did the handshake; frames are ours (:mod:`bridge.framing`):
-    one ``recv`` brings in as many frames as have arrived, where websocket-client
-    read each frame's header and payload with separate system calls.
-    ``received`` is what arrived right after the 101.
+    Frames are read and written by :mod:`bridge.framing`: one ``recv`` brings in
+    as many frames as have arrived. ``received`` is what arrived right after the 101.
 
     With ``binary`` (the backend consented to binary messages in its 101) the
     channel sends the switch marker at once and binary messages after it, and
@@ -80,51 +78,6 @@ class ClientChannel(FramedChannel):
     def _write_frame(self, opcode: int, payload: bytes) -> None:
         key = os.urandom(4)
         self._sock.sendall(protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key))
-
-
-class _ReadAhead:
-    """The transport as websocket-client's handshake sees it.
-
-    websocket-client reads the 101 one byte per ``recv`` (two system calls each
-    with a timeout set); this reads ahead in one call and serves those bytes from
-    memory. Whatever followed the 101 (frames a target sent at once) is left in
-    :attr:`extra` for the channel.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = b""
-        self._pos = 0
-
-    @property
-    def extra(self) -> bytes:
-        """What was read ahead and not yet taken."""
-        return self._buffer[self._pos:]
-
-    def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._buffer):
-            data = self._sock.recv(max(size, 4096))
-            if len(data) <= size:
-                return data
-            self._buffer, self._pos = data, 0
-        chunk = self._buffer[self._pos:self._pos + size]
-        self._pos += len(chunk)
-        return chunk
-
-    def send(self, data: bytes) -> int:
-        return self._sock.send(data)
-
-    def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 # ---------------------------------------------------------------------------
@@ -178,22 +131,14 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
     via = f" via proxy {proxy}" if proxy else ""
     sock: socket.socket | None = None
     try:
-        sock = transport = open_transport(url, tunnel.tls, proxy, timeout)
-        reader = _ReadAhead(transport)
-        ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
-        ws.connect(  # type: ignore[no-untyped-call]
-            url,
-            socket=reader,
-            timeout=timeout,
-            header=header,
-            suppress_origin=True,
-        )
+        sock = open_transport(url, tunnel.tls, proxy, timeout)
+        opened = _handshake(sock, url, header, time.monotonic() + timeout)
     except DialError:
         _close_quietly(sock)
         raise
-    except websocket.WebSocketBadStatusException as exc:
+    except HandshakeError as exc:
         _close_quietly(sock)
-        raise DialError(f"backend refused the upgrade: {_status(exc)}") from None
+        raise DialError(f"websocket handshake failed: {exc}{via}") from None
     except ssl.SSLCertVerificationError as exc:
         _close_quietly(sock)
         raise DialError(f"TLS certificate verification failed: {exc.verify_message}{_trusted(exc, tunnel.tls)}{via}") \
@@ -201,7 +146,7 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
     except ssl.SSLError as exc:
         _close_quietly(sock)
         raise DialError(f"TLS handshake failed: {describe_error(exc)}{via}") from None
-    except (TimeoutError, websocket.WebSocketTimeoutException):
+    except TimeoutError:
         _close_quietly(sock)
         raise DialError(f"timed out after {timeout:g} s (connect_timeout){via}") from None
     except socket.gaierror as exc:
@@ -209,12 +154,52 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
     except OSError as exc:
         _close_quietly(sock)
         raise DialError(f"{describe_error(exc)}{via}") from None
-    except websocket.WebSocketException as exc:
-        _close_quietly(sock)
-        raise DialError(f"websocket handshake failed: {exc}{via}") from None
-    transport.settimeout(None)
-    # websocket-client keeps one value per header name: enough, since consent is a name we never send.
-    return Opened(transport, list((ws.getheaders() or {}).items()), reader.extra)
+    sock.settimeout(None)
+    return opened
+
+
+def _handshake(sock: socket.socket, url: str, header: list[str], deadline: float) -> Opened:
+    """Send the upgrade request for ``url`` over ``sock`` and read the answer (:mod:`bridge.handshake`).
+
+    The whole answer must arrive by ``deadline``; a refusal raises DialError naming its status.
+    """
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    key = handshake.new_key()
+    host = handshake.host_header(parts.hostname or "", parts.port or (443 if secure else 80), secure=secure)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    sock.sendall(handshake.upgrade_request(path, host, key, header))
+    received = b""
+    while (split := handshake.split_head(received)) is None:
+        received += _recv_by(sock, deadline, "the backend closed the connection before answering the upgrade")
+    head, rest = split
+    response = handshake.parse_response(head)
+    if response.status != 101:
+        body = _body(sock, response, rest, deadline)
+        raise DialError(f"backend refused the upgrade: {handshake.refusal_summary(response, body)}")
+    handshake.check_switch(response, key)
+    return Opened(sock, response.headers, rest)
+
+
+def _recv_by(sock: socket.socket, deadline: float, eof: str) -> bytes:
+    """One recv that gives up at ``deadline`` (TimeoutError); an orderly close raises HandshakeError(``eof``)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    sock.settimeout(left)
+    data = sock.recv(RECV_HANDSHAKE)
+    if not data:
+        raise HandshakeError(eof)
+    return data
+
+
+def _body(sock: socket.socket, response: handshake.Response, body: bytes, deadline: float) -> bytes:
+    """As much of a refusal's body as its summary needs: what came with the head, then up to its length."""
+    wanted = min(response.content_length() or 0, handshake.MAX_REFUSAL_BODY)
+    with contextlib.suppress(OSError, HandshakeError):
+        while len(body) < wanted:
+            body += _recv_by(sock, deadline, "")
+    return body
 
 
 def _trusted(exc: ssl.SSLCertVerificationError, tls: TlsOptions) -> str:
@@ -223,15 +208,6 @@ def _trusted(exc: ssl.SSLCertVerificationError, tls: TlsOptions) -> str:
         return ""
     return f" (checked against tls ca_file {tls.ca_file})" if tls.ca_file else \
         " (checked against the system CAs; set tls ca_file for a private CA)"
-
-
-def _status(exc: websocket.WebSocketBadStatusException) -> str:
-    # Never include the response headers: the Go backend echoes Authorization back.
-    status = f"HTTP {exc.status_code} {exc.status_message or ''}".rstrip()
-    text = (exc.resp_body or b"").decode("utf-8", "replace")
-    title = re.search(r"<title>([^<]*)</title>", text, re.IGNORECASE)  # an HTML error page (nginx)
-    body = [title.group(1)] if title else text.strip().splitlines()
-    return f"{status} ({body[0].strip()[:200]})" if body and body[0].strip() else status
 
 
 def _close_quietly(sock: socket.socket | None) -> None:
@@ -410,6 +386,7 @@ class Frontend:
             destination=redact_url(tunnel.url),
             options=tunnel.options,
             tcp_role="client",
+            tcp_first=True,  # most clients speak first (ssh, postgres, redis, http)
             tunnel_id=tunnel_id,
         )
         self.registry.run(pump)

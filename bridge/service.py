@@ -86,6 +86,10 @@ def set_log_level(level: str) -> None:
 
 
 def setup_logging(level: str) -> None:
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(message)s"))

@@ -271,11 +271,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def open_transport(url: str, tls: TlsOptions, proxy: ProxyChoice | None, timeout: float) -> socket.socket:
-    """Connect the TCP (and TLS, for wss://) connection a websocket URL needs.
-
-    Opening it ourselves, directly or through ``proxy``, keeps websocket-client
-    from applying ``http_proxy`` environment variables its own way.
-    """
+    """Connect the TCP (and TLS, for wss://) connection a websocket URL needs, directly or through ``proxy``."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     secure = parts.scheme == "wss"

@@ -158,6 +158,9 @@ def _shutdown(sock: socket.socket, how: int) -> None:
 class Tunnel:
     """Pumps bytes between ``tcp`` and ``channel`` until both directions end.
 
+    ``tcp_first``: the TCP side usually sends first (a frontend's client), so
+    the thread that calls :meth:`run` reads it.
+
     State, all guarded by ``_lock``: ``_sent_eof``/``_received_eof`` record the
     markers; ``_closing`` means we sent close 1000 and still deliver what the
     peer sent before it saw ours; ``_done`` means no more bytes move.
@@ -173,6 +176,7 @@ class Tunnel:
         destination: str,
         options: TunnelOptions,
         tcp_role: str = "TCP peer",
+        tcp_first: bool = False,
         tunnel_id: str | None = None,
     ) -> None:
         self.id = tunnel_id or new_tunnel_id()
@@ -181,6 +185,7 @@ class Tunnel:
         self.destination = destination
         self.options = options
         self.tcp_role = tcp_role
+        self.tcp_first = tcp_first
         self.bytes_to_ws = 0
         self.bytes_to_tcp = 0
         self.started = time.monotonic()
@@ -212,15 +217,17 @@ class Tunnel:
     def run(self, workers: WorkerPool) -> str:
         """Pump until both directions end, close both sockets, and return the outcome.
 
-        The TCP-to-websocket direction runs on a thread from ``workers``; the
-        other on the calling thread.
+        The calling thread pumps the direction whose bytes are expected first
+        (see ``tcp_first``), at once; the other direction runs on a thread from
+        ``workers``, which takes a wake-up to start.
         """
         upstream_done = threading.Lock()
         upstream_done.acquire()
+        first, second = (self._tcp_to_ws, self._ws_to_tcp) if self.tcp_first else (self._ws_to_tcp, self._tcp_to_ws)
 
         def upstream() -> None:
             try:
-                self._guarded(self._tcp_to_ws)
+                self._guarded(second)
             finally:
                 upstream_done.release()
 
@@ -230,7 +237,7 @@ class Tunnel:
             self.abort(f"abort: cannot start the tunnel's thread ({exc})")
             self._release()
             return self._outcome or "abort"
-        self._guarded(self._ws_to_tcp)
+        self._guarded(first)
         upstream_done.acquire()
         self._release()
         return self._outcome or "clean"

@@ -548,8 +548,7 @@ def test_a_go_backend_dropping_after_the_101_is_a_plain_abort(tmp_path: Path) ->
     """A Go backend whose target is down sends the 101, then hangs up without a close frame.
 
     The client is reset and the frontend logs an abort, not an internal error:
-    websocket-client drops its socket when a read finds the connection closed,
-    and the close frame the abort then tries to send must fail quietly.
+    the close frame the abort then tries to send must fail quietly.
     """
     with GoBackend() as go, yaml_frontend(tmp_path, f"ws://127.0.0.1:{go.port}") as (port, daemon), \
             client(port) as sock:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bridge.backend import accept_token
+from bridge import frontend as frontend_module
+from bridge import protocol
+from bridge.config import parse_frontend
+from bridge.handshake import accept_token
+from bridge.secrets import SecretResolver
+from bridge.transport import DialError
 from tests.helpers import Daemon, frontend, recv_all, recv_exactly, write_yaml
 
 
@@ -109,3 +116,119 @@ def test_bad_input_from_the_backend_closes_with_its_code_and_resets_the_client(
     assert fake.done.wait(10)
     assert fake.close_codes == [code]
     assert daemon.wait_for_log(reason)
+
+
+# ---------------------------------------------------------------------------
+# Dialing: what the frontend makes of each kind of answer to its upgrade
+
+
+class OneAnswer:
+    """Accepts one connection, reads the upgrade request, answers with ``parts`` (pausing ``pause`` between,
+    in pieces of ``chunk`` bytes if set), then waits for the frontend to hang up, or hangs up itself."""
+
+    def __init__(self, parts: list[bytes] | None = None, *, pause: float = 0.0, answer_key: bool = False,
+                 chunk: int = 0, hang_up: bool = False) -> None:
+        self.parts = parts or []
+        self.hang_up = hang_up
+        self.pause = pause
+        self.chunk = chunk
+        self.answer_key = answer_key
+        self.request = b""
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn, self.sock:
+            conn.settimeout(10)
+            while b"\r\n\r\n" not in self.request:
+                self.request += conn.recv(4096)
+            parts = self.parts
+            if self.answer_key:
+                key = next(line.split(b":", 1)[1].strip().decode() for line in self.request.split(b"\r\n")
+                           if line.lower().startswith(b"sec-websocket-key:"))
+                parts = [part.replace(b"{accept}", accept_token(key).encode()) for part in parts]
+            if self.chunk:
+                whole = b"".join(parts)
+                parts = [whole[i:i + self.chunk] for i in range(0, len(whole), self.chunk)]
+            for part in parts:
+                try:
+                    conn.sendall(part)
+                except OSError:
+                    return  # the frontend gave up (the tests that trickle want it to)
+                time.sleep(self.pause)
+            if self.hang_up:
+                return
+            with contextlib.suppress(OSError):
+                conn.recv(1)  # until the frontend hangs up
+
+
+def dial_to(server: OneAnswer, **options: object) -> frontend_module.Opened:
+    config = parse_frontend({"backend": f"ws://127.0.0.1:{server.port}", **options,
+                             "tunnels": [{"name": "t", "listen": "127.0.0.1:1"}]})
+    return frontend_module.dial(config.tunnels[0], SecretResolver(), environ={})
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
+def test_dial_sends_the_request_and_keeps_what_followed_the_101() -> None:
+    server = OneAnswer([SWITCH + b"Sec-WebSocket-Accept: {accept}\r\nX-Tcpbridge-Frames: binary\r\n\r\n\x82\x01x"],
+                       answer_key=True)
+    opened = dial_to(server)
+    try:
+        assert opened.received == b"\x82\x01x"
+        assert ("X-Tcpbridge-Frames", "binary") in opened.headers
+        assert opened.sock.gettimeout() is None  # the connect timeout must not end an idle tunnel
+    finally:
+        opened.sock.close()
+    start = f"GET {protocol.BRIDGE_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+    assert server.request.startswith(start.encode())
+
+
+def test_dial_reads_a_101_that_arrives_a_few_bytes_at_a_time() -> None:
+    server = OneAnswer([SWITCH + b"Sec-WebSocket-Accept: {accept}\r\n\r\n"], pause=0.001, answer_key=True, chunk=7)
+    dial_to(server).sock.close()
+
+
+@pytest.mark.parametrize(("parts", "message"), [
+    pytest.param([SWITCH + b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"],
+                 "websocket handshake failed: wrong Sec-WebSocket-Accept", id="wrong-accept"),
+    pytest.param([b"SSH-2.0-OpenSSH_9.6\r\n\r\n"], "websocket handshake failed: not an HTTP/1.1 response",
+                 id="not-http"),
+    pytest.param([b"HTTP/1.1 404 Not Found\r\nContent-Length: 24\r\n\r\n", b"no route 'x' (routes: a)"],
+                 "backend refused the upgrade: HTTP 404 Not Found (no route 'x' (routes: a))", id="body-later"),
+    pytest.param([b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n"],
+                 "backend refused the upgrade: HTTP 302 Found (redirects to https://elsewhere.example/)",
+                 id="redirect"),
+    pytest.param([b"HTTP/1.1 200 OK\r\n" + b"X-Filler: yyyyyyyy\r\n" * 2000],
+                 "websocket handshake failed: response head larger than 16384 bytes", id="endless-head"),
+])
+def test_dial_says_what_was_wrong_with_the_answer(parts: list[bytes], message: str) -> None:
+    server = OneAnswer(parts)
+    with pytest.raises(DialError) as raised:
+        dial_to(server)
+    assert str(raised.value) == message or str(raised.value).startswith(message)
+
+
+def test_dial_says_when_the_backend_hangs_up_without_answering() -> None:
+    with pytest.raises(DialError) as raised:
+        dial_to(OneAnswer(hang_up=True))
+    assert str(raised.value) == ("websocket handshake failed: "
+                                 "the backend closed the connection before answering the upgrade")
+
+
+def test_dial_gives_up_on_a_trickling_answer_at_connect_timeout() -> None:
+    server = OneAnswer([b"H"] * 200, pause=0.05)
+    started = time.monotonic()
+    with pytest.raises(DialError, match=r"timed out after 0.5 s \(connect_timeout\)"):
+        dial_to(server, connect_timeout=0.5)
+    assert time.monotonic() - started < 5  # a deadline for the whole answer, not a timeout per read
+
+
+def test_a_refusals_body_that_never_comes_does_not_hold_the_dial_past_its_deadline() -> None:
+    server = OneAnswer([b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\npartial"])
+    with pytest.raises(DialError, match=r"^backend refused the upgrade: HTTP 503 Service Unavailable \(partial\)$"):
+        dial_to(server, connect_timeout=0.5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.backend import accept_token
+from bridge.handshake import accept_token
 from tests.conftest import start_pair
 from tests.helpers import TcpServer, echo_handler, free_port, frontend, recv_all, recv_exactly, write_yaml
 
