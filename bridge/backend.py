@@ -80,7 +80,11 @@ class ServerChannel(FramedChannel):
                          switch_allowed=binary_consented, received=received)
 
     def _write_frame(self, opcode: int, payload: bytes) -> None:
-        _send_all(self._sock, [protocol.frame_header(opcode, len(payload)), payload])
+        header = protocol.frame_header(opcode, len(payload))
+        if len(payload) < _JOIN_BELOW:
+            self._sock.sendall(header + payload)
+        else:
+            _send_all(self._sock, [header, payload])
 
     def _peer_switched(self) -> None:
         with self._send_lock.held():
@@ -89,15 +93,13 @@ class ServerChannel(FramedChannel):
             self.binary = True
 
 
-#: Below this many bytes a frame is joined and sent with one ``sendall`` (cheaper than a gather).
+#: Below this many bytes a frame's header and payload are joined and sent with one ``sendall``
+#: (cheaper than a gather); above, copying the payload would cost more.
 _JOIN_BELOW = 16 * 1024
 
 
 def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
-    """``sendall`` of several buffers; large ones are not joined (``sendmsg`` gathers them)."""
-    if sum(len(part) for part in parts) < _JOIN_BELOW:
-        sock.sendall(b"".join(parts))
-        return
+    """``sendall`` of several buffers without joining them (``sendmsg`` gathers them)."""
     views = [memoryview(part) for part in parts if part]
     while views:
         sent = sock.sendmsg(views)

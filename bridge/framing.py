@@ -116,6 +116,10 @@ class FramedChannel:
         while True:
             frame = self._next_frame()
             opcode = frame.opcode
+            if opcode == protocol.OPCODE_BINARY and frame.fin and self._decoder.binary and not self._in_message:
+                # The data path once binary: a whole message in one frame is its bytes (the
+                # parser already held it to max_message_bytes); empty, it is end-of-stream.
+                return frame.payload or protocol.END_OF_STREAM
             if opcode == protocol.OPCODE_CLOSE:
                 return closed(frame.payload)
             if opcode == protocol.OPCODE_PING:

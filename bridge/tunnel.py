@@ -354,9 +354,6 @@ class Tunnel:
             log.exception("tunnel %s: internal error", self.id)
             self.abort(f"abort: internal error ({exc})")
 
-    def _stopped(self) -> bool:
-        return self._done or self._close_sent_at is not None
-
     def _tcp_to_ws(self) -> None:
         tcp, channel = self._tcp, self._channel
         while True:
@@ -365,7 +362,7 @@ class Tunnel:
             except OSError as exc:
                 self.abort(f"abort: {self.tcp_role} reset ({_describe(exc)})")
                 return
-            if self._stopped():
+            if self._done or self._close_sent_at is not None:
                 return
             if not data:
                 break
