@@ -79,12 +79,14 @@ class ServerChannel(FramedChannel):
         super().__init__(sock, protocol.FrameParser(max_message_bytes, masked=True), max_message_bytes,
                          switch_allowed=binary_consented, received=received)
 
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
+        return protocol.frame_header(opcode, len(payload)) + payload
+
     def _write_frame(self, opcode: int, payload: bytes) -> None:
-        header = protocol.frame_header(opcode, len(payload))
         if len(payload) < _JOIN_BELOW:
-            self._sock.sendall(header + payload)
+            self._sock.sendall(self._frame_bytes(opcode, payload))
         else:
-            _send_all(self._sock, [header, payload])
+            _send_all(self._sock, [protocol.frame_header(opcode, len(payload)), payload])
 
     def _peer_switched(self) -> None:
         with self._send_lock.held():

@@ -51,7 +51,8 @@ class FramedChannel:
 
     ``parser`` splits what arrives (``received``: bytes already read past the
     handshake); ``switch_allowed``: the peer may send the binary switch marker.
-    Subclasses implement :meth:`_write_frame` and may react to the peer's switch
+    Subclasses implement :meth:`_frame_bytes` (and may write large frames
+    their own way in :meth:`_write_frame`) and may react to the peer's switch
     in :meth:`_peer_switched`.
     """
 
@@ -72,8 +73,12 @@ class FramedChannel:
 
     # -- writing (the caller of _write_frame holds the send lock) ---------------
 
-    def _write_frame(self, opcode: int, payload: bytes) -> None:
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
+        """One whole frame as it goes on the wire."""
         raise NotImplementedError
+
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
+        self._sock.sendall(self._frame_bytes(opcode, payload))
 
     def _peer_switched(self) -> None:
         """The peer's messages are binary from now on; the decoder already knows."""
@@ -87,11 +92,17 @@ class FramedChannel:
             else:
                 self._write_frame(protocol.OPCODE_TEXT, protocol.encode(data))
 
-    def send_end_of_stream(self) -> None:
+    def send_end_of_stream(self, *, then_close: bool = False) -> None:
+        """The end-of-stream marker; with ``then_close``, close 1000 right behind it in the same write
+        (the peer then reads both with one ``recv``)."""
         with self._send_lock.held():
             if self._close_sent:
                 raise ChannelDropped("websocket is closing")
-            self._write_frame(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
+            marker = self._frame_bytes(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
+            if then_close:
+                self._close_sent = True
+                marker += self._frame_bytes(protocol.OPCODE_CLOSE, close_payload(CloseCode.NORMAL, ""))
+            self._sock.sendall(marker)
 
     def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
         def send() -> None:

@@ -75,9 +75,9 @@ class ClientChannel(FramedChannel):
                 self._write_frame(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else
             self.binary = True
 
-    def _write_frame(self, opcode: int, payload: bytes) -> None:
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
         key = os.urandom(4)
-        self._sock.sendall(protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key))
+        return protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key)
 
 
 # ---------------------------------------------------------------------------

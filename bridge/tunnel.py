@@ -83,8 +83,8 @@ class Channel(Protocol):
     def send_data(self, data: bytes) -> None:
         """Send ``data`` as one message. Raises OSError if the connection failed."""
 
-    def send_end_of_stream(self) -> None:
-        """Send the end-of-stream marker."""
+    def send_end_of_stream(self, *, then_close: bool = False) -> None:
+        """Send the end-of-stream marker; with ``then_close``, close 1000 in the same write."""
 
     def send_close(self, code: int, reason: str, *, wait: float = ...) -> bool:
         """Send a close frame; give up (return False) if a send in progress does not finish within ``wait`` s."""
@@ -378,10 +378,18 @@ class Tunnel:
             return
         with self._lock:
             self._sent_eof = True  # before the marker leaves: the peer may answer at once
+            # The peer's marker already came: ours is the last one, and close 1000 goes with it.
+            last = self._received_eof and not self._done and self._close_sent_at is None
+            if last:
+                self._outcome = "clean"
+                self._close_sent_at = time.monotonic()
         try:
-            channel.send_end_of_stream()
+            channel.send_end_of_stream(then_close=last)
         except OSError as exc:
             self.abort(f"abort: websocket send failed ({_describe(exc)})")
+            return
+        if last:
+            _shutdown(self._tcp, socket.SHUT_RD)
             return
         with self._lock:
             self._eof_on_wire = True
@@ -449,8 +457,7 @@ class Tunnel:
                 self._outcome = "clean" if self._sent_eof else "closed by peer"
         if answer:
             self._channel.send_close(CloseCode.NORMAL, "")
-        _shutdown(self._tcp, socket.SHUT_WR)
-        _shutdown(self._tcp, socket.SHUT_RD)  # wakes our reader, which then sees _done
+        _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees _done
 
     def _close(self, outcome: str) -> None:
         """Start a graceful end: send close 1000 and stop reading TCP.
