@@ -31,7 +31,7 @@ from bridge import __version__, passthrough, protocol
 from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.framing import FramedChannel
-from bridge.handshake import accept_token
+from bridge.handshake import accept_token, header_tokens
 from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
@@ -55,10 +55,6 @@ RETRY_AFTER_SECONDS = 5
 #: before the client has read the answer.
 DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 2.0
-
-
-def _tokens(value: str | None) -> set[str]:
-    return {token.strip().lower() for token in (value or "").split(",")}
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +384,8 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
     def _is_bridge_upgrade(self) -> bool:
         """A websocket upgrade on a bridge path: a tunnel (or a refusal), never passed through."""
         path = urlsplit(self.path).path
-        return protocol.route_for_path(path) is not None and "websocket" in _tokens(self.headers.get("Upgrade"))
+        upgrade = header_tokens([self.headers.get("Upgrade", "")])
+        return protocol.route_for_path(path) is not None and "websocket" in upgrade
 
     def _bridge_route(self) -> str:
         path = urlsplit(self.path).path
@@ -409,7 +406,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         return target
 
     def _check_upgrade(self) -> str:
-        if "upgrade" not in _tokens(self.headers.get("Connection")):
+        if "upgrade" not in header_tokens([self.headers.get("Connection", "")]):
             raise UpgradeRefused(HTTPStatus.BAD_REQUEST, "Connection header lacks 'Upgrade'")
         if self.headers.get("Sec-WebSocket-Version", "").strip() != "13":
             raise UpgradeRefused(HTTPStatus.UPGRADE_REQUIRED, "unsupported websocket version (need 13)",

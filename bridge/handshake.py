@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,6 +38,11 @@ MAX_REFUSAL_BODY: Final = 4096
 _STATUS_LINE = re.compile(r"HTTP/1\.[01] (\d{3})(?: (.*))?")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TITLE = re.compile(r"<title>([^<]*)</title>", re.IGNORECASE)
+
+
+def header_tokens(values: Iterable[str]) -> list[str]:
+    """The comma-separated tokens of header values (``Connection``, ``Upgrade``, ...), lower-cased, in order."""
+    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
 
 
 class HandshakeError(Exception):
@@ -63,7 +69,7 @@ class Response:
 
     def tokens(self, name: str) -> set[str]:
         """The lower-cased comma-separated tokens of every ``name`` header."""
-        return {token.strip().lower() for value in self.get_all(name) for token in value.split(",")} - {""}
+        return set(header_tokens(self.get_all(name)))
 
     def content_length(self) -> int | None:
         """The declared body length, or None if absent or not a single valid number."""

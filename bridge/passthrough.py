@@ -47,6 +47,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from bridge.config import Address, TunnelOptions
+from bridge.handshake import header_tokens
 
 log = logging.getLogger("tcpbridge.passthrough")
 
@@ -216,10 +217,6 @@ class _Framing:
     length: int = 0
 
 
-def _tokens(values: list[str]) -> list[str]:
-    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
-
-
 def _content_length(values: list[str]) -> int | None:
     """The one length that all Content-Length fields agree on (``5, 5`` is 5); ValueError otherwise."""
     lengths = {item.strip() for value in values for item in value.split(",")}
@@ -239,7 +236,7 @@ def _clean(value: str) -> str:
 
 def _end_to_end(items: list[tuple[str, str]], drop: set[str]) -> Headers:
     """``items`` without hop-by-hop fields, those named in ``Connection``, ``Proxy-*`` and ``drop``."""
-    named = set(_tokens([value for name, value in items if name.lower() == "connection"]))
+    named = set(header_tokens([value for name, value in items if name.lower() == "connection"]))
     kept: Headers = []
     for name, value in items:
         low = name.lower()
@@ -415,7 +412,7 @@ class Exchange:
 
     def _request_framing(self) -> _Framing:
         headers = self.handler.headers
-        codings = _tokens(headers.get_all("Transfer-Encoding") or [])
+        codings = header_tokens(headers.get_all("Transfer-Encoding") or [])
         if codings:
             if codings[-1] != "chunked":
                 raise PassthroughError(HTTPStatus.BAD_REQUEST, "a request Transfer-Encoding must end in chunked")
@@ -444,7 +441,7 @@ class Exchange:
 
     def _upgrade(self) -> str | None:
         headers = self.handler.headers
-        if "upgrade" not in _tokens(headers.get_all("Connection") or []):
+        if "upgrade" not in header_tokens(headers.get_all("Connection") or []):
             return None
         values = headers.get_all("Upgrade") or []
         return _clean(", ".join(values)) or None
@@ -468,7 +465,7 @@ class Exchange:
             headers.append(("X-Forwarded-Host", _clean(host)))
         if "x-forwarded-proto" not in names:
             headers.append(("X-Forwarded-Proto", "http"))
-        if "trailers" in _tokens(handler.headers.get_all("TE") or []):
+        if "trailers" in header_tokens(handler.headers.get_all("TE") or []):
             headers.append(("TE", "trailers"))
         if framing.kind == "length":
             headers.append(("Content-Length", str(framing.length)))
@@ -517,7 +514,7 @@ class Exchange:
         status = response.status
         if self.handler.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
             return _Framing("none")
-        codings = _tokens(response.headers.get_all("Transfer-Encoding") or [])
+        codings = header_tokens(response.headers.get_all("Transfer-Encoding") or [])
         if codings:
             return _Framing("chunked") if codings[-1] == "chunked" else _Framing("close")
         lengths = response.headers.get_all("Content-Length")
@@ -693,7 +690,7 @@ class Exchange:
         log.debug("listener %s: passthrough %s %s %s -> %d", self.listener, self._peer(), handler.command,
                   self._path(), response.status)
         reusable = (framing.kind != "close" and response.version == "HTTP/1.1"
-                    and "close" not in _tokens(response.headers.get_all("Connection") or []))
+                    and "close" not in header_tokens(response.headers.get_all("Connection") or []))
         if sender is not None and not sender.join(BODY_GRACE_SECONDS):
             # The origin answered without reading the whole body: drop both connections.
             handler.close_connection = True

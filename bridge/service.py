@@ -86,6 +86,8 @@ def set_log_level(level: str) -> None:
 
 
 def setup_logging(level: str) -> None:
+    # Documented logging optimisations: none of our formats shows the caller, thread or
+    # process, and looking them up costs every record (getpid() is a system call).
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

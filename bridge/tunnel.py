@@ -221,24 +221,27 @@ class Tunnel:
         (see ``tcp_first``), at once; the other direction runs on a thread from
         ``workers``, which takes a wake-up to start.
         """
-        upstream_done = threading.Lock()
-        upstream_done.acquire()
-        first, second = (self._tcp_to_ws, self._ws_to_tcp) if self.tcp_first else (self._ws_to_tcp, self._tcp_to_ws)
+        pooled_done = threading.Lock()
+        pooled_done.acquire()
+        if self.tcp_first:
+            first, second, second_name = self._tcp_to_ws, self._ws_to_tcp, "down"
+        else:
+            first, second, second_name = self._ws_to_tcp, self._tcp_to_ws, "up"
 
-        def upstream() -> None:
+        def pooled() -> None:
             try:
                 self._guarded(second)
             finally:
-                upstream_done.release()
+                pooled_done.release()
 
         try:
-            workers.submit(upstream, name=f"tunnel-{self.id}-up")
+            workers.submit(pooled, name=f"tunnel-{self.id}-{second_name}")
         except RuntimeError as exc:  # "can't start new thread": out of threads
             self.abort(f"abort: cannot start the tunnel's thread ({exc})")
             self._release()
             return self._outcome or "abort"
         self._guarded(first)
-        upstream_done.acquire()
+        pooled_done.acquire()
         self._release()
         return self._outcome or "clean"
 
@@ -379,10 +382,7 @@ class Tunnel:
         with self._lock:
             self._sent_eof = True  # before the marker leaves: the peer may answer at once
             # The peer's marker already came: ours is the last one, and close 1000 goes with it.
-            last = self._received_eof and not self._done and self._close_sent_at is None
-            if last:
-                self._outcome = "clean"
-                self._close_sent_at = time.monotonic()
+            last = self._received_eof and self._start_closing("clean")
         try:
             channel.send_end_of_stream(then_close=last)
         except OSError as exc:
@@ -466,15 +466,24 @@ class Tunnel:
         TCP side gets its FIN when the peer's close frame arrives.
         """
         with self._lock:
-            if self._done or self._close_sent_at is not None:
+            if not self._start_closing(outcome):
                 return
-            self._outcome = outcome
-            self._close_sent_at = time.monotonic()
         try:
             self._channel.send_close(CloseCode.NORMAL, "")
         except OSError:
             self._channel.shutdown()
         _shutdown(self._tcp, socket.SHUT_RD)
+
+    def _start_closing(self, outcome: str) -> bool:
+        """Record that close 1000 is about to leave with ``outcome``; False if the tunnel is already ending.
+
+        The caller holds ``_lock`` and sends the close frame.
+        """
+        if self._done or self._close_sent_at is not None:
+            return False
+        self._outcome = outcome
+        self._close_sent_at = time.monotonic()
+        return True
 
     def _release(self) -> None:
         self._channel.shutdown()
