@@ -1,5 +1,5 @@
 """Test support: a throwaway PKI made with the ``openssl`` CLI, and the system tools the TLS
-and proxy tests run for real (nginx, tinyproxy), each run privately from a temporary directory.
+and proxy tests run for real (nginx, tinyproxy, sshd), each run privately from a temporary directory.
 
 Nothing here touches the system's own configuration: every server gets its own config, pid and
 log files under the test's directory and listens on 127.0.0.1 only. The Debian packages are
@@ -24,7 +24,8 @@ import pytest
 from tests.helpers import free_port, wait_until
 
 #: binary -> the Debian package that provides it
-PACKAGES = {"openssl": "openssl", "nginx": "nginx-light", "tinyproxy": "tinyproxy"}
+PACKAGES = {"openssl": "openssl", "nginx": "nginx-light", "tinyproxy": "tinyproxy", "sshd": "openssh-server",
+            "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
 APT_TIMEOUT = 300.0
 START_TIMEOUT = 10.0
 

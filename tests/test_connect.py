@@ -31,6 +31,7 @@ from tests.helpers import (
     wait_until,
     write_yaml,
 )
+from tests.pki import require_tools
 
 TCPBRIDGE = str(BIN / "tcpbridge")
 TOKEN = "s3cret-token"
@@ -333,12 +334,7 @@ class Sshd:
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[Sshd]:
     """A throwaway OpenSSH server on 127.0.0.1 (its own config, host key and authorized key)."""
-    if not os.access(SSHD, os.X_OK):
-        pytest.skip(f"{SSHD} is not installed (apt-get install openssh-server)")
-    if not (os.access(SSH, os.X_OK) and os.access(SSH_KEYGEN, os.X_OK)):
-        pytest.skip("the OpenSSH client is not installed (apt-get install openssh-client)")
-    if os.geteuid() != 0:
-        pytest.skip("sshd must run as root to log a user in (privilege separation)")
+    require_tools("sshd", "ssh", "ssh-keygen")  # installs openssh-server/-client like nginx and tinyproxy
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep chroot
     directory = tmp_path / "ssh"
     directory.mkdir()

@@ -246,9 +246,14 @@ def recording() -> Iterator[RecordingBackend]:
 
 
 def connect_and_finish(port: int) -> None:
-    """One client connection through the frontend, ended by the backend's close."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client, \
-            contextlib.suppress(ConnectionResetError):
+    """One client connection through the frontend, ended by the backend's close.
+
+    The frontend resets a client whose websocket was refused; on loopback that reset can
+    arrive while ``create_connection`` still waits for its (non-blocking) connect to
+    complete, so a reset at connect is the same ending as a reset while reading.
+    """
+    with contextlib.suppress(ConnectionResetError), \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as client:
         recv_all(client, timeout=10)
 
 
