@@ -335,7 +335,8 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             self._refuse(tunnel_id, refused)
             return
         try:
-            self._open_tunnel(listener, route, target, key, tunnel_id, release)
+            with self.server.registry.opening(self.connection):  # a drain waits for it until its tunnel runs
+                self._open_tunnel(listener, route, target, key, tunnel_id, release)
         finally:
             release()
 

@@ -23,7 +23,8 @@ Exit statuses: 0 clean end; 1 the connection could not be opened or was
 aborted; 2 usage or configuration errors; 128+N after signal N aborted it
 (SIGINT at once; SIGHUP and SIGTERM after :data:`SIGNAL_GRACE` seconds in which
 the connection may still end cleanly, since ssh closes our stdin and then sends
-SIGHUP when it is done), quietly.
+SIGHUP when it is done; a SIGINT during that grace aborts at once), quietly.
+Signals are read through the daemons' mechanism, :class:`bridge.service.SignalQueue`.
 Apart from that one line, nothing is written to stderr at the default log level
 (``warning``): ssh shows the proxy command's stderr to its user.
 """
@@ -40,8 +41,8 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from bridge import config
@@ -49,7 +50,7 @@ from bridge.config import ConfigError, FrontendTunnel, redact_url
 from bridge.frontend import open_channel
 from bridge.protocol import CloseCode
 from bridge.secrets import SecretResolver
-from bridge.service import setup_logging
+from bridge.service import SignalQueue, setup_logging
 from bridge.transport import DialError
 from bridge.tunnel import Tunnel, TunnelRegistry
 
@@ -95,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP proxy: env (default: *_proxy variables), none, or http://host:port")
     parser.add_argument("--ca-file", metavar="PATH", help="wss://: trust this PEM CA bundle instead of the system's")
     parser.add_argument("--connect-timeout", type=float, metavar="SECONDS",
-                        help="TCP, TLS and websocket handshake together (default 10)")
+                        help="one deadline for TCP connect, proxy CONNECT, TLS and the websocket upgrade "
+                             "together (default 10)")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS, default="warning",
                         help="stderr log level (default %(default)s: only why a connection failed)")
 
@@ -226,6 +228,7 @@ def _pump(pump: Tunnel, ours: socket.socket, stdin: int, stdout: int, url: str) 
         outcome = registry.run(pump)
     finally:
         finished.set()
+        interrupt.signals.wake()  # its thread returns; the handlers stay, so a late SIGHUP cannot cut the output
         registry.stop()
     if outcome in CLEAN_OUTCOMES:
         output.join()  # everything received reaches stdout before we exit
@@ -336,32 +339,49 @@ def _strerror(exc: OSError) -> str:
 class _Interrupt:
     """SIGHUP, SIGINT and SIGTERM end the connection.
 
-    The handler only records the signal; a thread acts on it (a handler runs on
-    the main thread, which may hold the pump's lock). SIGINT aborts at once with
-    close 1001. After SIGHUP or SIGTERM the connection gets
-    :data:`SIGNAL_GRACE` seconds to end on its own first: ssh closes our stdin
-    and sends SIGHUP right away, before the half-close has gone round.
+    They are queued by a :class:`bridge.service.SignalQueue` and acted on by a
+    thread of ours (a handler runs on the main thread, which may hold the pump's
+    lock). SIGINT aborts at once with close 1001. After SIGHUP or SIGTERM the
+    connection gets :data:`SIGNAL_GRACE` seconds to end on its own first (ssh
+    closes our stdin and sends SIGHUP right away, before the half-close has gone
+    round); a SIGINT meanwhile cuts the grace short. ``signum`` is the signal
+    that aborted the connection (the exit status is 128 + it).
     """
 
     def __init__(self, pump: Tunnel, finished: threading.Event) -> None:
         self.signum: int | None = None
+        self.signals = SignalQueue()
         self._pump = pump
         self._finished = finished
-        self._received = threading.Event()
 
     def install(self) -> None:
-        for signum in INTERRUPTING_SIGNALS:
-            signal.signal(signum, self._handle)
+        self.signals.install(INTERRUPTING_SIGNALS)
         _start(self._act)
 
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.signum is None:
-            self.signum = signum
-        self._received.set()
-
     def _act(self) -> None:
-        self._received.wait()
-        if self.signum != signal.SIGINT and self._finished.wait(SIGNAL_GRACE):
+        signum = self._next(None)
+        if signum is None:
+            return  # the connection ended first
+        self.signum = signum
+        grace_ends = time.monotonic() + SIGNAL_GRACE
+        while self.signum != signal.SIGINT:
+            signum = self._next(grace_ends)
+            if signum is None:
+                break
+            if signum == signal.SIGINT:
+                self.signum = signum
+        if self._finished.is_set():
             return
-        name = signal.Signals(self.signum or signal.SIGTERM).name
+        name = signal.Signals(self.signum).name
         self._pump.abort(f"abort: interrupted by {name}", CloseCode.GOING_AWAY)
+
+    def _next(self, deadline: float | None) -> int | None:
+        """The next signal before ``deadline`` (monotonic; None: no limit); None once past it or finished."""
+        while not self._finished.is_set():
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return None
+            signum = self.signals.next(timeout)
+            if signum is not None:
+                return signum
+        return None

@@ -33,12 +33,14 @@ from bridge.stats import dial_failure_reason
 from bridge.transport import (
     NAME_MISMATCH_CODES,
     DialError,
+    DialTimeout,
     choose_proxy,
     describe_error,
     open_transport,
+    time_left,
     tls_context,
 )
-from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
+from bridge.tunnel import Opening, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
 
@@ -123,16 +125,25 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
 
     No Origin header and no extension offer are sent (the Go backend refuses
     both), and the connect timeout is removed once the handshake is done.
+
+    ``connect_timeout`` is one deadline for the whole dial, taken here at the start:
+    TCP connect, the proxy's CONNECT answer, TLS and the websocket upgrade together;
+    when it passes the DialError says in which of them.
     """
     url = tunnel.url
     timeout = tunnel.options.connect_timeout
+    deadline = time.monotonic() + timeout
     header = request_headers(tunnel, secrets)
     proxy = choose_proxy(url, tunnel.proxy, environ)
     via = f" via proxy {proxy}" if proxy else ""
     sock: socket.socket | None = None
     try:
-        sock = open_transport(url, tunnel.tls, proxy, timeout)
-        opened = _handshake(sock, url, header, time.monotonic() + timeout)
+        sock = open_transport(url, tunnel.tls, proxy, deadline)
+        opened = _handshake(sock, url, header, deadline)
+    except DialTimeout as exc:
+        _close_quietly(sock)
+        raise DialError(f"timed out after {timeout:g} s (connect_timeout) {exc.step}{'' if exc.at_proxy else via}") \
+            from None
     except DialError:
         _close_quietly(sock)
         raise
@@ -161,17 +172,26 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
 def _handshake(sock: socket.socket, url: str, header: list[str], deadline: float) -> Opened:
     """Send the upgrade request for ``url`` over ``sock`` and read the answer (:mod:`bridge.handshake`).
 
-    The whole answer must arrive by ``deadline``; a refusal raises DialError naming its status.
+    The request must be sent and the whole answer arrive by ``deadline`` (DialTimeout
+    naming the step if not); a refusal raises DialError naming its status.
     """
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
     key = handshake.new_key()
     host = handshake.host_header(parts.hostname or "", parts.port or (443 if secure else 80), secure=secure)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    sock.sendall(handshake.upgrade_request(path, host, key, header))
+    step = "sending the websocket upgrade request"
+    try:
+        sock.settimeout(time_left(deadline, step))
+        sock.sendall(handshake.upgrade_request(path, host, key, header))
+    except TimeoutError:
+        raise DialTimeout(step) from None
     received = b""
-    while (split := handshake.split_head(received)) is None:
-        received += _recv_by(sock, deadline, "the backend closed the connection before answering the upgrade")
+    try:
+        while (split := handshake.split_head(received)) is None:
+            received += _recv_by(sock, deadline, "the backend closed the connection before answering the upgrade")
+    except TimeoutError:
+        raise DialTimeout("waiting for the backend's answer to the websocket upgrade") from None
     head, rest = split
     response = handshake.parse_response(head)
     if response.status != 101:
@@ -315,9 +335,11 @@ class Frontend:
             if not self._take_slot(tunnel):
                 self._refuse(tunnel, client, peer)
                 continue
+            opening = self.registry.opening(client)  # from here until its tunnel runs, a drain waits for it
             try:
-                self.registry.workers.submit(self._serve, tunnel, client, peer, name=f"serve-{tunnel.name}")
+                self.registry.workers.submit(self._serve, tunnel, client, peer, opening, name=f"serve-{tunnel.name}")
             except RuntimeError as exc:  # "can't start new thread": out of threads
+                self.registry.end_opening(opening)
                 self._release_slot(tunnel)
                 log.error("tunnel %s: cannot serve %s: %s", tunnel.name, _peer(peer), exc)
                 reset_on_close(client)
@@ -356,9 +378,10 @@ class Frontend:
         log.warning("tunnel %s: refused %s: max_connections (%d) reached, connection reset%s",
                     tunnel.name, _peer(peer), tunnel.max_connections, more)
 
-    def _serve(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int], opening: Opening) -> None:
         try:
-            self._serve_counted(tunnel, client, peer)
+            with opening:  # ended by registry.run as it registers the tunnel, or when the dial failed
+                self._serve_counted(tunnel, client, peer)
         finally:
             self._release_slot(tunnel)
 

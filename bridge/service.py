@@ -1,11 +1,18 @@
 """Everything a daemon does as a process: logging, limits, readiness, and signals.
 
-All signal handling lives here, in :class:`Service`: handlers only queue the
-signal number and write a byte to a pipe; the main thread reads the queue and
-acts, so nothing complicated ever runs inside a signal handler.
+All signal handling lives here. :class:`SignalQueue` is the mechanism: a
+handler only queues the signal number and writes a byte to a pipe; a thread
+waiting on the pipe reads the queue and acts, so nothing complicated ever runs
+inside a signal handler. :class:`Service` (the daemons) and ``tcpbridge
+connect`` (:mod:`bridge.connect`) both use it. The daemons, like gunicorn's
+arbiter:
 
-* SIGTERM, SIGINT: stop accepting, let live tunnels finish for ``drain_timeout``
-  seconds, reset what is left, exit 0.
+* SIGTERM, SIGINT: stop accepting, then drain: let live tunnels, and
+  connections still opening (accepted, their websocket or target being
+  dialled), finish for up to ``drain_timeout`` seconds; reset what is left,
+  exit 0. Signals are still read during the drain: a second SIGTERM or SIGINT
+  ends it at once (what is left is reset, exit 0), and SIGHUP is ignored.
+* SIGQUIT: fast stop, at any time: stop accepting, reset every tunnel, exit 0.
 * SIGHUP: re-read the configuration and apply the difference (see the daemons'
   ``apply``); an invalid file or a port that cannot be bound is logged and the
   running configuration stays in force.
@@ -13,7 +20,8 @@ acts, so nothing complicated ever runs inside a signal handler.
 It speaks systemd's notify protocol when ``NOTIFY_SOCKET`` is set: ``READY=1``
 once every listener is bound, ``RELOADING=1``/``READY=1`` around a reload,
 ``STOPPING=1``, a live ``STATUS=`` line, and ``WATCHDOG=1`` pings while the
-housekeeping thread keeps ticking.
+housekeeping thread keeps ticking (during a drain too, so ``WatchdogSec``
+does not cut a long one short).
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any, Protocol
 
 from bridge import __version__
@@ -136,6 +146,64 @@ def sd_notify(message: str) -> bool:
 #: closing together) each re-asked for it every 5 ms, and the daemon spent 85 s of both CPUs
 #: on that contention before the last tunnel closed. With 0.2 s: 6 s, 5 of them the pool's idle exit.
 GIL_SWITCH_INTERVAL = 0.2
+#: How often a drain looks whether the last tunnel has ended (signals wake it at once).
+DRAIN_POLL = 0.05
+#: How long tunnels get to end after they were reset, before the daemon exits anyway.
+RESET_WAIT = 5.0
+
+
+class SignalQueue:
+    """Signals as a queue of numbers, read by one thread that waits on a self-pipe.
+
+    The handler only appends the number and writes a byte to the pipe: whatever
+    the signal means is done by the thread calling :meth:`next` (any thread;
+    handlers themselves always run on the main thread). Installing and restoring
+    handlers must happen on the main thread.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[int] = deque()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._previous: dict[int, Any] = {}
+
+    def install(self, signals: Iterable[int]) -> None:
+        """Queue ``signals`` from now on (instead of their previous handlers)."""
+        for signum in signals:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
+    def restore(self) -> None:
+        """Put the previous handlers back, and wake a thread waiting in :meth:`next`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        self.wake()
+
+    def next(self, timeout: float | None) -> int | None:
+        """The oldest queued signal, waiting for one up to ``timeout`` seconds (None: no limit).
+
+        None when none came: after ``timeout``, after :meth:`wake`, or now and
+        then earlier (callers loop).
+        """
+        if not self._queue:
+            select.select([self._read], [], [], timeout)
+        with contextlib.suppress(OSError):  # BlockingIOError: the pipe is empty
+            os.read(self._read, 512)
+        try:
+            return self._queue.popleft()
+        except IndexError:
+            return None
+
+    def wake(self) -> None:
+        """Make :meth:`next` return now, with a signal if one is queued, else None."""
+        with contextlib.suppress(OSError):  # BlockingIOError: full, so a wake-up is pending anyway
+            os.write(self._write, b".")
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self._queue.append(signum)
+        self.wake()
 
 
 class Service:
@@ -146,7 +214,9 @@ class Service:
     housekeeper have threads of their own.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    #: Signals that stop the daemon: SIGTERM and SIGINT with a drain, SIGQUIT at once.
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
     def __init__(self, daemon: Daemon, registry: TunnelRegistry, *, name: str,
                  load: Callable[[], Config], log_level_flag: str | None = None) -> None:
@@ -156,24 +226,21 @@ class Service:
         self.load = load
         self.log_level_flag = log_level_flag
         self.drain_timeout = 10.0
-        self._queue: list[int] = []
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
+        self.signals = SignalQueue()
         self._watchdog_interval = watchdog_interval()
         self._last_status = ""
         self._config: Config | None = None
         self._endpoints: list[Endpoint] = []  # the control socket and the metrics server
 
     def run(self, config: Config) -> int:
-        """Serve ``config`` until SIGTERM/SIGINT; return the exit status. Binding errors propagate."""
+        """Serve ``config`` until SIGTERM/SIGINT/SIGQUIT; return the exit status. Binding errors propagate."""
         raise_open_files_limit()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.drain_timeout = config.drain_timeout
         self._config = config
         self.daemon.bind()
         self._bind_endpoints(config)
-        self._install_handlers()
+        self.signals.install(self.SIGNALS)
         self.registry.start()
         self.daemon.start()
         for endpoint in self._endpoints:
@@ -181,9 +248,9 @@ class Service:
         sd_notify(f"READY=1\nSTATUS={self.status()}")
         log.info("%s ready: %s", self.name, self.daemon.describe())
         while True:
-            signum = self._next_signal(timeout=self._tick())
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                return self._stop(signal.Signals(signum).name)
+            signum = self.signals.next(timeout=self._tick())
+            if signum in self.STOP_SIGNALS:
+                return self._stop(signum)
             if signum == signal.SIGHUP:
                 self._reload()
 
@@ -247,24 +314,6 @@ class Service:
             endpoint.stop()
         self._endpoints.clear()
 
-    # -- signals --------------------------------------------------------------
-
-    def _install_handlers(self) -> None:
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self._queue.append(signum)
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_write, b".")
-
-    def _next_signal(self, timeout: float) -> int | None:
-        if not self._queue:
-            select.select([self._wake_read], [], [], timeout)
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_read, 512)
-        return self._queue.pop(0) if self._queue else None
-
     # -- periodic duties ------------------------------------------------------
 
     def _tick(self) -> float:
@@ -304,22 +353,66 @@ class Service:
             log.info("reload of %s done: %s", config.source, "; ".join(changes) if changes else "no changes")
         sd_notify(f"READY=1\nSTATUS={self.status()}")
 
-    def _stop(self, why: str) -> int:
+    def _stop(self, signum: int) -> int:
+        """Stop accepting, then drain (SIGTERM, SIGINT) or reset at once (SIGQUIT); the exit status."""
         sd_notify("STOPPING=1")
-        live = len(self.registry.active())
-        log.info("%s: %s received; no longer accepting, draining %d tunnels for up to %g s",
-                 self.name, why, live, self.drain_timeout)
-        self.daemon.close_listeners()
         started = time.monotonic()
-        if not self.registry.wait_idle(self.drain_timeout):
-            left = len(self.registry.active())
-            log.warning("%s: drain timeout: resetting %d tunnels still open", self.name, left)
-            self.registry.abort_all("abort: daemon shutting down")
-            self.registry.wait_idle(5.0)
+        self.daemon.close_listeners()
+        if signum == signal.SIGQUIT:
+            log.warning("%s: SIGQUIT: fast stop, resetting %s", self.name, self._left())
+            self._reset()
+        else:
+            log.info("%s: %s received; no longer accepting, draining %s for up to %g s "
+                     "(a second SIGTERM or SIGINT ends the drain at once)", self.name, signal.Signals(signum).name,
+                     self._left(), self.drain_timeout)
+            self._drain(started + self.drain_timeout)
         self.registry.stop()
         self._stop_endpoints()
-        log.info("%s stopped after %.1f s of draining", self.name, time.monotonic() - started)
+        log.info("%s stopped after %.1f s%s", self.name, time.monotonic() - started,
+                 "" if signum == signal.SIGQUIT else " of draining")
         return 0
+
+    def _drain(self, deadline: float) -> None:
+        """Wait until no tunnel is live or opening, reading signals meanwhile; reset what is left at ``deadline``.
+
+        A second SIGTERM or SIGINT, or SIGQUIT, ends the drain at once; SIGHUP is
+        ignored. STATUS= and watchdog pings carry on.
+        """
+        next_tick = time.monotonic()
+        while not self.registry.wait_idle(0):
+            now = time.monotonic()
+            if now >= deadline:
+                log.warning("%s: drain timeout: resetting %s", self.name, self._left())
+                self._reset()
+                return
+            if now >= next_tick:
+                next_tick = now + self._tick()
+            signum = self.signals.next(timeout=max(0.0, min(DRAIN_POLL, deadline - now, next_tick - now)))
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.warning("%s: second %s during the drain: resetting %s now", self.name,
+                            signal.Signals(signum).name, self._left())
+                self._reset()
+                return
+            if signum == signal.SIGQUIT:
+                log.warning("%s: SIGQUIT: fast stop, resetting %s", self.name, self._left())
+                self._reset()
+                return
+            if signum == signal.SIGHUP:
+                log.info("%s: SIGHUP during the drain: ignored (the daemon is stopping)", self.name)
+
+    def _left(self) -> str:
+        """The tunnels a drain waits for, for the log: "3 tunnels" or "3 tunnels (and 1 connection still opening)"."""
+        opening = self.registry.opening_count()
+        connections = "connection" if opening == 1 else "connections"
+        return f"{len(self.registry.active())} tunnels" + (f" (and {opening} {connections} still opening)"
+                                                            if opening else "")
+
+    def _reset(self) -> None:
+        """Reset every tunnel and refuse those still opening, then give the tunnels a moment to end."""
+        self.registry.abort_all("abort: daemon shutting down")
+        # Connections still opening are not waited for: their dial cannot be cut short, and the
+        # registry resets them as they finish, or the exit does.
+        self.registry.wait_idle(RESET_WAIT, opening=False)
 
     def _adopt(self, config: Config) -> None:
         """Remember a reloaded ``config``; ``metrics`` and ``control_socket`` are bound once, at start: say so."""

@@ -60,14 +60,14 @@ def dial_failure_reason(message: str) -> str:
     if status:
         return f"http_{status.group(1)}"
     lowered = message.lower()
+    if lowered.startswith("timed out"):  # whichever step ran out of connect_timeout (TLS, proxy CONNECT, ...)
+        return "timeout"
     if lowered.startswith(("proxy ", "cannot connect to proxy", "cannot resolve proxy")):
         return "proxy"
     if lowered.startswith("cannot read a header value"):
         return "secret"
     if "tls" in lowered.split(":", 1)[0] or lowered.startswith("cannot use tls"):
         return "tls"
-    if lowered.startswith("timed out"):
-        return "timeout"
     if lowered.startswith("cannot resolve host"):
         return "dns"
     if lowered.startswith("connection refused"):

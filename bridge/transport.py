@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import os
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -22,6 +25,32 @@ from bridge.config import TlsOptions, redact_url
 
 class DialError(Exception):
     """The websocket to the backend could not be opened; the message says why."""
+
+
+class DialTimeout(DialError):
+    """The dial's deadline (``connect_timeout``) passed during ``step``.
+
+    ``step`` says what was being waited for (``connecting to host:443``, ``during the
+    TLS handshake with host:443``, ...); ``at_proxy``: the step names the proxy itself,
+    so a "via proxy" suffix would repeat it. :func:`bridge.frontend.dial` turns this
+    into ``timed out after N s (connect_timeout) <step>``.
+    """
+
+    def __init__(self, step: str, *, at_proxy: bool = False) -> None:
+        super().__init__(f"timed out {step}")
+        self.step = step
+        self.at_proxy = at_proxy
+
+
+def time_left(deadline: float, step: str, *, at_proxy: bool = False) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value); DialTimeout(``step``) if it has passed.
+
+    Never 0, so a socket timeout set from it never means "non-blocking".
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DialTimeout(step, at_proxy=at_proxy)
+    return left
 
 
 #: Largest CONNECT reply head (status line and headers) read from a proxy.
@@ -141,8 +170,44 @@ def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to ``host:port`` tunnelled through ``proxy`` with HTTP CONNECT."""
+def connect_tcp(host: str, port: int, deadline: float, step: str, *, at_proxy: bool = False) -> socket.socket:
+    """A TCP connection to ``host:port``, each address tried with only the time left until ``deadline``.
+
+    Like ``socket.create_connection``, whose timeout applies to each address anew:
+    here all of them together get one deadline (DialTimeout(``step``) when it passes).
+    The name lookup itself cannot be bounded (``getaddrinfo`` blocks); socket.gaierror
+    and the first connect error propagate as they are.
+    """
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    first_error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        left = time_left(deadline, step, at_proxy=at_proxy)
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(left)
+            sock.connect(address)
+        except TimeoutError:
+            _close(sock)
+            raise DialTimeout(step, at_proxy=at_proxy) from None
+        except OSError as exc:
+            _close(sock)
+            first_error = first_error or exc
+            continue
+        except BaseException:
+            _close(sock)
+            raise
+        return sock
+    raise first_error or OSError(f"no address for {_authority(host, port)}")
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to ``host:port`` tunnelled through ``proxy`` with HTTP CONNECT, done by ``deadline``."""
     parts = urlsplit(proxy.url)
     if parts.scheme != "http":
         raise DialError(f"proxy {proxy}: only http:// proxies are supported, not {parts.scheme}://")
@@ -153,26 +218,26 @@ def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, timeout: float)
     if not proxy_host:
         raise DialError(f"proxy {proxy}: missing host")
     try:
-        sock = socket.create_connection((proxy_host, proxy_port), timeout=timeout)
+        sock = connect_tcp(proxy_host, proxy_port, deadline, f"connecting to proxy {proxy}", at_proxy=True)
     except socket.gaierror as exc:
         raise DialError(f"cannot resolve proxy {proxy}: {exc.strerror}") from None
-    except TimeoutError:
-        raise DialError(f"cannot connect to proxy {proxy}: timed out after {timeout:g} s") from None
     except OSError as exc:
         raise DialError(f"cannot connect to proxy {proxy}: {describe_error(exc)}") from None
+    step = f"waiting for proxy {proxy} to answer CONNECT"
     try:
         target = _authority(host, port)
         lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
         if parts.username is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials).decode("ascii"))
+        sock.settimeout(time_left(deadline, step, at_proxy=True))
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        status, reason = _read_proxy_reply(sock, proxy)
+        status, reason = _read_proxy_reply(sock, proxy, deadline, step)
         if not 200 <= status < 300:
             raise DialError(f"proxy {proxy} refused CONNECT {target}: HTTP {status} {reason}".rstrip())
     except TimeoutError:
         sock.close()
-        raise DialError(f"proxy {proxy} did not answer CONNECT in {timeout:g} s") from None
+        raise DialTimeout(step, at_proxy=True) from None
     except OSError as exc:
         sock.close()
         raise DialError(f"proxy {proxy} failed during CONNECT: {describe_error(exc)}") from None
@@ -182,15 +247,21 @@ def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, timeout: float)
     return sock
 
 
-def _read_proxy_reply(sock: socket.socket, proxy: ProxyChoice) -> tuple[int, str]:
-    """Read the CONNECT reply head, and not one byte past it; return (status, reason)."""
+def _read_proxy_reply(sock: socket.socket, proxy: ProxyChoice, deadline: float, step: str) -> tuple[int, str]:
+    """Read the CONNECT reply head, and not one byte past it, by ``deadline``; return (status, reason).
+
+    Each recv waits only for the time left, so a proxy trickling its reply cannot
+    stretch the dial (TimeoutError, or DialTimeout(``step``) once no time is left).
+    """
     head = b""
     while True:
+        sock.settimeout(time_left(deadline, step, at_proxy=True))
         peeked = sock.recv(MAX_PROXY_REPLY_BYTES + 1 - len(head), socket.MSG_PEEK)
         if not peeked:
             raise DialError(f"proxy {proxy} closed the connection before answering CONNECT")
         end = (head + peeked).find(b"\r\n\r\n")
         take = len(peeked) if end < 0 else end + 4 - len(head)
+        sock.settimeout(time_left(deadline, step, at_proxy=True))
         head += sock.recv(take)
         if end >= 0:
             break
@@ -270,23 +341,69 @@ def describe_error(exc: BaseException) -> str:
     return str(exc)
 
 
-def open_transport(url: str, tls: TlsOptions, proxy: ProxyChoice | None, timeout: float) -> socket.socket:
-    """Connect the TCP (and TLS, for wss://) connection a websocket URL needs, directly or through ``proxy``."""
+def open_transport(url: str, tls: TlsOptions, proxy: ProxyChoice | None, deadline: float) -> socket.socket:
+    """Connect the TCP (and TLS, for wss://) connection a websocket URL needs, directly or through ``proxy``.
+
+    Everything is done by ``deadline`` (a ``time.monotonic()`` value: the dial's one
+    ``connect_timeout``): the TCP connect, the proxy's CONNECT answer and the TLS
+    handshake each get only the time left, and DialTimeout says which step it ran out
+    in. The socket is returned in blocking mode with a timeout; callers set their own
+    from the deadline before each further operation.
+    """
     parts = urlsplit(url)
     host = parts.hostname or ""
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
     context = tls_context(tls) if secure else None  # a bad file fails before connecting
     if proxy is None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = connect_tcp(host, port, deadline, f"connecting to {_authority(host, port)}")
     else:
-        sock = _connect_via_proxy(proxy, host, port, timeout)
+        sock = _connect_via_proxy(proxy, host, port, deadline)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if context is not None:
-            sock = context.wrap_socket(sock, server_hostname=tls.server_name or host)
+            sock = _tls_handshake(sock, context, tls.server_name or host, deadline,
+                                  f"during the TLS handshake with {_authority(host, port)}")
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _tls_handshake(sock: socket.socket, context: ssl.SSLContext, server_name: str, deadline: float,
+                   step: str) -> ssl.SSLSocket:
+    """Wrap ``sock`` in TLS and finish the handshake by ``deadline`` (DialTimeout(``step``) if not).
+
+    The handshake is driven on a non-blocking socket, waiting with poll() for only
+    the time left, so a server trickling its answer cannot stretch it (a socket
+    timeout would be per read). SSL errors (verification, protocol) propagate. The
+    socket gets its previous timeout back when done; it is closed on failure.
+    """
+    timeout = sock.gettimeout()
+    tls_sock = context.wrap_socket(sock, server_hostname=server_name, do_handshake_on_connect=False)
+    try:
+        tls_sock.setblocking(False)
+        poller = select.poll()
+        registered = False
+        while True:
+            try:
+                tls_sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            left = time_left(deadline, step)
+            if registered:
+                poller.modify(tls_sock, events)
+            else:
+                poller.register(tls_sock, events)
+                registered = True
+            if not poller.poll(math.ceil(left * 1000)):
+                time_left(deadline, step)  # raises once the deadline has passed; else poll again
+        tls_sock.settimeout(timeout)
+    except BaseException:
+        tls_sock.close()
+        raise
+    return tls_sock

@@ -509,16 +509,45 @@ class Deadline:
         self.cancelled = True
 
 
+class Opening:
+    """One connection between its accept and its tunnel's registration: a dial in progress.
+
+    Made by :meth:`TunnelRegistry.opening`, and counted from then on, so a drain
+    waits for it as for a live tunnel. Enter it (``with``) on the thread that
+    dials and then calls :meth:`TunnelRegistry.run`: ``run`` ends it as it
+    registers the tunnel, and leaving the block ends it otherwise (the open failed).
+    """
+
+    def __init__(self, registry: TunnelRegistry, sock: socket.socket | None) -> None:
+        self.registry = registry
+        #: The accepted connection: set to reset (not close) at exit when the daemon aborts its tunnels.
+        self.sock = sock
+
+    def __enter__(self) -> Opening:
+        self.registry.bind_opening(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.registry.end_opening(self)
+
+
 class TunnelRegistry:
     """The live tunnels of one daemon, its housekeeping thread and its worker threads.
 
     The housekeeper wakes every :data:`HOUSEKEEPING_INTERVAL` seconds to enforce
     per-tunnel timeouts and run due :class:`Deadline` actions; it is the only
     timer thread a daemon has.
+
+    Connections still opening (:meth:`opening`: accepted, dialling) count
+    towards :meth:`wait_idle` like live tunnels. After :meth:`abort_all` nothing
+    registers any more: a tunnel that finishes opening then is reset at once.
     """
 
     def __init__(self) -> None:
         self._tunnels: dict[str, Tunnel] = {}
+        self._opening: set[Opening] = set()
+        self._aborted = False  # abort_all ran: the daemon is going away
+        self._local = threading.local()  # .opening: the Opening entered on this thread
         self._deadlines: list[Deadline] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -541,11 +570,51 @@ class TunnelRegistry:
             self._thread.join()
         self.workers.close()
 
-    def add(self, tunnel: Tunnel) -> None:
-        with self._lock:
+    def add(self, tunnel: Tunnel) -> bool:
+        """Register ``tunnel``, ending the calling thread's :class:`Opening`; False after :meth:`abort_all`."""
+        opening: Opening | None = getattr(self._local, "opening", None)
+        self._local.opening = None
+        with self._changed:
+            if opening is not None:
+                self._opening.discard(opening)
+            if self._aborted:
+                self._changed.notify_all()
+                return False
             self._tunnels[tunnel.id] = tunnel
             self.total_opened += 1
             self.stats.tunnel_opened(tunnel.label)
+        return True
+
+    def opening(self, sock: socket.socket | None = None) -> Opening:
+        """Count a connection being opened (its accepted socket: ``sock``) until its tunnel runs or it fails.
+
+        Use it as ``with registry.opening(client):`` around the dial and :meth:`run`;
+        made on the accepting thread, it may be entered on the one that dials.
+        """
+        opening = Opening(self, sock)
+        with self._lock:
+            self._opening.add(opening)
+            if self._aborted:
+                self._reset_at_exit(opening)
+        return opening
+
+    def bind_opening(self, opening: Opening) -> None:
+        """Make ``opening`` the one :meth:`run` ends on this thread (:meth:`Opening.__enter__`)."""
+        self._local.opening = opening
+
+    def end_opening(self, opening: Opening) -> None:
+        """``opening`` is over (its tunnel runs, or it failed); idempotent (:meth:`Opening.__exit__`)."""
+        if getattr(self._local, "opening", None) is opening:
+            self._local.opening = None
+        with self._changed:
+            if opening in self._opening:
+                self._opening.remove(opening)
+                self._changed.notify_all()
+
+    def opening_count(self) -> int:
+        """How many connections are opening: accepted, not yet running a tunnel."""
+        with self._lock:
+            return len(self._opening)
 
     def remove(self, tunnel: Tunnel, outcome: str | None = None) -> None:
         """Forget ``tunnel``; with its ``outcome``, count it as ended (atomically, so byte totals never dip)."""
@@ -568,11 +637,11 @@ class TunnelRegistry:
             labels = self.stats.labels()
         return Snapshot(live, labels, self.stats.reload_counts(), now - self.stats.started_monotonic)
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no tunnel is live; return False if ``timeout`` passed first."""
+    def wait_idle(self, timeout: float, *, opening: bool = True) -> bool:
+        """Wait until no tunnel is live and (with ``opening``) none is opening; False if ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while self._tunnels:
+            while self._tunnels or (opening and self._opening):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -580,8 +649,16 @@ class TunnelRegistry:
         return True
 
     def run(self, tunnel: Tunnel) -> str:
-        """Run ``tunnel`` to its end on the calling thread, logging its open and close lines."""
-        self.add(tunnel)
+        """Run ``tunnel`` to its end on the calling thread, logging its open and close lines.
+
+        Registering it ends the thread's :class:`Opening`. After :meth:`abort_all`
+        it is not registered but reset at once (the daemon is going away).
+        """
+        if not self.add(tunnel):
+            log.info("tunnel %s [%s] reset: opened after the daemon started resetting its tunnels: %s -> %s",
+                     tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
+            tunnel.abort("abort: daemon shutting down", CloseCode.GOING_AWAY)
+            return tunnel.run(self.workers)  # ends at once, releasing both sockets
         log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
         outcome = "abort: internal error"
         try:
@@ -596,8 +673,23 @@ class TunnelRegistry:
         return outcome
 
     def abort_all(self, reason: str) -> None:
-        for tunnel in self.active():
+        """Reset every live tunnel (close ``reason``, 1001), for good: tunnels opened from now on are reset too.
+
+        Connections still opening are reset when the process exits (their dial
+        cannot be interrupted; whatever ends first, nothing of them registers).
+        """
+        with self._lock:
+            self._aborted = True
+            tunnels = list(self._tunnels.values())
+            for opening in self._opening:
+                self._reset_at_exit(opening)
+        for tunnel in tunnels:
             tunnel.abort(reason, CloseCode.GOING_AWAY)
+
+    @staticmethod
+    def _reset_at_exit(opening: Opening) -> None:
+        if opening.sock is not None:
+            reset_on_close(opening.sock)
 
     def call_at(self, when: float, action: Callable[[], None]) -> Deadline:
         """Run ``action`` on the housekeeper at ``when`` (within a tick); it must not block."""

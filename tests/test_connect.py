@@ -232,6 +232,21 @@ def test_a_signal_ends_a_live_connection_quietly(bridge: Bridge, signum: signal.
         assert time.monotonic() - started < 1.5
 
 
+def test_sigint_during_the_grace_after_sigterm_aborts_at_once(bridge: Bridge) -> None:
+    """As with the daemons' second signal: SIGINT cuts SIGTERM's grace short, and the status says SIGINT."""
+    proc = popen_connect(bridge.open_url, "--route", "echo")
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"ping\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"ping\n"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # only so that SIGTERM comes first (pending signals are delivered lowest number first)
+    proc.send_signal(signal.SIGINT)
+    status, _, err = finish(proc, timeout=15)
+    assert (status, err) == (128 + signal.SIGINT, b"")  # 128 + SIGTERM had the grace run out
+    assert bridge.daemon.wait_for_log("interrupted by SIGINT")
+
+
 def test_sighup_right_after_stdin_eof_still_ends_cleanly(bridge: Bridge) -> None:
     """What ssh does when it is done: close the proxy command's stdin, then SIGHUP it at once."""
     data = os.urandom(1 << 20)
