@@ -85,10 +85,13 @@ class ServerChannel(FramedChannel):
             _send_all(self._sock, [protocol.frame_header(opcode, len(payload)), payload])
 
     def _peer_switched(self) -> None:
-        with self._send_lock.held():
-            if not self._close_sent:
-                self._write_frame(protocol.OPCODE_BINARY, b"")
-            self.binary = True
+        """Answer with our own switch marker, without waiting (this is the reading thread).
+
+        The marker goes out when the send lock and room for it are there (see
+        :mod:`bridge.framing`); :attr:`binary` turns true only once it is on the
+        wire, so what we send until then stays hex, as the peer expects.
+        """
+        self._queue_control(switch=True)
 
 
 #: Below this many bytes a frame's header and payload are joined and sent with one ``sendall``

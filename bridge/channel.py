@@ -88,6 +88,44 @@ def send_queue_bytes(sock: socket.socket) -> int | None:
     return int(struct.unpack("i", raw)[0])
 
 
+def tcp_bytes_acked(sock: socket.socket) -> int | None:
+    """Bytes the peer's kernel has acknowledged on this connection so far (``tcpi_bytes_acked``), or None.
+
+    Only ever grows, and only when the peer takes bytes: window probes to a peer
+    whose receive window is closed do not move it.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+    except OSError:
+        return None
+    return int(struct.unpack_from("Q", info, 120)[0]) if len(info) >= 128 else None
+
+
+def send_progress(sock: socket.socket) -> tuple[int | None, int | None] | None:
+    """A value that changes whenever the peer takes bytes we wrote: (bytes acknowledged, send queue).
+
+    Compare two readings: equal means nothing moved in between. None when the
+    kernel tells neither (then progress cannot be told from a stall).
+    """
+    acked, queued = tcp_bytes_acked(sock), send_queue_bytes(sock)
+    return None if acked is None and queued is None else (acked, queued)
+
+
+def writable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    """Whether a small write (a few control frames, at most a few hundred bytes) to ``sock`` cannot block.
+
+    Waits at most ``timeout`` seconds (0: answers now). POLLOUT on a TCP socket
+    means at least a third of its send buffer is free, far more than such a
+    write needs. A failed socket counts as writable: the write then fails at once.
+    """
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLOUT)
+    except (OSError, ValueError):  # closed
+        return False
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
 def shutdown_socket(sock: socket.socket) -> None:
     """Shut a (possibly TLS) socket down in both directions, waking any blocked thread.
 
@@ -99,11 +137,12 @@ def shutdown_socket(sock: socket.socket) -> None:
 
 
 class SendLock:
-    """Serialises whole frames from the two pump threads; close frames may give up waiting.
+    """Serialises whole frames from the two pump threads and the housekeeper.
 
     It also tells whether the peer is keeping up: :attr:`sending` is true while a
-    frame is being written (a peer that stopped reading keeps it true), and
-    :attr:`last_send_done` is when the last write finished.
+    frame is being written with :meth:`held` (a peer that stopped reading keeps it
+    true), and :attr:`last_send_done` is when the last write finished.
+    :meth:`try_send` is for writes that must not wait long (control frames).
     """
 
     def __init__(self) -> None:
@@ -124,15 +163,21 @@ class SendLock:
         self.last_send_done = time.monotonic()
         self._lock.release()
 
-    def try_send(self, send: Callable[[], None], *, wait: float) -> bool:
-        """Run ``send`` under the lock; return False if the lock could not be had within ``wait`` seconds."""
+    def try_send(self, send: Callable[[], bool], *, wait: float) -> bool:
+        """Run ``send`` under the lock if the lock can be had within ``wait`` seconds (0: only if free now).
+
+        ``send`` returns whether it wrote anything; that is returned, and only then
+        does :attr:`last_send_done` advance. False too if the lock could not be had
+        or ``send`` raised OSError (the connection failed: the readers will see it).
+        """
         if not (self._lock.acquire(timeout=wait) if wait > 0 else self._lock.acquire(blocking=False)):
             return False
         try:
-            send()
-            return True
+            wrote = send()
         except OSError:
             return False
         finally:
-            self.last_send_done = time.monotonic()
             self._lock.release()
+        if wrote:
+            self.last_send_done = time.monotonic()
+        return wrote

@@ -13,11 +13,21 @@ nothing more is written (data raises :class:`~bridge.tunnel.ChannelDropped`);
 :meth:`receive` returns stream bytes,
 the end-of-stream marker or the peer's close, answers pings itself, and raises
 :class:`~bridge.protocol.ProtocolViolation` for anything the wire format forbids.
+
+**The reading thread never waits on a writer.** What it must answer (a pong, the
+server's switch marker) is recorded as *pending* and written at once only if the
+send lock is free and the socket has room right now; otherwise whoever next holds
+the lock writes it before its own frame, or :meth:`FramedChannel.flush_control`
+(the housekeeper, every tick) does once the socket has room. Only the latest
+ping is answered (RFC 6455 section 5.5.3 allows that). A reader blocked on a
+writer whose peer's reader is itself blocked on a writer would deadlock the two
+daemons; this is what keeps that from happening.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 from bridge import protocol
@@ -28,6 +38,7 @@ from bridge.channel import (
     close_payload,
     parse_close_payload,
     shutdown_socket,
+    writable,
 )
 from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
 from bridge.tunnel import ChannelDropped, Closed, Received
@@ -67,8 +78,15 @@ class FramedChannel:
         self._in_message = False
         self._message_binary = False
         self._last_received = time.monotonic()
+        #: Our close frame is decided (written or pending): no data, pongs or switch marker after it.
         self._close_sent = False
-        #: True once our messages are binary (after our switch marker).
+        # Control frames waiting for the send lock and room in the socket (see the module
+        # docstring), guarded by _control_lock, which is never held while writing.
+        self._control_lock = threading.Lock()
+        self._pending_pong: bytes | None = None
+        self._pending_switch = False
+        self._pending_close: bytes | None = None
+        #: True once our messages are binary (after our switch marker is on the wire).
         self.binary = False
 
     # -- writing (the caller of _write_frame holds the send lock) ---------------
@@ -83,39 +101,145 @@ class FramedChannel:
     def _peer_switched(self) -> None:
         """The peer's messages are binary from now on; the decoder already knows."""
 
+    def _queue_control(self, *, pong: bytes | None = None, switch: bool = False) -> None:
+        """Record a pong (replacing an unwritten one) or our switch marker, then try to write it without waiting.
+
+        Called by the reading thread: it never blocks. Nothing is recorded once our
+        close frame is decided.
+        """
+        with self._control_lock:
+            if self._close_sent:
+                return
+            if pong is not None:
+                self._pending_pong = pong
+            self._pending_switch = self._pending_switch or switch
+        self.flush_control()
+
+    def _has_pending(self) -> bool:
+        return self._pending_pong is not None or self._pending_switch or self._pending_close is not None
+
+    def _take_pending(self) -> tuple[bytes, bool]:
+        """The pending control frames as bytes, now no longer pending, and whether the switch marker is among them.
+
+        The caller holds the send lock, writes the bytes before anything else,
+        and then (if the marker was among them) sets :attr:`binary`. After our
+        close frame is decided only that frame is left to write.
+        """
+        with self._control_lock:
+            pong, switch, close = self._pending_pong, self._pending_switch, self._pending_close
+            self._pending_pong, self._pending_switch, self._pending_close = None, False, None
+            closing = self._close_sent
+        frames = b""
+        if switch and not closing:
+            frames += self._frame_bytes(protocol.OPCODE_BINARY, b"")
+        if pong is not None and not closing:
+            frames += self._frame_bytes(protocol.OPCODE_PONG, pong)
+        if close is not None:
+            frames += self._frame_bytes(protocol.OPCODE_CLOSE, close)
+        return frames, switch and not closing
+
+    def _write_pending(self) -> bool:
+        """Write the pending control frames (the caller holds the send lock); return whether there were any.
+
+        Blocks like any write when the socket is full: callers that must not block
+        check :func:`~bridge.channel.writable` first.
+        """
+        if not self._has_pending():
+            return False
+        frames, switched = self._take_pending()
+        if frames:
+            self._sock.sendall(frames)
+        if switched:
+            self.binary = True
+        return bool(frames)
+
+    def flush_control(self, wait: float = 0.0) -> bool:
+        """Write the pending control frames if the send lock and room for them can be had within ``wait`` s.
+
+        With ``wait`` 0 (the reader, the housekeeper) it never blocks. Returns
+        True when nothing is left pending.
+        """
+        if not self._has_pending():
+            return True
+        deadline = time.monotonic() + wait
+
+        def send() -> bool:
+            return writable(self._sock, deadline - time.monotonic()) and self._write_pending()
+
+        self._send_lock.try_send(send, wait=wait)
+        return not self._has_pending()
+
+    def _after_send(self) -> None:
+        """Called after releasing the send lock: what the reader queued meanwhile goes out now if it can."""
+        if self._has_pending():
+            self.flush_control()
+
     def send_data(self, data: bytes) -> None:
         with self._send_lock.held():
+            self._write_pending()
             if self._close_sent:
                 raise ChannelDropped("websocket is closing")
             if self.binary:
                 self._write_frame(protocol.OPCODE_BINARY, data)
             else:
                 self._write_frame(protocol.OPCODE_TEXT, protocol.encode(data))
+        self._after_send()
 
     def send_end_of_stream(self, *, then_close: bool = False) -> None:
         """The end-of-stream marker; with ``then_close``, close 1000 right behind it in the same write
         (the peer then reads both with one ``recv``)."""
         with self._send_lock.held():
-            if self._close_sent:
+            self._write_pending()
+            with self._control_lock:
+                closing = self._close_sent
+                self._close_sent = self._close_sent or then_close
+            if closing:
                 raise ChannelDropped("websocket is closing")
             marker = self._frame_bytes(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
             if then_close:
-                self._close_sent = True
                 marker += self._frame_bytes(protocol.OPCODE_CLOSE, close_payload(CloseCode.NORMAL, ""))
             self._sock.sendall(marker)
+        self._after_send()
 
     def send_close(self, code: int, reason: str, *, wait: float = SEND_CLOSE_WAIT) -> bool:
-        def send() -> None:
+        """Decide to close with ``code``, and write the close frame if the send lock and room for it come
+        within ``wait`` seconds (0: only if both are there now); never blocks longer.
+
+        Returns whether our close frame is on the wire. If not, it stays pending
+        (:meth:`flush_control` or the next holder of the send lock writes it); the
+        caller may instead give up on the connection. A second call changes
+        nothing but may still write the pending frame.
+        """
+        with self._control_lock:
             if not self._close_sent:
                 self._close_sent = True
-                self._write_frame(protocol.OPCODE_CLOSE, close_payload(code, reason))
-        return self._send_lock.try_send(send, wait=wait)
+                self._pending_close = close_payload(code, reason)
+                self._pending_pong, self._pending_switch = None, False
+        return self.flush_control(wait)
 
     def send_ping(self) -> bool:
-        def send() -> None:
-            if not self._close_sent:
-                self._write_frame(protocol.OPCODE_PING, b"tcpbridge")
-        return self._send_lock.try_send(send, wait=0)
+        """Write a ping, after any pending control frame, if that cannot block; return whether the ping went.
+
+        No ping follows our close frame.
+        """
+        pinged = False
+
+        def send() -> bool:
+            nonlocal pinged
+            if not writable(self._sock):
+                return False
+            frames, switched = self._take_pending()
+            pinged = not self._close_sent
+            if pinged:
+                frames += self._frame_bytes(protocol.OPCODE_PING, b"tcpbridge")
+            if frames:
+                self._sock.sendall(frames)
+            if switched:
+                self.binary = True
+            return bool(frames)
+
+        self._send_lock.try_send(send, wait=0)
+        return pinged
 
     # -- reading --------------------------------------------------------------
 
@@ -134,9 +258,7 @@ class FramedChannel:
             if opcode == protocol.OPCODE_CLOSE:
                 return closed(frame.payload)
             if opcode == protocol.OPCODE_PING:
-                with self._send_lock.held():
-                    if not self._close_sent:
-                        self._write_frame(protocol.OPCODE_PONG, frame.payload)
+                self._queue_control(pong=frame.payload)  # never waits for a send in progress
                 continue
             if opcode == protocol.OPCODE_PONG:
                 continue

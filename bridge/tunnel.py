@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge import protocol
-from bridge.channel import SendLock, failed_sockets, send_queue_bytes, unacknowledged_segments
+from bridge.channel import (
+    SEND_CLOSE_WAIT,
+    SendLock,
+    failed_sockets,
+    send_progress,
+    send_queue_bytes,
+    unacknowledged_segments,
+)
 from bridge.config import TunnelOptions
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.stats import LiveTunnel, Snapshot, Stats
@@ -71,6 +78,10 @@ class ChannelDropped(ConnectionError):
 
 Received = bytes | EndOfStream | Closed
 
+#: What :meth:`Tunnel._blocked_sends_moved` compares per socket: its :func:`~bridge.channel.send_progress`,
+#: or False while no write is blocked on it.
+_SendMark = tuple[int | None, int | None] | bool
+
 
 class Channel(Protocol):
     """One open websocket, as the pump sees it. Implemented by each daemon.
@@ -87,10 +98,18 @@ class Channel(Protocol):
         """Send the end-of-stream marker; with ``then_close``, close 1000 in the same write."""
 
     def send_close(self, code: int, reason: str, *, wait: float = ...) -> bool:
-        """Send a close frame; give up (return False) if a send in progress does not finish within ``wait`` s."""
+        """Decide to close and write the close frame if the send lock and room for it come within ``wait`` s.
+
+        Never blocks longer. Returns whether the frame is on the wire; if not, it
+        stays pending for :meth:`flush_control` or the next send.
+        """
 
     def send_ping(self) -> bool:
-        """Send a ping unless a send is in progress (then return False); never blocks."""
+        """Send a ping unless a send is in progress or the socket is full (then return False); never blocks."""
+
+    def flush_control(self, wait: float = ...) -> bool:
+        """Write pending control frames (a pong, a switch marker, a close) if that can be done within ``wait`` s
+        (0: without blocking); return True when nothing is left pending."""
 
     @property
     def last_received(self) -> float:
@@ -205,6 +224,7 @@ class Tunnel:
         self._ping_sent_at: float | None = None
         self._close_queue: int | None = None
         self._close_progress_at = 0.0
+        self._send_marks: tuple[_SendMark, _SendMark] | None = None
         self._pump_threads: set[int] = set()
 
     # -- public -------------------------------------------------------------
@@ -268,14 +288,20 @@ class Tunnel:
         self._channel.shutdown()
 
     def check_timeouts(self, now: float) -> None:
-        """Called by the housekeeper (it must not block): timeouts, keepalive pings, dead peers."""
+        """Called by the housekeeper (it must not block): timeouts, keepalive pings, dead peers.
+
+        Also writes the control frames the reader could not (a pong, a switch
+        marker, a close), once the socket has room. A blocked write counts as
+        activity only while it makes progress (:meth:`_blocked_sends_moved`).
+        """
         if self._done:
             return
+        self._channel.flush_control()
         if self._close_sent_at is not None:
             self._await_close_reply(now)
             return
-        if self._writing_tcp or self._channel.send_lock.sending:
-            self.last_activity = now  # bytes are waiting on a slow peer: busy, not idle
+        if self._blocked_sends_moved():
+            self.last_activity = now  # bytes are flowing to a slow peer: busy, not idle
         options = self.options
         idle = now - self.last_activity
         if options.idle_timeout and idle > options.idle_timeout:
@@ -284,6 +310,27 @@ class Tunnel:
             self._close("half-close timeout")
         elif options.ping_interval:
             self._keepalive(now)
+
+    def _blocked_sends_moved(self) -> bool:
+        """Whether a write blocked on either socket moved since the housekeeper's last look.
+
+        A write blocked on a peer that still takes bytes (its kernel acknowledges
+        more, or the send queue changes) is busy; one on a peer that took nothing
+        since the last tick is not, so a tunnel wedged because neither end reads
+        idles out. When the kernel cannot tell, a blocked write counts as busy.
+        """
+        writing_tcp, sending = self._writing_tcp, self._channel.send_lock.sending
+        if not (writing_tcp or sending):
+            self._send_marks = None
+            return False
+        tcp_mark = send_progress(self._tcp) if writing_tcp else False
+        ws_mark = send_progress(self._channel.sock) if sending else False
+        if tcp_mark is None or ws_mark is None:
+            return True
+        marks = (tcp_mark, ws_mark)
+        moved = marks != self._send_marks
+        self._send_marks = marks
+        return moved
 
     def _await_close_reply(self, now: float) -> None:
         """Give up on the peer's close frame after CLOSE_HANDSHAKE_TIMEOUT without progress.
@@ -455,21 +502,27 @@ class Tunnel:
             answer = self._close_sent_at is None
             if answer:
                 self._outcome = "clean" if self._sent_eof else "closed by peer"
-        if answer:
-            self._channel.send_close(CloseCode.NORMAL, "")
+        # This is the reading thread: the answer may wait a bounded time for a send in
+        # progress and for room, never longer. A peer that closed reads until it has our
+        # close frame; if our frames still cannot move, it is not reading them, and a RST
+        # (as in abort) ends the connection and wakes our writer blocked on it.
+        if answer and not self._channel.send_close(CloseCode.NORMAL, "", wait=SEND_CLOSE_WAIT):
+            reset_now(self._channel.sock)
         _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees _done
 
     def _close(self, outcome: str) -> None:
         """Start a graceful end: send close 1000 and stop reading TCP.
 
         What the peer sent before it saw our close frame is still delivered; the
-        TCP side gets its FIN when the peer's close frame arrives.
+        TCP side gets its FIN when the peer's close frame arrives. Never blocks (it
+        runs on either pump or the housekeeper): a close frame that cannot go now
+        stays pending and the housekeeper writes it once there is room.
         """
         with self._lock:
             if not self._start_closing(outcome):
                 return
         try:
-            self._channel.send_close(CloseCode.NORMAL, "")
+            self._channel.send_close(CloseCode.NORMAL, "", wait=0)
         except OSError:
             self._channel.shutdown()
         _shutdown(self._tcp, socket.SHUT_RD)
