@@ -228,15 +228,11 @@ class FramedChannel:
             nonlocal pinged
             if not writable(self._sock):
                 return False
-            frames, switched = self._take_pending()
-            pinged = not self._close_sent
-            if pinged:
-                frames += self._frame_bytes(protocol.OPCODE_PING, b"tcpbridge")
-            if frames:
-                self._sock.sendall(frames)
-            if switched:
-                self.binary = True
-            return bool(frames)
+            wrote = self._write_pending()
+            if not self._close_sent:
+                self._write_frame(protocol.OPCODE_PING, b"tcpbridge")
+                pinged = True
+            return wrote or pinged
 
         self._send_lock.try_send(send, wait=0)
         return pinged
