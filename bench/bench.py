@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """tcpbridge benchmark: tcpbridge (frontend+backend) against direct TCP and a two-hop socat relay.
 
+Sections: bulk throughput each way, 64-byte round trips, connection setup rate, request/response
+under concurrency (N connections each a loop of one request and its echo, from a load generator
+process: requests/s, p50/p99 and the relays' CPU per request), an interactive connection's round
+trips beside bulk streams (head-of-line stalls), and thousands of held tunnels (memory, teardown).
+
 Everything runs on 127.0.0.1, in one run, interleaved: in each round every system is measured once
 per metric, in an order rotated from round to round, so a noisy machine hurts every system alike.
 Medians over rounds, and ratios to socat from the same run.
@@ -9,8 +14,10 @@ Medians over rounds, and ratios to socat from the same run.
     .venv/bin/python bench/bench.py --quick         # smoke test: small sizes, one round
     .venv/bin/python bench/bench.py --systems tcpbridge,socat --size 64M --rounds 5
     .venv/bin/python bench/bench.py --profile       # also py-spy the daemons during a bulk run each way
+    .venv/bin/python bench/bench.py --sections rr,mixed --rounds 1   # one part only
 
-Processes: the targets (sink, source, echo) run in their own process (bench/targets.py); the daemons
+Processes: the targets (sink, source, echo, flood) run in their own process (bench/targets.py), the
+request/response and bulk load in processes of their own (bench/loadgen.py); the daemons
 are started as real processes from generated YAML (``ping_interval: 0``), logging to files; socat is
 ``socat TCP-LISTEN:a,fork,reuseaddr,bind=127.0.0.1,backlog=1024 TCP:127.0.0.1:b`` twice per target,
 so it has the same number of hops as frontend+backend (backlog as tcpbridge's listeners, or held
@@ -59,6 +66,7 @@ CHUNK = 1 << 20
 IO_TIMEOUT = 30.0  # no progress for this long on any one socket call: the run fails
 SEED = 20240601
 SYSTEMS = ("direct", "socat", "tcpbridge")
+SECTIONS = ("bulk", "rtt", "setup", "rr", "mixed", "held")
 RESULTS = HERE / "results"
 
 
@@ -458,6 +466,75 @@ def concurrency(system: System, n: int, measure_memory: bool) -> dict[str, Any]:
     return result
 
 
+def _loadgen(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(HERE / "loadgen.py"), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _loadgen_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+        raise BenchError(f"load generator still running {timeout:.0f} s after it should have ended") from None
+    lines = out.strip().splitlines()
+    if not lines:
+        raise BenchError(f"load generator exited with {proc.returncode}: {err.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    if "error" in result:
+        raise BenchError(result["error"])
+    return result
+
+
+def request_response(system: System, connections: int, size: int, seconds: float) -> dict[str, Any]:
+    """``connections`` echo loops of ``size``-byte requests for ``seconds``, from their own process."""
+    pids = ",".join(str(pid) for pid in system.roots)
+    proc = _loadgen(["rr", "--port", str(system.ports["echo"]), "--connections", str(connections),
+                     "--size", str(size), "--seconds", str(seconds), "--cpu-pids", pids])
+    result = _loadgen_result(proc, seconds + 60 + connections * 0.05)
+    system.wait_idle()
+    if not result["requests"]:
+        raise BenchError("no request completed")
+    return result
+
+
+MIXED_STREAMS = 4  # half uploads, half downloads
+INTERACTIVE_INTERVAL_MS = 2.0  # the interactive connection: one 64-byte request every 2 ms, as keystrokes
+
+
+def mixed(system: System, seconds: float, streams: int) -> dict[str, Any]:
+    """One interactive connection's round trips alone, then while ``streams`` bulk streams share the relay."""
+    probe = ["rr", "--port", str(system.ports["echo"]), "--connections", "1", "--size", "64",
+             "--seconds", str(seconds), "--interval-ms", str(INTERACTIVE_INTERVAL_MS)]
+    alone = _loadgen_result(_loadgen(probe), seconds + 60)
+    uploads = streams // 2
+    bulk = _loadgen(["bulk", "--sink-port", str(system.ports["sink"]), "--flood-port", str(system.ports["flood"]),
+                     "--uploads", str(uploads), "--downloads", str(streams - uploads),
+                     "--seconds", str(seconds + 1.0)])
+    try:
+        assert bulk.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(bulk.stdout, selectors.EVENT_READ)
+        started = sel.select(timeout=30)
+        sel.close()
+        if not started or "started" not in bulk.stdout.readline():
+            raise BenchError("bulk streams did not start in 30 s")
+        loaded = _loadgen_result(_loadgen(probe), seconds + 60)
+        streamed = _loadgen_result(bulk, seconds + 60)
+    finally:
+        if bulk.poll() is None:
+            bulk.kill()
+            bulk.wait(10)
+    system.wait_idle()
+    if streamed["errors"]:
+        raise BenchError(f"bulk streams failed: {streamed['errors'][0]}")
+    return {"seconds": seconds, "streams": streams, "alone_p50_us": alone["p50_us"], "alone_p99_us": alone["p99_us"],
+            "loaded_p50_us": loaded["p50_us"], "loaded_p99_us": loaded["p99_us"],
+            "loaded_requests": loaded["requests"],
+            "bulk_mib_s": streamed["upload_mib_s"] + streamed["download_mib_s"]}
+
+
 def teardown_timeout(n: int) -> float:
     return 30.0 + 0.012 * n
 
@@ -592,7 +669,8 @@ def median(values: list[Any]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]], counts: list[int]) -> dict[str, dict[str, Any]]:
+def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]], counts: list[int],
+              rr_keys: list[str]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for system, runs in samples.items():
         def ok(metric: str, runs: dict[str, list[dict[str, Any]]] = runs) -> list[dict[str, Any]]:
@@ -611,6 +689,16 @@ def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]], counts: list[
         s["setup_per_s"] = median([r["per_s"] for r in good])
         s["setup_p50_ms"] = median([r["p50_ms"] for r in good])
         s["setup_p99_ms"] = median([r["p99_ms"] for r in good])
+        for key in rr_keys:
+            good = ok(key)
+            s[f"{key}_per_s"] = median([r["per_s"] for r in good])
+            s[f"{key}_p50_us"] = median([r["p50_us"] for r in good])
+            s[f"{key}_p99_us"] = median([r["p99_us"] for r in good])
+            s[f"{key}_cpu_us"] = median([r["relay_cpu_us_per_request"] for r in good])
+            s[f"{key}_errors"] = len(runs.get(key, [])) - len(good)
+        good = ok("mixed")
+        for field_ in ("alone_p50_us", "alone_p99_us", "loaded_p50_us", "loaded_p99_us", "bulk_mib_s"):
+            s[f"mixed_{field_}"] = median([r[field_] for r in good])
         for i, n in enumerate(counts):
             runs_n = runs.get(f"conc{n}", [])
             skipped = [r for r in runs_n if r.get("skipped")]
@@ -636,7 +724,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def verdicts(summary: dict[str, dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+def verdicts(summary: dict[str, dict[str, Any]], counts: list[int], rr_keys: list[str]) -> list[dict[str, Any]]:
     tb, so = summary.get("tcpbridge"), summary.get("socat")
     out: list[dict[str, Any]] = []
     if tb is None:
@@ -651,8 +739,15 @@ def verdicts(summary: dict[str, dict[str, Any]], counts: list[int]) -> list[dict
 
     vs_socat("upload_mib_s", "bulk upload >= 0.30x socat", lambda r: r >= 0.30)
     vs_socat("download_mib_s", "bulk download >= 0.30x socat", lambda r: r >= 0.30)
-    vs_socat("rtt_p50_us", "RTT p50 <= 1.5x socat", lambda r: r <= 1.5)
+    vs_socat("rtt_p50_us", "RTT p50 <= 1.2x socat", lambda r: r <= 1.2)
     vs_socat("setup_per_s", "setup rate >= 1.2x socat", lambda r: r >= 1.2)
+    for n in (20, 50):
+        if f"rr64x{n}" in rr_keys:
+            vs_socat(f"rr64x{n}_per_s", f"64 B request/response, {n} connections >= 1.0x socat", lambda r: r >= 1.0)
+    if "rr64x1" in rr_keys and "rr64x50" in rr_keys:
+        growth = ratio(tb.get("rr64x50_cpu_us"), tb.get("rr64x1_cpu_us"))
+        add("CPU per request at 50 connections <= 1.3x at 1", growth, None if growth is None else growth <= 1.3,
+            "n/a" if growth is None else f"{growth:.2f}x ({tb['rr64x1_cpu_us']:.0f} -> {tb['rr64x50_cpu_us']:.0f} us)")
     rss, pss = tb.get("mem_rss_kib_per_tunnel"), tb.get("mem_pss_kib_per_tunnel")
     worst = max(v for v in (rss, pss) if v is not None) if (rss is not None or pss is not None) else None
     add(f"memory <= 100 KiB/tunnel at {counts[0]} (RSS and PSS)", worst,
@@ -663,8 +758,14 @@ def verdicts(summary: dict[str, dict[str, Any]], counts: list[int]) -> list[dict
     if skipped:
         add(f"{n} tunnels held, every byte verified", None, None, f"machine cannot: {skipped}")
     else:
-        add(f"{n} tunnels held, every byte verified", held, bool(tb.get(f"conc{n}_all_verified")),
+        add(f"{n} tunnels held, every byte verified", held,
+            None if held is None else bool(tb.get(f"conc{n}_all_verified")),
             "n/a" if held is None else f"{held} held (worst round)")
+    teardown = tb.get(f"conc{n}_teardown_s")
+    if not skipped:
+        add(f"{n} tunnels: all closed -> idle <= 10 s", teardown, None if teardown is None else
+            teardown <= 10 and not tb.get(f"conc{n}_teardown_timeouts"),
+            "n/a" if teardown is None else f"{teardown:.1f} s")
     cpus = [tb.get("upload_cpu_s_per_gib"), tb.get("download_cpu_s_per_gib")]
     worst_cpu = max((c for c in cpus if c is not None), default=None)
     add("CPU <= 12 s/GiB (both daemons, each way)", worst_cpu,
@@ -689,17 +790,33 @@ ROWS: list[tuple[str, str, str, str]] = [
 ]
 
 
-def table(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[int],
+def rr_label(key: str) -> str:
+    size, _, n = key[2:].partition("x")
+    shown = f"{int(size) // 1024} KiB" if int(size) >= 1024 else f"{size} B"
+    return f"req/resp {shown} x{n}"
+
+
+def table(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[int], rr_keys: list[str],
           checks: list[dict[str, Any]]) -> str:
     rows = list(ROWS)
     rows.insert(7, (f"memory RSS/tunnel @{counts[0]} (KiB)", "mem_rss_kib_per_tunnel", "{:.1f}", "lower"))
     rows.insert(8, (f"memory PSS/tunnel @{counts[0]} (KiB)", "mem_pss_kib_per_tunnel", "{:.1f}", "lower"))
+    for key in rr_keys:
+        rows.append((f"{rr_label(key)} (req/s)", f"{key}_per_s", "{:.0f}", "higher"))
+        rows.append((f"{rr_label(key)} p50 (us)", f"{key}_p50_us", "{:.0f}", "lower"))
+        rows.append((f"{rr_label(key)} p99 (us)", f"{key}_p99_us", "{:.0f}", "lower"))
+        rows.append((f"{rr_label(key)} relay CPU (us/req)", f"{key}_cpu_us", "{:.1f}", "lower"))
+    rows.append(("interactive p99 alone (us)", "mixed_alone_p99_us", "{:.0f}", "lower"))
+    rows.append((f"interactive p99 + {MIXED_STREAMS} bulk (us)", "mixed_loaded_p99_us", "{:.0f}", "lower"))
+    rows.append((f"{MIXED_STREAMS} bulk streams beside it (MiB/s)", "mixed_bulk_mib_s", "{:.0f}", "higher"))
     for n in counts:
         rows.append((f"{n} tunnels: open all (s)", f"conc{n}_open_s", "{:.1f}", "lower"))
         rows.append((f"{n} tunnels: close -> idle (s)", f"conc{n}_teardown_s", "{:.1f}", "lower"))
     header = ["metric (median of rounds)", *systems, "tcpbridge/socat"]
     lines = [header]
     for label, key, fmt, _ in rows:
+        if all(summary.get(system, {}).get(key) is None for system in systems):
+            continue  # a section not run (--sections) or failed everywhere (its errors are in the log)
         cells = [label]
         for system in systems:
             value = summary.get(system, {}).get(key)
@@ -738,7 +855,8 @@ def table(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[i
     return "\n".join(text)
 
 
-def chart(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[int], title: str, path: Path) -> None:
+def chart(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[int], rr_keys: list[str],
+          title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -753,8 +871,12 @@ def chart(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[i
         ("relay CPU (s per GiB, lower is better)",
          [("upload", "upload_cpu_s_per_gib"), ("download", "download_cpu_s_per_gib")]),
         ("tunnels held, all verified (worst round)", [(str(n), f"conc{n}_held_min") for n in counts]),
+        ("request/response (req/s, higher is better)", [(rr_label(k)[9:], f"{k}_per_s") for k in rr_keys]),
+        ("relay CPU per request (us, lower is better)", [(rr_label(k)[9:], f"{k}_cpu_us") for k in rr_keys]),
+        (f"interactive p99 (us): alone, + {MIXED_STREAMS} bulk streams",
+         [("alone", "mixed_alone_p99_us"), ("loaded", "mixed_loaded_p99_us")]),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12.5))
     for ax, (label, series) in zip(axes.flat, panels, strict=True):
         width = 0.8 / max(1, len(systems))
         for j, system in enumerate(systems):
@@ -795,6 +917,13 @@ def describe(metric: str, r: dict[str, Any]) -> str:
         return f"p50 {r['p50_us']:.0f} us  p99 {r['p99_us']:.0f} us"
     if metric == "setup":
         return f"{r['per_s']:.0f} conn/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+    if metric.startswith("rr"):
+        cpu = r["relay_cpu_us_per_request"]
+        return (f"{r['per_s']:.0f} req/s  p50 {r['p50_us']:.0f} us  p99 {r['p99_us']:.0f} us"
+                + (f"  relay cpu {cpu:.1f} us/req" if cpu is not None else ""))
+    if metric == "mixed":
+        return (f"interactive p99 {r['alone_p99_us']:.0f} us alone, {r['loaded_p99_us']:.0f} us beside "
+                f"{r['streams']} bulk streams ({r['bulk_mib_s']:.0f} MiB/s)")
     if r.get("skipped"):
         return f"SKIPPED: {r['skipped']}"
     text = f"{r['held']}/{r['tunnels']} held" + (" verified" if r["verified"] else f" FAILED: {r.get('error')}")
@@ -825,6 +954,13 @@ def main() -> int:
     parser.add_argument("--setup-count", type=int, help="connections per setup run (default 1000; --quick 100)")
     parser.add_argument("--concurrency", help="held-tunnel counts; memory is measured at the first "
                         "(default 1000,5000; --quick 100,300)")
+    parser.add_argument("--rr-counts", help="concurrent request/response connections "
+                        "(default 1,20,50,200; --quick 1,20)")
+    parser.add_argument("--rr-sizes", help="request sizes in bytes (default 64,4096; --quick 64)")
+    parser.add_argument("--rr-seconds", type=float, help="measured seconds per request/response run and "
+                        "per mixed run (default 4; --quick 1)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default all)")
     parser.add_argument("--log-level", default="info", help="daemons' log_level (default info, as deployed)")
     parser.add_argument("--profile", action="store_true", help="also py-spy the daemons during one bulk run each way")
     parser.add_argument("--no-chart", action="store_true")
@@ -837,9 +973,15 @@ def main() -> int:
     rtt_count = args.rtt_count or (300 if quick else 3000)
     setup_count = args.setup_count or (100 if quick else 1000)
     counts = [int(c) for c in (args.concurrency or ("100,300" if quick else "1000,5000")).split(",") if c.strip()]
+    rr_counts = [int(c) for c in (args.rr_counts or ("1,20" if quick else "1,20,50,200")).split(",") if c.strip()]
+    rr_sizes = [int(c) for c in (args.rr_sizes or ("64" if quick else "64,4096")).split(",") if c.strip()]
+    rr_seconds = args.rr_seconds or (1.0 if quick else 4.0)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if sections - set(SECTIONS):
+        parser.error(f"unknown sections: {sorted(sections - set(SECTIONS))}")
     unknown = set(systems) - set(SYSTEMS)
-    if unknown or not systems or not counts or size <= 0 or rounds <= 0:
+    if unknown or not systems or not counts or not rr_counts or not rr_sizes or size <= 0 or rounds <= 0:
         parser.error(f"bad arguments (unknown systems: {sorted(unknown)})" if unknown else "bad arguments")
     systems = [s for s in SYSTEMS if s in systems]
 
@@ -891,7 +1033,11 @@ def main() -> int:
                 log(f"{name}: cannot start: {exc}")
                 samples[name]["start_error"] = [{"error": str(exc)}]
 
-        metrics = ["upload", "download", "rtt", "setup", *[f"conc{n}" for n in counts]]
+        metrics = [*(["upload", "download"] if "bulk" in sections else []),
+                   *(["rtt"] if "rtt" in sections else []), *(["setup"] if "setup" in sections else []),
+                   *([f"rr{size}x{n}" for size in rr_sizes for n in rr_counts] if "rr" in sections else []),
+                   *(["mixed"] if "mixed" in sections else []),
+                   *([f"conc{n}" for n in counts] if "held" in sections else [])]
         deadline_s = max(120.0, size / MIB * 1.0)
         for rnd in range(rounds):
             order = [s for s in systems if s in running]
@@ -911,6 +1057,11 @@ def main() -> int:
                             r = rtt(system, rtt_count)
                         elif metric == "setup":
                             r = setup(system, setup_count)
+                        elif metric.startswith("rr"):
+                            rr_size, _, rr_n = metric[2:].partition("x")
+                            r = request_response(system, int(rr_n), int(rr_size), rr_seconds)
+                        elif metric == "mixed":
+                            r = mixed(system, rr_seconds, MIXED_STREAMS)
                         else:
                             n = int(metric[4:])
                             reason = preflight(system, n)
@@ -949,6 +1100,8 @@ def main() -> int:
             "duration_s": round(time.monotonic() - began, 1),
             "quick": quick, "size_bytes": size, "rounds": rounds, "rtt_count": rtt_count,
             "setup_count": setup_count, "tunnel_counts": counts, "systems": systems,
+            "rr_counts": rr_counts, "rr_sizes": rr_sizes, "rr_seconds": rr_seconds,
+            "mixed": {"streams": MIXED_STREAMS, "interactive_interval_ms": INTERACTIVE_INTERVAL_MS},
             "daemon_log_level": args.log_level,
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                         "pid_max": procstat.read_int("/proc/sys/kernel/pid_max"),
@@ -978,10 +1131,11 @@ def main() -> int:
             targets_proc.kill()
             targets_proc.wait(5)
 
-    summary = summarise({k: v for k, v in samples.items() if k in running}, counts)
-    checks = verdicts(summary, counts)
+    rr_keys = [f"rr{size}x{n}" for size in rr_sizes for n in rr_counts]
+    summary = summarise({k: v for k, v in samples.items() if k in running}, counts, rr_keys)
+    checks = verdicts(summary, counts, rr_keys)
     shown_systems = [s for s in systems if s in running]
-    text = table(summary, shown_systems, counts, checks)
+    text = table(summary, shown_systems, counts, rr_keys, checks)
     print()
     print(f"tcpbridge benchmark {stamp}: {size / MIB:g} MiB each way, {rounds} round(s), "
           f"{os.cpu_count()} CPUs, medians over rounds" + ("  [--quick: smoke test, not a baseline]" if quick else ""))
@@ -1009,7 +1163,7 @@ def main() -> int:
         try:
             title = (f"tcpbridge vs socat (2 hops) vs direct TCP — {stamp}, {size / MIB:g} MiB, {rounds} round(s), "
                      f"{os.cpu_count()} CPUs, loopback")
-            chart(summary, shown_systems, counts, title, args.out / "latest.png")
+            chart(summary, shown_systems, counts, rr_keys, title, args.out / "latest.png")
             shutil.copyfile(args.out / "latest.png", args.out / f"{stamp}.png")
             print(f"wrote {args.out / 'latest.png'}")
         except ImportError:

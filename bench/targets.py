@@ -6,22 +6,24 @@ Three services on 127.0.0.1, ports printed as one JSON line on stdout once liste
   32-byte sha256 and the 8-byte count it received, then waits for EOF and closes.
 * **source**: reads an 8-byte length N and sends the first N bytes of the shared payload
   (``payload(size, seed)``), then half-closes and waits for EOF.
-* **echo**: echoes until EOF, then closes. One asyncio loop, so thousands of held connections
-  cost no threads here (the daemons' threads are what is being measured).
+* **echo**: echoes until EOF, then closes. One epoll loop, so thousands of held connections cost
+  no threads here (the daemons' threads are what is being measured), and a small request costs
+  a few microseconds, so the request/response benchmark measures the relays, not this target.
+* **flood**: sends zeros until the client closes (the mixed benchmark's endless downloads).
 
-Sink and source are a thread per connection (blocking I/O, hashlib releases the GIL).
+Sink, source and flood are a thread per connection (blocking I/O, hashlib releases the GIL).
 Every blocking call has a timeout; the process exits when its stdin closes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
 import json
 import random
 import resource
+import select
 import socket
 import struct
 import sys
@@ -96,27 +98,88 @@ def _serve_threads(sock: socket.socket, handler: Callable[..., None], *args: Any
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+def _flood(conn: socket.socket) -> None:
+    block = bytes(CHUNK)
+    while True:
+        conn.sendall(block)  # until the client closes (an OSError ends the handler)
 
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
 
-    def eof_received(self) -> bool:
-        return False  # close once what was written is flushed
+class _EchoLoop:
+    """Echo on every connection from one epoll loop: a few microseconds per message, no thread each.
+
+    A connection whose echo cannot be written in full stops being read until it drains, so a
+    client that does not read holds at most one message here. EOF closes once the echo is out.
+    """
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.poller = select.epoll()
+        self.conns: dict[int, socket.socket] = {}
+        self.unsent: dict[int, bytes] = {}
+
+    def serve(self) -> None:
+        self.listener.setblocking(False)
+        self.poller.register(self.listener.fileno(), select.EPOLLIN)
+        while True:
+            for fd, events in self.poller.poll():
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif events & select.EPOLLOUT:
+                    self._flush(fd)
+                else:
+                    self._echo(fd)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conns[conn.fileno()] = conn
+            self.poller.register(conn.fileno(), select.EPOLLIN)
+
+    def _echo(self, fd: int) -> None:
+        try:
+            data = self.conns[fd].recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(fd)
+            return
+        if not data:
+            self._close(fd)
+            return
+        self._send(fd, data)
+
+    def _send(self, fd: int, data: bytes) -> None:
+        try:
+            sent = self.conns[fd].send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(fd)
+            return
+        if sent < len(data):
+            self.unsent[fd] = data[sent:]
+            self.poller.modify(fd, select.EPOLLOUT)
+        elif fd in self.unsent:
+            del self.unsent[fd]
+            self.poller.modify(fd, select.EPOLLIN)
+
+    def _flush(self, fd: int) -> None:
+        self._send(fd, self.unsent[fd])
+
+    def _close(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        self.unsent.pop(fd, None)
+        self.conns.pop(fd).close()
 
 
 def _serve_echo(sock: socket.socket) -> None:
-    loop = asyncio.new_event_loop()
-
-    async def main() -> None:
-        server = await loop.create_server(_Echo, sock=sock, backlog=4096)
-        await server.serve_forever()
-
     with contextlib.suppress(Exception):
-        loop.run_until_complete(main())
+        _EchoLoop(sock).serve()
 
 
 def main() -> None:
@@ -131,10 +194,13 @@ def main() -> None:
     sink = socket.create_server(("127.0.0.1", 0), backlog=1024)
     source = socket.create_server(("127.0.0.1", 0), backlog=1024)
     echo = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    flood = socket.create_server(("127.0.0.1", 0), backlog=1024)
     threading.Thread(target=_serve_threads, args=(sink, _sink), daemon=True).start()
+    threading.Thread(target=_serve_threads, args=(flood, _flood), daemon=True).start()
     threading.Thread(target=_serve_threads, args=(source, _source, data), daemon=True).start()
     threading.Thread(target=_serve_echo, args=(echo,), daemon=True).start()
-    ports = {name: s.getsockname()[1] for name, s in (("sink", sink), ("source", source), ("echo", echo))}
+    services = (("sink", sink), ("source", source), ("echo", echo), ("flood", flood))
+    ports = {name: s.getsockname()[1] for name, s in services}
     print(json.dumps(ports), flush=True)
     sys.stdin.read()  # until the benchmark exits or closes our stdin
 
