@@ -100,7 +100,8 @@ class System:
         return sum(procstat.threads(pid) for pid in self.pids())
 
     def cpu(self) -> float:
-        return sum(procstat.cpu_seconds(pid) for pid in self.roots)
+        """CPU seconds of the relay processes and every live process below them (tcpbridge's workers)."""
+        return sum(procstat.cpu_seconds(pid) for pid in self.pids())
 
     def memory(self) -> dict[str, int]:
         return procstat.memory_kib(self.pids())

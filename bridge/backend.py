@@ -32,7 +32,7 @@ from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.framing import FramedChannel
 from bridge.handshake import accept_token, header_tokens
-from bridge.listen import LISTEN_BACKLOG, ListenError, bind_listener
+from bridge.listen import LISTEN_BACKLOG, Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
 from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id
@@ -595,9 +595,10 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 class Backend:
     """Serves every configured listener until stopped."""
 
-    def __init__(self, config: BackendConfig, registry: TunnelRegistry) -> None:
+    def __init__(self, config: BackendConfig, registry: TunnelRegistry, binder: Binder = bind_fresh) -> None:
         self.config = config
         self.registry = registry
+        self.binder = binder
         self.secrets = SecretResolver()
         self.counters = TunnelCounters()  # kept across reloads: live tunnels still count
         self._servers: dict[str, ListenerServer] = {}
@@ -625,6 +626,11 @@ class Backend:
         self.config = config
         return changes
 
+    @staticmethod
+    def listening(config: BackendConfig) -> list[tuple[str, Address, str]]:
+        """The ports ``config`` listens on: (listener name, address, what to call it in errors)."""
+        return [(listener.name, listener.listen, f"listener {listener.name!r}") for listener in config.listeners]
+
     def describe(self) -> str:
         return f"{len(self._servers)} listeners"
 
@@ -648,7 +654,7 @@ class Backend:
         bound: dict[str, ListenerServer] = {}
         try:
             for name, listener in listeners.items():
-                sock = bind_listener(listener.listen, f"listener {name!r}")
+                sock = self.binder(name, listener.listen, f"listener {name!r}")
                 bound[name] = ListenerServer(listener, self.registry, sock, secrets=self.secrets,
                                              counters=self.counters)
         except ListenError:

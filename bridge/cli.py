@@ -7,25 +7,29 @@ errors and invalid configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 from bridge import __version__, config, connect, control, protocol
+from bridge.arbiter import Arbiter, DaemonClass, pin, worker_cpus_available
 from bridge.backend import Backend
 from bridge.config import ConfigError
 from bridge.frontend import Frontend
 from bridge.listen import ListenError
-from bridge.service import Daemon, Service, setup_logging
+from bridge.service import Service, setup_logging
 from bridge.tunnel import TunnelRegistry
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger("tcpbridge")
+
+C = TypeVar("C", config.FrontendConfig, config.BackendConfig)
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -40,10 +44,23 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> config.Workers:
+    """``--workers``: what :func:`config.parse_workers` accepts, written on a command line."""
+    try:
+        return config.parse_workers(int(text) if text.isascii() and text.isdigit() else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of workers: expected a whole number from 1 to {config.MAX_WORKERS}, "
+            "or auto (one worker per CPU this daemon may run on)") from None
+
+
 def _daemon_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", metavar="PATH",
                         help=f"YAML configuration (default {default_config} when no Go-style flags are given)")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS, help="overrides log_level from the YAML")
+    parser.add_argument("--workers", type=_workers, metavar="N|auto",
+                        help=f"overrides workers from the YAML: worker processes, 1 to {config.MAX_WORKERS}, "
+                             "or auto (one per CPU this daemon may run on)")
     parser.add_argument("--frontend-port", "-frontend-port", type=_port, metavar="PORT",
                         help="Go-compatible single-tunnel mode: the port to listen on")
     parser.add_argument("--bind", metavar="ADDRESS", default=config.DEFAULT_HOST,
@@ -51,26 +68,36 @@ def _daemon_arguments(parser: argparse.ArgumentParser, default_config: str) -> N
                              "the Go binaries listen on all interfaces, this does not unless asked)")
 
 
+def _with_flags(cfg: C, args: argparse.Namespace) -> C:
+    """``cfg`` with what the command line overrides (``--workers``) in place of the YAML's value.
+
+    Applied by the loaders themselves, so a reload (which calls them again) keeps the override.
+    """
+    return cfg if args.workers is None else dataclasses.replace(cfg, workers=args.workers)
+
+
 def frontend_config(args: argparse.Namespace) -> config.FrontendConfig:
+    """The frontend's configuration: the YAML file, or Go-compatible flags; then the command line's overrides."""
     if args.frontend_port is None and args.backend is None:
-        return config.load_frontend(args.config or config.DEFAULT_FRONTEND_CONFIG)
+        return _with_flags(config.load_frontend(args.config or config.DEFAULT_FRONTEND_CONFIG), args)
     if args.config:
         raise ConfigError(["--config cannot be combined with --frontend-port/--backend"])
     if args.frontend_port is None or args.backend is None:
         raise ConfigError(["Go-compatible mode needs both --frontend-port PORT and --backend URL"])
-    return config.parse_frontend({
+    return _with_flags(config.parse_frontend({
         "tunnels": [{"name": "default", "listen": _listen(args), "backend": args.backend}],
-    }, "command line")
+    }, "command line"), args)
 
 
 def backend_config(args: argparse.Namespace) -> config.BackendConfig:
+    """The backend's configuration: the YAML file, or Go-compatible flags; then the command line's overrides."""
     if args.frontend_port is None and args.backend_port is None:
-        return config.load_backend(args.config or config.DEFAULT_BACKEND_CONFIG)
+        return _with_flags(config.load_backend(args.config or config.DEFAULT_BACKEND_CONFIG), args)
     if args.config:
         raise ConfigError(["--config cannot be combined with --frontend-port/--backend-port"])
     if args.frontend_port is None or args.backend_port is None:
         raise ConfigError(["Go-compatible mode needs both --frontend-port PORT and --backend-port PORT"])
-    return config.parse_backend({
+    return _with_flags(config.parse_backend({
         "listeners": [{
             "name": "default",
             "listen": _listen(args),
@@ -78,7 +105,7 @@ def backend_config(args: argparse.Namespace) -> config.BackendConfig:
             # Like the Go backend: every request that is not a bridge upgrade goes to the same port as HTTP.
             "passthrough": f"http://localhost:{args.backend_port}",
         }],
-    }, "command line")
+    }, "command line"), args)
 
 
 def _listen(args: argparse.Namespace) -> str:
@@ -109,7 +136,7 @@ def _run_daemon(
     name: str,
     args: argparse.Namespace,
     load: Callable[[argparse.Namespace], config.Config],
-    daemon_class: Callable[[Any, TunnelRegistry], Daemon],
+    daemon_class: DaemonClass,
 ) -> int:
     try:
         cfg = load(args)
@@ -119,11 +146,20 @@ def _run_daemon(
             log.error("invalid configuration: %s", problem)
         return EXIT_USAGE
     setup_logging(args.log_level or cfg.log_level)
-    registry = TunnelRegistry()
-    service = Service(daemon_class(cfg, registry), registry, name=name,
-                      load=lambda: load(args), log_level_flag=args.log_level)
+    available = worker_cpus_available()
+    workers = len(available) if cfg.workers == "auto" else cfg.workers
+    cpus = config.worker_cpus(cfg.cpu_affinity, workers, available)
+    runner: Service | Arbiter
+    if workers == 1:
+        pin(cpus[0])
+        registry = TunnelRegistry()
+        runner = Service(daemon_class(cfg, registry), registry, name=name, load=lambda: load(args),
+                         log_level_flag=args.log_level)
+    else:
+        runner = Arbiter(daemon_class, name=name, load=lambda: load(args),
+                         log_level_flag=args.log_level, cpus=cpus)
     try:
-        return service.run(cfg)
+        return runner.run(cfg)
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

@@ -14,10 +14,10 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
@@ -41,6 +41,16 @@ WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 #: sun_path holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: The most worker processes ``workers`` may ask for.
+MAX_WORKERS = 256
+
+#: ``workers``: how many worker processes the daemon runs, or ``"auto"``: one per CPU the daemon
+#: may run on (``os.sched_getaffinity(0)``), resolved by the main process at start, not when parsing.
+Workers = int | Literal["auto"]
+#: ``cpu_affinity``: ``"auto"`` pins each worker to one CPU of those the daemon may run on, in turn,
+#: when there is more than one worker; ``False`` never pins; a tuple of distinct CPU numbers pins
+#: worker i to ``cpus[i % len(cpus)]``, even a single worker. :func:`worker_cpus` applies it.
+CpuAffinity = Literal["auto", False] | tuple[int, ...]
 
 
 class ConfigError(Exception):
@@ -167,6 +177,9 @@ class FrontendConfig:
     #: Where the Prometheus endpoint listens (None: off), and the control socket's path (None: default).
     metrics: Address | None = None
     control_socket: str | None = None
+    #: Worker processes and their CPU pinning (:data:`Workers`, :data:`CpuAffinity`); read at start only.
+    workers: Workers = 1
+    cpu_affinity: CpuAffinity = "auto"
 
 
 @dataclass(frozen=True)
@@ -198,6 +211,8 @@ class BackendConfig:
     source: str = "<flags>"
     metrics: Address | None = None
     control_socket: str | None = None
+    workers: Workers = 1
+    cpu_affinity: CpuAffinity = "auto"
 
 
 Config = FrontendConfig | BackendConfig
@@ -357,7 +372,7 @@ T = TypeVar("T")
 _OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
                 "ping_interval", "ping_timeout", "idle_timeout", "frames")
 _DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
-_SERVICE_KEYS = ("metrics", "control_socket")
+_SERVICE_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity")
 _FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_SERVICE_KEYS, *_DIAL_KEYS, *_OPTION_KEYS)
 _TUNNEL_KEYS = ("name", "listen", "backend", "route", *_DIAL_KEYS, *_OPTION_KEYS)
 _BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_SERVICE_KEYS, *_OPTION_KEYS)
@@ -677,10 +692,83 @@ def _socket_path(value: object) -> str:
 
 
 def _service_keys(check: _Checker, top: Mapping[str, Any], names: list[tuple[str, str, Address]]) -> dict[str, Any]:
-    """``metrics`` and ``control_socket``; the metrics address joins the check for colliding listen addresses."""
+    """The :data:`_SERVICE_KEYS`, by field name; the metrics address joins the check for colliding listen addresses."""
     metrics = check.field("", top, "metrics", _metrics, None)
     _check_listen_conflicts(check, [("metrics", "(metrics)", metrics), *names] if metrics else names)
-    return {"metrics": metrics, "control_socket": check.field("", top, "control_socket", _socket_path, None)}
+    one: Workers = 1  # typed, so that check.field's result type is the union, not int
+    auto: CpuAffinity = "auto"
+    return {
+        "metrics": metrics,
+        "control_socket": check.field("", top, "control_socket", _socket_path, None),
+        "workers": check.field("", top, "workers", parse_workers, one),
+        "cpu_affinity": check.field("", top, "cpu_affinity", parse_cpu_affinity, auto),
+    }
+
+
+def parse_workers(value: object) -> Workers:
+    """A ``workers`` value: a whole number from 1 to :data:`MAX_WORKERS`, or ``auto`` (any case).
+
+    ``true``/``false`` are not numbers here (YAML's ``true`` is not 1). Raise ValueError saying what is accepted.
+    """
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f"expected a whole number from 1 to {MAX_WORKERS}, or auto (one worker per CPU this "
+                     f"daemon may run on), got {_kind(value)}")
+
+
+def parse_cpu_affinity(value: object) -> CpuAffinity:
+    """A ``cpu_affinity`` value: ``auto`` (any case), ``false``, or a non-empty list of distinct CPU numbers >= 0.
+
+    A list comes back as a tuple in the order written. Raise ValueError naming the value at fault.
+    """
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if value is False:
+        return False
+    accepted = "auto (pin each of several workers to its own CPU), false (never pin) or a list of CPU numbers"
+    if value is True:
+        raise ValueError(f"true is not accepted: write {accepted}, like [0, 1]")
+    if not isinstance(value, list):
+        raise ValueError(f"expected {accepted}, like [0, 1], got {_kind(value)}")
+    if not value:
+        raise ValueError("expected at least one CPU number, like [0, 1] (false: never pin)")
+    cpus: list[int] = []
+    for cpu in value:
+        if isinstance(cpu, bool) or not isinstance(cpu, int):
+            raise ValueError(f"expected a list of CPU numbers (whole numbers >= 0), but it holds {_kind(cpu)}")
+        if cpu < 0:
+            raise ValueError(f"CPU {cpu} is negative; CPUs are numbered from 0")
+        if cpu in cpus:
+            raise ValueError(f"CPU {cpu} is listed twice; list each CPU once (worker i is pinned to the "
+                             "i-th CPU of the list, in turn)")
+        cpus.append(cpu)
+    return tuple(cpus)
+
+
+def worker_cpus(cpu_affinity: CpuAffinity, workers: int, available: Sequence[int]) -> list[int | None]:
+    """For each worker index 0..``workers``-1, the CPU to pin that worker to, or None: do not pin it.
+
+    ``workers`` is the resolved count (>= 1; ``auto`` already replaced by the main process), and
+    ``available`` the CPUs the daemon may run on (``os.sched_getaffinity(0)``; order and repeats do
+    not matter). ``"auto"``: no pinning for a single worker, else worker i gets the i-th of the sorted
+    available CPUs, in turn; ``False``: no pinning; a tuple: worker i gets ``cpu_affinity[i % len]``,
+    whether or not it is in ``available`` (pinning to a CPU the process may not use fails there).
+    Raise ValueError if ``workers`` < 1, if the tuple is empty, or if ``available`` is empty where it is needed.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if cpu_affinity == ():
+        raise ValueError("cpu_affinity: an empty list of CPUs pins nothing; use false (never pin) instead")
+    if isinstance(cpu_affinity, tuple):
+        return [cpu_affinity[index % len(cpu_affinity)] for index in range(workers)]
+    if cpu_affinity is False or workers == 1:
+        return [None] * workers
+    cpus = sorted(set(available))
+    if not cpus:
+        raise ValueError("cpu_affinity auto needs at least one available CPU, got none")
+    return [cpus[index % len(cpus)] for index in range(workers)]
 
 
 def _check_listen_conflicts(check: _Checker, entries: list[tuple[str, str, Address]]) -> None:

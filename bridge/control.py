@@ -221,6 +221,7 @@ def format_status(doc: Mapping[str, Any]) -> str:
         f"{doc['daemon']} {doc['version']}, pid {doc['pid']}, up {_duration(doc['uptime_seconds'])}, "
         f"config {doc['config']}",
         doc["summary"],
+        *_workers_line(doc.get("workers")),
         "",
     ]
     listeners = doc.get("listeners", [])
@@ -239,6 +240,20 @@ def format_status(doc: Mapping[str, Any]) -> str:
     lines += ["", f"ended: {closed or 'none'}; failed to open: {failures or 'none'}; "
                   f"reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"]
     return "\n".join(lines)
+
+
+def _workers_line(workers: list[dict[str, Any]] | None) -> list[str]:
+    """``2 workers: pid 4243 (cpu 0, serving, 17 active), ...; 1 restart`` (daemons with ``workers`` > 1)."""
+    if not workers:
+        return []
+    def one(w: dict[str, Any]) -> str:
+        cpu = "" if w["cpu"] is None else f"cpu {w['cpu']}, "
+        return f"pid {w['pid'] or '-'} ({cpu}{w['state']}, {w['active']} active)"
+
+    shown = ", ".join(one(w) for w in workers)
+    restarts = sum(w["restarts"] for w in workers)
+    return [f"{len(workers)} workers: {shown}" + (f"; {restarts} restart{'s' if restarts != 1 else ''}"
+                                                   if restarts else "")]
 
 
 def _short(destination: str) -> str:

@@ -26,7 +26,7 @@ from bridge import handshake, protocol
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.framing import FramedChannel
 from bridge.handshake import HandshakeError
-from bridge.listen import ListenError, bind_listener
+from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
 from bridge.stats import dial_failure_reason
@@ -261,9 +261,10 @@ class _Listener:
 class Frontend:
     """Accepts connections on every tunnel's port and carries each over its own websocket."""
 
-    def __init__(self, config: FrontendConfig, registry: TunnelRegistry) -> None:
+    def __init__(self, config: FrontendConfig, registry: TunnelRegistry, binder: Binder = bind_fresh) -> None:
         self.config = config
         self.registry = registry
+        self.binder = binder
         self.secrets = SecretResolver()
         self._listeners: dict[str, _Listener] = {}
         self._slots_lock = threading.Lock()
@@ -272,7 +273,7 @@ class Frontend:
 
     def bind(self) -> None:
         """Bind every tunnel's port, or none: raise ListenError on the first that fails."""
-        self._listeners = _bind_all({t.name: t for t in self.config.tunnels})
+        self._listeners = self._bind_all({t.name: t for t in self.config.tunnels})
 
     def start(self) -> None:
         """Start one accept thread per bound listener."""
@@ -289,10 +290,15 @@ class Frontend:
         changes = reconcile(
             self._listeners, {tunnel.name: tunnel for tunnel in config.tunnels},
             kind="tunnel", settings_of=lambda listener: listener.tunnel, replace=_replace_tunnel,
-            bind_all=_bind_all, start=self._start, stop=_Listener.close,
+            bind_all=self._bind_all, start=self._start, stop=_Listener.close,
         )
         self.config = config
         return changes
+
+    @staticmethod
+    def listening(config: FrontendConfig) -> list[tuple[str, Address, str]]:
+        """The ports ``config`` listens on: (tunnel name, address, what to call it in errors)."""
+        return [(t.name, t.listen, f"tunnel {t.name!r}") for t in config.tunnels]
 
     def describe(self) -> str:
         return f"{len(self._listeners)} listeners"
@@ -307,6 +313,18 @@ class Frontend:
         for listener in self._listeners.values():
             listener.close()
         self._listeners.clear()
+
+    def _bind_all(self, tunnels: dict[str, FrontendTunnel]) -> dict[str, _Listener]:
+        """Bind a listener per tunnel, or none: on the first failure close the others and raise."""
+        bound: dict[str, _Listener] = {}
+        try:
+            for name, tunnel in tunnels.items():
+                bound[name] = _Listener(tunnel, self.binder(name, tunnel.listen, f"tunnel {name!r}"))
+        except ListenError:
+            for listener in bound.values():
+                listener.close()
+            raise
+        return bound
 
     def _start(self, listener: _Listener) -> None:
         tunnel = listener.tunnel
@@ -432,19 +450,6 @@ def _check_tls(tunnel: FrontendTunnel) -> None:
         tls_context(tunnel.tls)
     except DialError as exc:
         log.error("tunnel %s: %s; its connections will fail until this is fixed", tunnel.name, exc)
-
-
-def _bind_all(tunnels: dict[str, FrontendTunnel]) -> dict[str, _Listener]:
-    """Bind a listener per tunnel, or none: on the first failure close the others and raise."""
-    bound: dict[str, _Listener] = {}
-    try:
-        for name, tunnel in tunnels.items():
-            bound[name] = _Listener(tunnel, bind_listener(tunnel.listen, f"tunnel {name!r}"))
-    except ListenError:
-        for listener in bound.values():
-            listener.close()
-        raise
-    return bound
 
 
 def _peer(peer: tuple[str, int] | tuple[str, int, int, int]) -> str:

@@ -95,7 +95,8 @@ def set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, tag: str = "") -> None:
+    """Log to stderr (journald's priority prefixes when it is the journal); ``tag`` starts every message."""
     # Documented logging optimisations: none of our formats shows the caller, thread or
     # process, and looking them up costs every record (getpid() is a system call).
     logging._srcfile = None
@@ -104,9 +105,9 @@ def setup_logging(level: str) -> None:
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(message)s"))
+        handler.setFormatter(JournalFormatter(f"{tag}%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -201,9 +202,66 @@ class SignalQueue:
         with contextlib.suppress(OSError):  # BlockingIOError: full, so a wake-up is pending anyway
             os.write(self._write, b".")
 
+    def close(self) -> None:
+        """Close the pipe (a forked worker closes its copy of main's queue)."""
+        os.close(self._read)
+        os.close(self._write)
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self._queue.append(signum)
         self.wake()
+
+
+class StatusView:
+    """The live view of a daemon, from wherever its numbers come from: one process, or the sum of workers.
+
+    ``summary`` is the one-line ``STATUS=``; ``document`` is what the control
+    socket answers and ``tcpbridge status`` prints.
+    """
+
+    def __init__(self, name: str, snapshot: Callable[[], Snapshot], listeners: Callable[[], list[dict[str, Any]]],
+                 describe: Callable[[], str], config: Callable[[], Config | None]) -> None:
+        self.name = name
+        self.snapshot = snapshot
+        self.listeners = listeners
+        self.describe = describe
+        self.config = config
+
+    def summary(self, snap: Snapshot) -> str:
+        totals = snap.totals()
+        moved = human_bytes(totals["bytes_to_websocket"] + totals["bytes_to_tcp"])
+        failed = f", {totals['open_failures']} failed to open" if totals["open_failures"] else ""
+        return f"{self.describe()}, {totals['active']} active tunnels, {totals['opened']} served, " \
+               f"{moved} moved{failed}"
+
+    def document(self, request: str = "status",
+                 extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The status document; ``extra()``, read after the snapshot, adds keys of its own."""
+        if request != "status":
+            return {"error": f"unknown request {request[:40]!r}; the only one is 'status'"}
+        snap = self.snapshot()
+        closed: dict[str, int] = {}
+        failures: dict[str, int] = {}
+        for stats in snap.labels.values():
+            for kind, count in stats.closed.items():
+                closed[kind] = closed.get(kind, 0) + count
+            for reason, count in stats.failures.items():
+                failures[reason] = failures.get(reason, 0) + count
+        live = sorted(snap.live, key=lambda tunnel: -tunnel.age)
+        config = self.config()
+        return {
+            "daemon": self.name, "version": __version__, "pid": os.getpid(), "uptime_seconds": round(snap.uptime, 3),
+            "config": config.source if config else None,
+            "summary": self.summary(snap),
+            "listeners": self.listeners(),
+            "tunnels": [{"id": t.id, "label": t.label, "peer": t.peer, "destination": t.destination,
+                         "age_seconds": round(t.age, 3), "bytes_to_websocket": t.bytes_to_ws,
+                         "bytes_to_tcp": t.bytes_to_tcp} for t in live],
+            "totals": {**snap.totals(), "closed": dict(sorted(closed.items())),
+                       "open_failures_by_reason": dict(sorted(failures.items()))},
+            "reloads": snap.reloads,
+            **(extra() if extra else {}),
+        }
 
 
 class Service:
@@ -219,7 +277,11 @@ class Service:
     STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
     def __init__(self, daemon: Daemon, registry: TunnelRegistry, *, name: str,
-                 load: Callable[[], Config], log_level_flag: str | None = None) -> None:
+                 load: Callable[[], Config], log_level_flag: str | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        """``on_ready`` (a worker process of :mod:`bridge.arbiter`): called once serving, instead of
+        telling systemd and logging "ready"; such a service binds no control socket or metrics
+        endpoint either, its main process does."""
         self.daemon = daemon
         self.registry = registry
         self.name = name
@@ -231,6 +293,8 @@ class Service:
         self._last_status = ""
         self._config: Config | None = None
         self._endpoints: list[Endpoint] = []  # the control socket and the metrics server
+        self._on_ready = on_ready
+        self.view = StatusView(name, registry.snapshot, daemon.listeners, daemon.describe, lambda: self._config)
 
     def run(self, config: Config) -> int:
         """Serve ``config`` until SIGTERM/SIGINT/SIGQUIT; return the exit status. Binding errors propagate."""
@@ -239,14 +303,18 @@ class Service:
         self.drain_timeout = config.drain_timeout
         self._config = config
         self.daemon.bind()
-        self._bind_endpoints(config)
+        if self._on_ready is None:
+            self._bind_endpoints(config)
         self.signals.install(self.SIGNALS)
         self.registry.start()
         self.daemon.start()
         for endpoint in self._endpoints:
             endpoint.start()
-        sd_notify(f"READY=1\nSTATUS={self.status()}")
-        log.info("%s ready: %s", self.name, self.daemon.describe())
+        if self._on_ready is None:
+            sd_notify(f"READY=1\nSTATUS={self.status()}")
+            log.info("%s ready: %s", self.name, self.daemon.describe())
+        else:
+            self._on_ready()
         while True:
             signum = self.signals.next(timeout=self._tick())
             if signum in self.STOP_SIGNALS:
@@ -256,40 +324,11 @@ class Service:
 
     def status(self) -> str:
         """The one-line live summary sent as sd_notify ``STATUS=`` (and shown by ``tcpbridge status``)."""
-        return self._summary(self.registry.snapshot())
-
-    def _summary(self, snap: Snapshot) -> str:
-        totals = snap.totals()
-        moved = human_bytes(totals["bytes_to_websocket"] + totals["bytes_to_tcp"])
-        failed = f", {totals['open_failures']} failed to open" if totals["open_failures"] else ""
-        return f"{self.daemon.describe()}, {totals['active']} active tunnels, {totals['opened']} served, " \
-               f"{moved} moved{failed}"
+        return self.view.summary(self.registry.snapshot())
 
     def status_document(self, request: str = "status") -> dict[str, Any]:
         """What the control socket answers: the live view ``tcpbridge status`` prints."""
-        if request != "status":
-            return {"error": f"unknown request {request[:40]!r}; the only one is 'status'"}
-        snap = self.registry.snapshot()
-        closed: dict[str, int] = {}
-        failures: dict[str, int] = {}
-        for stats in snap.labels.values():
-            for kind, count in stats.closed.items():
-                closed[kind] = closed.get(kind, 0) + count
-            for reason, count in stats.failures.items():
-                failures[reason] = failures.get(reason, 0) + count
-        live = sorted(snap.live, key=lambda tunnel: -tunnel.age)
-        return {
-            "daemon": self.name, "version": __version__, "pid": os.getpid(), "uptime_seconds": round(snap.uptime, 3),
-            "config": self._config.source if self._config else None,
-            "summary": self._summary(snap),
-            "listeners": self.daemon.listeners(),
-            "tunnels": [{"id": t.id, "label": t.label, "peer": t.peer, "destination": t.destination,
-                         "age_seconds": round(t.age, 3), "bytes_to_websocket": t.bytes_to_ws,
-                         "bytes_to_tcp": t.bytes_to_tcp} for t in live],
-            "totals": {**snap.totals(), "closed": dict(sorted(closed.items())),
-                       "open_failures_by_reason": dict(sorted(failures.items()))},
-            "reloads": snap.reloads,
-        }
+        return self.view.document(request)
 
     def _known_labels(self) -> list[str]:
         return [label for listener in self.daemon.listeners() for label in listener["labels"]]
@@ -415,15 +454,17 @@ class Service:
         self.registry.wait_idle(RESET_WAIT, opening=False)
 
     def _adopt(self, config: Config) -> None:
-        """Remember a reloaded ``config``; ``metrics`` and ``control_socket`` are bound once, at start: say so."""
+        """Remember a reloaded ``config``; start-time keys (``metrics``, ``control_socket``, ``workers``,
+        ``cpu_affinity``) keep their values until a restart: say so."""
         if self._config is None:
             return
-        for key in ("metrics", "control_socket"):
+        for key in ("metrics", "control_socket", "workers", "cpu_affinity"):
             if getattr(config, key) != getattr(self._config, key):
                 log.warning("reload: %s changed; it applies at the next restart (still %s)", key,
                             getattr(self._config, key) or "off")
         self._config = dataclasses.replace(config, metrics=self._config.metrics,
-                                           control_socket=self._config.control_socket)
+                                           control_socket=self._config.control_socket,
+                                           workers=self._config.workers, cpu_affinity=self._config.cpu_affinity)
 
 
 def watchdog_interval() -> float | None:

@@ -121,6 +121,31 @@ class LabelStats:
         return LabelStats(self.opened, dict(self.closed), self.bytes_to_ws, self.bytes_to_tcp,
                           dict(self.failures), self.handshake.copy())
 
+    def add(self, other: LabelStats) -> None:
+        """Add ``other``'s counters to these (another worker's, or a dead one's)."""
+        self.opened += other.opened
+        _add_counts(self.closed, other.closed)
+        self.bytes_to_ws += other.bytes_to_ws
+        self.bytes_to_tcp += other.bytes_to_tcp
+        _add_counts(self.failures, other.failures)
+        self.handshake.counts = [a + b for a, b in zip(self.handshake.counts, other.handshake.counts, strict=True)]
+        self.handshake.total += other.handshake.total
+        self.handshake.count += other.handshake.count
+
+
+def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    for key, count in counts.items():
+        into[key] = into.get(key, 0) + count
+
+
+def add_labels(into: dict[str, LabelStats], labels: dict[str, LabelStats]) -> None:
+    """Add every label's counters of ``labels`` to ``into`` (copying labels ``into`` lacks)."""
+    for label, stats in labels.items():
+        if label in into:
+            into[label].add(stats)
+        else:
+            into[label] = stats.copy()
+
 
 class Stats:
     """A daemon's counters. Thread-safe; each call takes one short lock."""
@@ -206,6 +231,29 @@ class Snapshot:
             + sum(t.bytes_to_ws for t in self.live),
             "bytes_to_tcp": sum(s.bytes_to_tcp for s in self.labels.values()) + sum(t.bytes_to_tcp for t in self.live),
         }
+
+
+def merge(parts: list[Snapshot], retired: dict[str, LabelStats], reloads: dict[str, int],
+          uptime: float) -> Snapshot:
+    """One snapshot of several worker processes: their counters and live tunnels summed, plus the
+    counters of ``retired`` (workers that are gone); ``reloads`` and ``uptime`` are the main process's."""
+    labels: dict[str, LabelStats] = {}
+    add_labels(labels, retired)
+    for part in parts:
+        add_labels(labels, part.labels)
+    live = tuple(tunnel for part in parts for tunnel in part.live)
+    return Snapshot(live, labels, dict(reloads), uptime)
+
+
+def retire(retired: dict[str, LabelStats], last: Snapshot) -> None:
+    """Fold the last snapshot of a worker that died into ``retired``: its live tunnels died with it,
+    so they count as ended (``abort``) with the bytes they had moved, and totals never go down."""
+    add_labels(retired, last.labels)
+    for tunnel in last.live:
+        stats = retired.setdefault(tunnel.label, LabelStats())
+        stats.closed["abort"] = stats.closed.get("abort", 0) + 1
+        stats.bytes_to_ws += tunnel.bytes_to_ws
+        stats.bytes_to_tcp += tunnel.bytes_to_tcp
 
 
 def human_bytes(count: int) -> str:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bridge import __version__
+from bridge import __version__, cli
 from tests.helpers import (
     BIN,
     Daemon,
@@ -502,3 +504,120 @@ def test_log_level_flag_overrides_config(tmp_path: Path) -> None:
     with serving(frontend(path, "--log-level", "info")) as daemon:
         assert " INFO " in daemon.log
         assert connects(port)
+
+
+# ---------------------------------------------------------------------------
+# workers and cpu_affinity: check-config, and --workers overriding the YAML
+
+
+def test_check_config_accepts_workers_and_cpu_affinity(tmp_path: Path) -> None:
+    front = write_yaml(tmp_path, "front.yaml", {
+        "backend": "ws://127.0.0.1:9/", "workers": "auto", "cpu_affinity": [1, 0],
+        "tunnels": [{"name": "a", "listen": free_port()}]})
+    back = write_yaml(tmp_path, "back.yaml", {
+        "workers": 4, "cpu_affinity": False,
+        "listeners": [{"name": "m", "listen": free_port(), "routes": {"default": 22}}]})
+    result = run("tcpbridge", "check-config", front, back)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert [line.split(": OK")[0] for line in result.stdout.splitlines()] == [str(front), str(back)]
+
+
+def test_check_config_reports_bad_workers_and_cpu_affinity(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "front.yaml", {
+        "backend": "ws://127.0.0.1:9/", "workers": True, "cpu_affinity": [0, 0],
+        "tunnels": [{"name": "a", "listen": free_port()}]})
+    result = run("tcpbridge", "check-config", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert problem_lines(result.stderr) == [
+        f"{path}: workers: expected a whole number from 1 to 256, or auto (one worker per CPU this daemon may "
+        "run on), got bool True",
+        f"{path}: cpu_affinity: CPU 0 is listed twice; list each CPU once (worker i is pinned to the i-th CPU "
+        "of the list, in turn)",
+    ]
+
+
+def loaded_config(monkeypatch: pytest.MonkeyPatch, main: Callable[[list[str]], int], *argv: str | Path) -> Any:
+    """The configuration ``main(argv)`` would run a daemon from, and load again on a reload: each must be equal."""
+    loaded: list[object] = []
+
+    def run_daemon(_name: str, args: argparse.Namespace, load: Callable[[argparse.Namespace], object],
+                   _daemon_class: object) -> int:
+        loaded.extend((load(args), load(args)))  # at start, and what a reload loads
+        return 0
+
+    monkeypatch.setattr(cli, "_run_daemon", run_daemon)
+    assert main([str(arg) for arg in argv]) == 0
+    first, again = loaded
+    assert first == again
+    return first
+
+
+DAEMON_MAINS = [pytest.param(cli.frontend_main, id="frontend"), pytest.param(cli.backend_main, id="backend")]
+
+
+def yaml_for(main: object, tmp_path: Path, **top: object) -> Path:
+    if main is cli.frontend_main:
+        return write_yaml(tmp_path, "front.yaml", {"backend": "ws://127.0.0.1:9/", **top,
+                                                   "tunnels": [{"name": "a", "listen": free_port()}]})
+    return write_yaml(tmp_path, "back.yaml", {**top, "listeners": [
+        {"name": "m", "listen": free_port(), "routes": {"default": 22}}]})
+
+
+@pytest.mark.parametrize("main", DAEMON_MAINS)
+@pytest.mark.parametrize(("yaml_workers", "flag", "expected"), [
+    (None, None, 1),
+    (3, None, 3),
+    ("auto", None, "auto"),
+    (None, "2", 2),
+    (3, "1", 1),
+    (3, "auto", "auto"),
+    ("auto", "256", 256),
+    (2, "AUTO", "auto"),
+])
+def test_workers_flag_overrides_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, main: Callable[[list[str]], int],
+                                     yaml_workers: object, flag: str | None, expected: object) -> None:
+    top = {} if yaml_workers is None else {"workers": yaml_workers}
+    path = yaml_for(main, tmp_path, cpu_affinity=[1], **top)
+    cfg = loaded_config(monkeypatch, main, "--config", path, *(["--workers", flag] if flag else []))
+    assert cfg.workers == expected
+    assert cfg.cpu_affinity == (1,)  # the rest of the file is untouched
+
+
+@pytest.mark.parametrize(("main", "go_flags"), [
+    pytest.param(cli.frontend_main, ("--frontend-port", "{port}", "--backend", "ws://127.0.0.1:9/"), id="frontend"),
+    pytest.param(cli.backend_main, ("-frontend-port", "{port}", "-backend-port", "22"), id="backend"),
+])
+@pytest.mark.parametrize(("flags", "expected"), [((), 1), (("--workers", "4"), 4), (("--workers=auto",), "auto")])
+def test_workers_flag_in_go_compatible_mode(monkeypatch: pytest.MonkeyPatch, main: Callable[[list[str]], int],
+                                            go_flags: tuple[str, ...], flags: tuple[str, ...],
+                                            expected: object) -> None:
+    argv = [arg.format(port=free_port()) for arg in go_flags]
+    cfg = loaded_config(monkeypatch, main, *flags, *argv)
+    assert cfg.workers == expected
+    assert cfg.cpu_affinity == "auto"
+
+
+@pytest.mark.parametrize("script", ["tcpbridge-frontend", "tcpbridge-backend"])
+@pytest.mark.parametrize("value", ["0", "257", "-1", "1.5", "true", "", "many", "٣"])
+def test_bad_workers_flag_exits_2_saying_what_is_accepted(tmp_path: Path, script: str, value: str) -> None:
+    port = free_port()
+    if script == "tcpbridge-frontend":
+        path = frontend_yaml(tmp_path, {"name": "a", "listen": port})
+    else:
+        path = backend_yaml(tmp_path, {"name": "m", "listen": port, "routes": {"default": 22}})
+    result = run(script, "--config", path, f"--workers={value}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"{script}: error: argument --workers: {value!r} is not a number of workers: expected a whole number "
+        "from 1 to 256, or auto (one worker per CPU this daemon may run on)")
+    assert port_is_free(port)
+
+
+def test_bad_workers_flag_in_go_compatible_mode_exits_2() -> None:
+    port = free_port()
+    result = run("tcpbridge-backend", "--frontend-port", str(port), "--backend-port", "22", "--workers", "0")
+    assert result.returncode == 2, result.stderr
+    assert "argument --workers: '0' is not a number of workers" in result.stderr
+    assert port_is_free(port)

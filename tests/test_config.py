@@ -761,3 +761,199 @@ def test_shipped_confs_fit_together() -> None:
     for t in front_cfg.tunnels:
         netloc = urlsplit(t.backend).netloc
         assert (netloc, t.route) in served, (t.name, netloc, t.route, served)
+
+
+# ---------------------------------------------------------------------------
+# workers and cpu_affinity (top level, both daemons)
+
+WORKERS_RULE = "expected a whole number from 1 to 256, or auto (one worker per CPU this daemon may run on)"
+AFFINITY_RULE = "auto (pin each of several workers to its own CPU), false (never pin) or a list of CPU numbers"
+
+
+def both(**top: Any) -> list[FrontendConfig | BackendConfig]:
+    """The same top-level keys parsed as a frontend and as a backend file."""
+    return [parse_frontend(front(**top), SRC), parse_backend(back(**top), SRC)]
+
+
+def both_problems(**top: Any) -> list[list[str]]:
+    return [frontend_problems(front(**top)), backend_problems(back(**top))]
+
+
+def test_workers_and_cpu_affinity_defaults() -> None:
+    for cfg in both():
+        assert cfg.workers == 1
+        assert cfg.cpu_affinity == "auto"
+    assert FrontendConfig(tunnels=()).workers == 1
+    assert BackendConfig(listeners=()).cpu_affinity == "auto"
+
+
+def test_workers_and_cpu_affinity_are_service_keys_of_both_daemons() -> None:
+    assert {"workers", "cpu_affinity"} <= set(config._SERVICE_KEYS)
+    assert {"workers", "cpu_affinity"} <= set(config._FRONTEND_KEYS) & set(config._BACKEND_KEYS)
+    for key in ("workers", "cpu_affinity"):  # top level only: not a per-tunnel or per-listener option
+        assert key not in config._TUNNEL_KEYS
+        assert key not in config._LISTENER_KEYS
+        find(frontend_problems(front(tunnel(**{key: 2}))), "tunnels[0] 't'", f"unknown key {key!r}")
+        find(backend_problems(back(listener(**{key: 2}))), "listeners[0] 'main'", f"unknown key {key!r}")
+
+
+def test_misspelt_workers_key_suggests() -> None:
+    find(frontend_problems(front(worker=2)), SRC, "unknown key 'worker'", "did you mean 'workers'")
+    find(backend_problems(back(cpu_afinity=[0])), SRC, "unknown key 'cpu_afinity'", "did you mean 'cpu_affinity'")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1, 1), (2, 2), (256, 256), ("auto", "auto"), ("AUTO", "auto"), ("Auto", "auto"),
+])
+def test_workers_accepted(value: object, expected: object) -> None:
+    for cfg in both(workers=value):
+        assert cfg.workers == expected
+        assert type(cfg.workers) is type(expected)
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    (0, "int 0"), (-1, "int -1"), (257, "int 257"), (10**30, f"int {10**30}"),
+    (True, "bool True"), (False, "bool False"),   # YAML true is not 1, false not 0
+    (2.0, "float 2.0"), ("4", "str '4'"), ("", "str ''"), ("many", "str 'many'"), ("auto ", "str 'auto '"),
+    (None, "nothing"), ([2], "list"), ({"count": 2}, "dict"),
+])
+def test_bad_workers(value: object, kind: str) -> None:
+    for problems in both_problems(workers=value):
+        assert problems == [f"{SRC}: workers: {WORKERS_RULE}, got {kind}"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("auto", "auto"), ("AUTO", "auto"), (False, False),
+    ([0], (0,)), ([3, 1], (3, 1)), ([0, 1, 2, 3], (0, 1, 2, 3)), ([1023], (1023,)),
+])
+def test_cpu_affinity_accepted(value: object, expected: object) -> None:
+    for cfg in both(cpu_affinity=value):
+        assert cfg.cpu_affinity == expected
+        assert type(cfg.cpu_affinity) is type(expected)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (True, f"true is not accepted: write {AFFINITY_RULE}, like [0, 1]"),
+    ([], "expected at least one CPU number, like [0, 1] (false: never pin)"),
+    ([0, 0], "CPU 0 is listed twice; list each CPU once (worker i is pinned to the i-th CPU of the list, in turn)"),
+    ([1, 2, 1], "CPU 1 is listed twice; list each CPU once (worker i is pinned to the i-th CPU of the list, "
+                "in turn)"),
+    ([-1], "CPU -1 is negative; CPUs are numbered from 0"),
+    ([0, -2], "CPU -2 is negative; CPUs are numbered from 0"),
+    (["a"], "expected a list of CPU numbers (whole numbers >= 0), but it holds str 'a'"),
+    ([0, 1.0], "expected a list of CPU numbers (whole numbers >= 0), but it holds float 1.0"),
+    ([True], "expected a list of CPU numbers (whole numbers >= 0), but it holds bool True"),
+    ([None], "expected a list of CPU numbers (whole numbers >= 0), but it holds nothing"),
+    ([[0]], "expected a list of CPU numbers (whole numbers >= 0), but it holds list"),
+    (0, f"expected {AFFINITY_RULE}, like [0, 1], got int 0"),
+    ("0-3", f"expected {AFFINITY_RULE}, like [0, 1], got str '0-3'"),
+    ("false", f"expected {AFFINITY_RULE}, like [0, 1], got str 'false'"),
+    (None, f"expected {AFFINITY_RULE}, like [0, 1], got nothing"),
+    ({"cpus": [0]}, f"expected {AFFINITY_RULE}, like [0, 1], got dict"),
+])
+def test_bad_cpu_affinity(value: object, message: str) -> None:
+    for problems in both_problems(cpu_affinity=value):
+        assert problems == [f"{SRC}: cpu_affinity: {message}"]
+
+
+def test_bad_workers_and_cpu_affinity_reported_with_the_other_problems() -> None:
+    problems = frontend_problems(front(tunnel(half_close="yes"), workers=0, cpu_affinity=[0, 0], drain_timeout=-1))
+    assert len(problems) == 4, problems
+    find(problems, "workers", "got int 0")
+    find(problems, "cpu_affinity", "CPU 0 is listed twice")
+    find(problems, "tunnels[0] 't'", "half_close")
+    find(problems, "drain_timeout")
+
+
+@pytest.mark.parametrize(("text", "workers", "cpu_affinity"), [
+    ("workers: 4\ncpu_affinity: [0, 2]\n", 4, (0, 2)),
+    ("workers: auto\ncpu_affinity: false\n", "auto", False),
+    ("workers: 1\ncpu_affinity: no\n", 1, False),   # YAML 1.1: no is false
+    ("cpu_affinity: [ 3 ]\n", 1, (3,)),
+    ("cpu_affinity: auto\n", 1, "auto"),
+])
+def test_workers_and_cpu_affinity_from_yaml_files(tmp_path: Path, text: str, workers: object,
+                                                 cpu_affinity: object) -> None:
+    f = load(write(tmp_path, text + FRONTEND_TEXT, "f.yaml"))
+    b = load(write(tmp_path, text + "listeners:\n  - {name: m, listen: 8080, routes: {default: 22}}\n", "b.yaml"))
+    for cfg in (f, b):
+        assert (cfg.workers, cfg.cpu_affinity) == (workers, cpu_affinity)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("workers: true\n", "workers: " + WORKERS_RULE + ", got bool True"),
+    ("workers: '2'\n", "workers: " + WORKERS_RULE + ", got str '2'"),
+    ("workers: 0\n", "workers: " + WORKERS_RULE + ", got int 0"),
+    ("cpu_affinity: true\n", "cpu_affinity: true is not accepted"),
+    ("cpu_affinity: yes\n", "cpu_affinity: true is not accepted"),
+    ("cpu_affinity: [0, 0]\n", "cpu_affinity: CPU 0 is listed twice"),
+    ("cpu_affinity: [-1]\n", "cpu_affinity: CPU -1 is negative"),
+    ("cpu_affinity: []\n", "cpu_affinity: expected at least one CPU number"),
+    ("cpu_affinity: 0-3\n", "cpu_affinity: expected auto"),
+])
+def test_bad_workers_and_cpu_affinity_in_yaml_files(tmp_path: Path, text: str, fragment: str) -> None:
+    path = write(tmp_path, text + FRONTEND_TEXT, "f.yaml")
+    (problem,) = file_problems(path)
+    assert problem.startswith(f"{path}: {fragment}"), problem
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1, 1), (256, 256), ("auto", "auto"), ("AuTo", "auto"),
+])
+def test_parse_workers(value: object, expected: object) -> None:
+    assert config.parse_workers(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, 257, -3, True, False, 1.0, "1", "", None])
+def test_parse_workers_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(WORKERS_RULE)):
+        config.parse_workers(value)
+
+
+def test_parse_cpu_affinity_keeps_the_order_written() -> None:
+    assert config.parse_cpu_affinity([5, 0, 3]) == (5, 0, 3)
+    assert config.parse_cpu_affinity("auto") == "auto"
+    assert config.parse_cpu_affinity(False) is False
+
+
+# worker_cpus: which CPU each worker is pinned to (None: not pinned)
+
+@pytest.mark.parametrize(("affinity", "workers", "available", "expected"), [
+    # auto: one worker is never pinned; several take the available CPUs in ascending order, in turn
+    ("auto", 1, [0, 1, 2, 3], [None]),
+    ("auto", 2, [0, 1, 2, 3], [0, 1]),
+    ("auto", 4, [3, 1, 2, 0], [0, 1, 2, 3]),
+    ("auto", 5, [2, 5], [2, 5, 2, 5, 2]),
+    ("auto", 3, [7], [7, 7, 7]),
+    ("auto", 3, {6, 4}, [4, 6, 4]),            # a set, as os.sched_getaffinity returns
+    ("auto", 3, [1, 1, 0], [0, 1, 0]),         # repeats do not count twice
+    # false: never pinned
+    (False, 1, [0, 1], [None]),
+    (False, 4, [0, 1], [None, None, None, None]),
+    (False, 2, [], [None, None]),
+    # a list: worker i gets entry i % len, also a single worker, whatever is available
+    ((3,), 1, [0, 1, 2, 3], [3]),
+    ((2, 0), 1, [0, 1, 2], [2]),
+    ((2, 0), 5, [0, 1, 2], [2, 0, 2, 0, 2]),
+    ((0, 1, 2, 3), 2, [0, 1, 2, 3], [0, 1]),
+    ((9,), 2, [], [9, 9]),
+])
+def test_worker_cpus(affinity: config.CpuAffinity, workers: int, available: Any, expected: list[int | None]) -> None:
+    assert config.worker_cpus(affinity, workers, available) == expected
+
+
+def test_worker_cpus_from_parsed_values() -> None:
+    cfg = parse_backend(back(workers=3, cpu_affinity=[1, 0]), SRC)
+    assert isinstance(cfg.workers, int)
+    assert config.worker_cpus(cfg.cpu_affinity, cfg.workers, [0, 1]) == [1, 0, 1]
+
+
+@pytest.mark.parametrize(("affinity", "workers", "available", "fragment"), [
+    ("auto", 0, [0], "workers must be at least 1, got 0"),
+    (False, -1, [0], "workers must be at least 1, got -1"),
+    ("auto", 2, [], "needs at least one available CPU"),
+    ((), 2, [0], "empty list of CPUs"),
+])
+def test_worker_cpus_rejects(affinity: config.CpuAffinity, workers: int, available: list[int], fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        config.worker_cpus(affinity, workers, available)

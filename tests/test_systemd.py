@@ -405,3 +405,43 @@ def test_watchdog_restarts_a_stuck_daemon(bridge: Bridge) -> None:
     finally:
         machine.path(f"/etc/systemd/system/{FRONTEND}.d/50-test-watchdog.conf").unlink(missing_ok=True)
         machine.systemctl("daemon-reload")
+
+
+@pytest.mark.timeout(45)
+def test_workers_under_the_unit_are_pinned_and_stop_with_a_drain(bridge: Bridge) -> None:
+    """(g) workers: 2 under the shipped unit: main is MainPID and alone signals systemd; the workers
+    are pinned (the unit's SystemCallFilter allows it), log with their tag, and stop with main."""
+    machine = bridge.machine
+    reset(bridge)
+    bridge.write_frontend({**bridge.frontend_yaml(), "workers": 2})
+    since = time.monotonic()
+    try:
+        start(machine, FRONTEND, "restart")
+        pid = main_pid(machine, FRONTEND)
+        children = [int(c) for c in machine.path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert len(children) == 2, machine.journal_text(FRONTEND)
+        available = sorted(os.sched_getaffinity(0))
+        pinned = [machine.path(f"/proc/{child}/status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+                  for child in children]
+        if len(available) > 1:
+            assert pinned == [str(available[0]), str(available[1])], pinned
+        echo_once(bridge.echo_tunnel)
+        ready = machine.wait_for_journal(FRONTEND, lambda e: "ready: 2 listeners, 2 of 2 workers" in message(e),
+                                         since=since)
+        assert int(ready["_PID"]) == pid
+        machine.wait_for_journal(FRONTEND, lambda e: message(e).startswith("w1 tunnel echo: listening"),
+                                 since=since)
+        messages = [message(e) for e in machine.journal(FRONTEND, since=since)]
+        assert not any("cannot pin" in m for m in messages), messages
+        with connect(bridge.echo_tunnel) as held:
+            round_trip(held, b"before the stop")
+            machine.systemctl("stop", "--no-block", FRONTEND)
+            machine.wait_for_journal(FRONTEND, lambda e: "passing it on to 2 workers" in message(e), since=since)
+            round_trip(held, b"while draining")
+            held.shutdown(socket.SHUT_WR)
+            assert recv_all(held, timeout=5) == b""
+        props = machine.wait_for_state(FRONTEND, "inactive", timeout=15)
+        assert props["Result"] == "success", props
+        assert not any(machine.path(f"/proc/{child}").exists() for child in children)
+    finally:
+        bridge.write_frontend(bridge.frontend_yaml())

@@ -1,0 +1,559 @@
+"""The main process of a daemon with ``workers: N`` (N > 1), shaped like gunicorn's ``arbiter.py``.
+
+Python threads of one process share one GIL: a daemon whose tunnels are busy with many small
+messages spends its time handing the GIL between threads on different CPUs. With ``workers``,
+the daemon is N forked worker processes, each a complete thread-based daemon (:class:`Service`
+with its own registry and tunnels), optionally pinned to one CPU, and this main process, which:
+
+* binds every listening port once per worker (``SO_REUSEPORT``, :func:`bridge.listen.bind_slots`)
+  before forking, so bind errors are reported here, all or none, with the usual messages; the
+  kernel spreads new connections over the workers' sockets. Main keeps its copies: connections
+  that arrive for a worker that died wait in its socket's queue for its replacement;
+* alone talks to systemd (``READY``, ``STATUS``, ``STOPPING``, ``WATCHDOG``; workers get no
+  ``NOTIFY_SOCKET``), answers the control socket and the metrics endpoint with the sum over the
+  workers (their snapshots, fetched over a private socket pair: :class:`Link`, plus the counters
+  of workers that died, so totals never go down);
+* owns the signals: SIGTERM/SIGINT/SIGQUIT are passed on to every worker, whose own
+  :class:`Service` drains or resets exactly as a single-process daemon does (a second
+  SIGTERM passed on ends a drain); SIGCHLD reaps a worker that died and restarts it, at once the
+  first time, backing off up to 10 s when one keeps dying. Workers run in their own process group
+  so a terminal's Ctrl-C reaches main only, and die with main (``PR_SET_PDEATHSIG``).
+* rejects SIGHUP for now (the running configuration stays; restart to change it).
+
+Workers are forked, not spawned: they inherit the sockets and the configuration, and a restart
+takes milliseconds. Forks happen only on the main thread; the other threads of main (control
+socket, metrics) touch nothing a child uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
+
+from bridge.config import Address, Config
+from bridge.control import ControlServer, default_socket_path
+from bridge.listen import Binder, ListenError, bind_slots
+from bridge.service import (
+    DRAIN_POLL,
+    RESET_WAIT,
+    Daemon,
+    Endpoint,
+    Service,
+    SignalQueue,
+    StatusView,
+    raise_open_files_limit,
+    sd_notify,
+    setup_logging,
+    watchdog_interval,
+)
+from bridge.stats import LabelStats, Snapshot, merge, retire
+from bridge.tunnel import TunnelRegistry
+
+log = logging.getLogger("tcpbridge")
+
+#: A worker that has not said it is serving this long after its fork is killed (at start: the daemon fails).
+BOOT_TIMEOUT = 15.0
+#: How long main waits for a worker's answer to a snapshot request; its last one is used after that.
+LINK_TIMEOUT = 1.0
+#: A worker that dies this many times within DEATH_WINDOW seconds is restarted with a growing delay.
+DEATHS_BEFORE_BACKOFF = 3
+DEATH_WINDOW = 60.0
+MAX_BACKOFF = 10.0
+#: Exit status of a worker that could not start (its reason went over the link).
+WORKER_FAILED = 3
+PR_SET_PDEATHSIG = 1
+
+
+
+class DaemonClass(Protocol):
+    """The frontend or backend class: builds a daemon, and says which ports a configuration listens on."""
+
+    def __call__(self, config: Any, registry: TunnelRegistry, binder: Binder = ..., /) -> Daemon: ...
+    def listening(self, config: Any, /) -> list[tuple[str, Address, str]]: ...
+
+
+class LinkClosed(Exception):
+    """The other end of a :class:`Link` went away, or did not answer in time."""
+
+
+class Link:
+    """Messages between main and one worker: length-prefixed pickles over a private socket pair.
+
+    Both ends run the same forked code and nothing else can reach the pair, so pickle is safe.
+    Main sends requests; a worker sends ``("ready",)`` or ``("failed", text)`` once, unasked.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        data = pickle.dumps(message)
+        self.sock.sendall(struct.pack("!I", len(data)) + data)
+
+    def recv(self, timeout: float | None) -> Any:
+        self.sock.settimeout(timeout)
+        try:
+            (size,) = struct.unpack("!I", self._exactly(4))
+            return pickle.loads(self._exactly(size))
+        except (OSError, EOFError, struct.error, pickle.UnpicklingError) as exc:
+            raise LinkClosed(str(exc) or type(exc).__name__) from None
+
+    def request(self, message: object, timeout: float) -> Any:
+        """Send ``message`` and return the answer; LinkClosed if there is none within ``timeout``."""
+        if not self.lock.acquire(timeout=timeout):
+            raise LinkClosed("another request is still waiting for this worker")
+        try:
+            self.send(message)
+            return self.recv(timeout)
+        except OSError as exc:
+            raise LinkClosed(str(exc)) from None
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _exactly(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError("link closed")
+            data += chunk
+        return bytes(data)
+
+
+@dataclass
+class Worker:
+    """Main's record of one worker slot: the process serving it now, and its history."""
+
+    slot: int
+    cpu: int | None
+    pid: int = 0
+    link: Link | None = None
+    ready: bool = False
+    started: float = 0.0
+    restarts: int = 0
+    deaths: list[float] = field(default_factory=list)
+    restart_at: float | None = None  # when a dead worker is due to be forked again
+    last: Snapshot | None = None  # its last answer, shown while it does not answer
+    view: tuple[list[dict[str, Any]], str] = ([], "")  # its listeners and one-line description
+
+    def describe(self) -> dict[str, Any]:
+        state = "serving" if self.ready else ("restarting" if self.restart_at is not None else "starting")
+        return {"slot": self.slot, "pid": self.pid or None, "cpu": self.cpu, "state": state,
+                "restarts": self.restarts, "active": len(self.last.live) if self.last else 0}
+
+
+def backoff(deaths: list[float], now: float) -> float:
+    """Seconds to wait before restarting a worker that died at ``deaths`` (most recent last)."""
+    recent = [t for t in deaths if now - t < DEATH_WINDOW]
+    if len(recent) < DEATHS_BEFORE_BACKOFF:
+        return 0.0
+    return float(min(MAX_BACKOFF, 0.5 * 2.0 ** (len(recent) - DEATHS_BEFORE_BACKOFF)))
+
+
+class Arbiter:
+    """Runs a daemon as ``len(cpus)`` worker processes; see the module docstring."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(self, daemon_class: DaemonClass, *, name: str, load: Callable[[], Config],
+                 log_level_flag: str | None, cpus: list[int | None]) -> None:
+        self.daemon_class = daemon_class
+        self.name = name
+        self.load = load
+        self.log_level_flag = log_level_flag
+        self.workers = [Worker(slot, cpu) for slot, cpu in enumerate(cpus)]
+        self.signals = SignalQueue()
+        self.slots: dict[str, list[socket.socket]] = {}
+        self.config: Config | None = None
+        self.retired: dict[str, LabelStats] = {}
+        self.reloads = {"ok": 0, "failed": 0}
+        self.started = time.monotonic()
+        self.view = StatusView(name, self.snapshot, self._listeners, self._describe, lambda: self.config)
+        self._endpoints: list[Endpoint] = []
+        self._endpoint_fds: list[int] = []
+        self._watchdog_interval = watchdog_interval()
+        self._last_status = ""
+        self._stopping = False
+        self._lock = threading.Lock()  # a worker's link and last snapshot change together
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, config: Config) -> int:
+        """Bind, fork the workers, serve until SIGTERM/SIGINT/SIGQUIT; the exit status. ListenError propagates."""
+        raise_open_files_limit()
+        self.config = config
+        self._bind_slots(config)
+        self._bind_endpoints(config)
+        self.signals.install(self.SIGNALS)
+        try:
+            for worker in self.workers:
+                self._spawn(worker)
+            failure = self._wait_ready(time.monotonic() + BOOT_TIMEOUT)
+            if failure:
+                log.error("%s: %s", self.name, failure)
+                self._kill_all()
+                return 1
+            for endpoint in self._endpoints:
+                endpoint.start()
+            sd_notify(f"READY=1\nSTATUS={self.status()}")
+            log.info("%s ready: %s", self.name, self._describe())
+            while True:
+                signum = self.signals.next(timeout=self._tick())
+                if signum == signal.SIGCHLD:
+                    self._reap()
+                elif signum in Service.STOP_SIGNALS:
+                    return self._stop(signum)
+                elif signum == signal.SIGHUP:
+                    self._reject_reload()
+        finally:
+            self._kill_all()
+            for endpoint in self._endpoints:
+                endpoint.stop()
+            self.signals.restore()
+
+    def _bind_slots(self, config: Config) -> None:
+        try:
+            for name, address, what in self.daemon_class.listening(config):
+                self.slots[name] = bind_slots(address, what, len(self.workers))
+        except ListenError:
+            self._close_slots()
+            raise
+
+    def _close_slots(self) -> None:
+        for sockets in self.slots.values():
+            for sock in sockets:
+                sock.close()
+        self.slots.clear()
+
+    def _bind_endpoints(self, config: Config) -> None:
+        before = set(_open_fds())
+        path = config.control_socket or default_socket_path()
+        if path:
+            control = ControlServer(path, self.status_document)
+            control.bind()
+            self._endpoints.append(control)
+        if config.metrics:
+            from bridge.metrics import start_metrics  # imports prometheus-client, which is optional
+
+            self._endpoints.append(start_metrics(config.metrics, self.name, self.snapshot, self._known_labels))
+        self._endpoint_fds = sorted(set(_open_fds()) - before)  # closed in every worker
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _spawn(self, worker: Worker) -> None:
+        assert self.config is not None
+        ours, theirs = socket.socketpair()
+        config = self.config
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self._child(worker, config, Link(theirs))
+        theirs.close()
+        worker.pid, worker.link, worker.ready = pid, Link(ours), False
+        worker.started, worker.restart_at, worker.last = time.monotonic(), None, None
+
+    def _child(self, worker: Worker, config: Config, link: Link) -> NoReturn:
+        """The worker process: drop what is main's, then serve as a plain daemon until told to stop."""
+        status = WORKER_FAILED
+        try:
+            _die_with_parent(os.getppid())
+            os.setpgid(0, 0)  # a terminal's Ctrl-C goes to main, which passes it on once
+            for signum in self.SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            self._drop_main_resources(worker, link)
+            for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                os.environ.pop(key, None)
+            setup_logging(self.log_level_flag or config.log_level, tag=f"w{worker.slot} ")
+            pin(worker.cpu)
+            sockets = {name: sockets[worker.slot] for name, sockets in self.slots.items()}
+            registry = TunnelRegistry()
+            daemon = self.daemon_class(config, registry, _Inherited(sockets))
+            service = Service(daemon, registry, name=self.name, load=self.load, log_level_flag=self.log_level_flag,
+                              on_ready=lambda: link.send(("ready",)))
+            threading.Thread(target=_answer, args=(link, registry, daemon), name="arbiter-link", daemon=True).start()
+            status = service.run(config)
+        except BaseException as exc:  # whatever it was, main must hear it and the child must exit
+            with contextlib.suppress(Exception):
+                log.error("worker %d could not run: %s", worker.slot, _reason(exc))
+                link.send(("failed", _reason(exc)))
+        finally:
+            with contextlib.suppress(Exception):
+                logging.shutdown()
+            os._exit(status)
+
+    def _drop_main_resources(self, worker: Worker, link: Link) -> None:
+        """Close, in a new worker, every descriptor that is main's: other workers' slots and links, the endpoints."""
+        for sockets in self.slots.values():
+            for slot, sock in enumerate(sockets):
+                if slot != worker.slot:
+                    sock.close()
+        for other in self.workers:
+            if other.link is not None:
+                other.link.close()
+        for fd in self._endpoint_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.signals.close()
+
+    def _wait_ready(self, deadline: float) -> str | None:
+        """Wait until every worker said it serves; the reason if one failed or timed out first."""
+        for worker in self.workers:
+            assert worker.link is not None
+            message = _boot_message(worker.link, max(0.0, deadline - time.monotonic()))
+            if message[0] != "ready":
+                return f"worker {worker.slot} (pid {worker.pid}) could not start: {message[1]}"
+            worker.ready = True
+        return None
+
+    def _reap(self) -> None:
+        """Collect every worker that exited; schedule its restart unless the daemon is stopping."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self.workers if w.pid == pid), None)
+            if worker is None:
+                continue
+            self._retire(worker)
+            if self._stopping:
+                continue
+            now = time.monotonic()
+            worker.deaths = [t for t in worker.deaths if now - t < DEATH_WINDOW] + [now]
+            delay = backoff(worker.deaths, now)
+            worker.restart_at = now + delay
+            log.warning("%s: worker %d (pid %d) %s; its tunnels are lost, restarting it%s", self.name, worker.slot,
+                        pid, _exit_reason(status), f" in {delay:g} s" if delay else "")
+
+    def _retire(self, worker: Worker) -> None:
+        with self._lock:
+            if worker.last is not None:
+                retire(self.retired, worker.last)
+            if worker.link is not None:
+                worker.link.close()
+            worker.pid, worker.link, worker.ready, worker.last = 0, None, False, None
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.restart_at is not None and worker.restart_at <= now and not self._stopping:
+                worker.restarts += 1
+                self._spawn(worker)
+                self._await_one(worker)
+
+    def _await_one(self, worker: Worker) -> None:
+        assert worker.link is not None
+        message = _boot_message(worker.link, BOOT_TIMEOUT)
+        if message[0] == "ready":
+            worker.ready = True
+            log.info("%s: worker %d restarted as pid %d", self.name, worker.slot, worker.pid)
+        else:
+            log.error("%s: worker %d (pid %d) could not start: %s", self.name, worker.slot, worker.pid, message[1])
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signal.SIGKILL)
+
+    def _kill_all(self) -> None:
+        for worker in self.workers:
+            if worker.pid:
+                with contextlib.suppress(OSError):
+                    os.kill(worker.pid, signal.SIGKILL)
+        for worker in self.workers:
+            if worker.pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(worker.pid, 0)
+                self._retire(worker)
+
+    def _live(self) -> list[Worker]:
+        return [w for w in self.workers if w.pid]
+
+    # -- status --------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Every worker's counters and live tunnels, summed, plus those of the workers that died."""
+        for worker in self.workers:
+            link = worker.link
+            if link is None or not worker.ready:
+                continue
+            try:
+                last, listeners, describe = link.request(("snapshot",), LINK_TIMEOUT)
+            except LinkClosed:
+                continue  # dead or stuck: its last answer stands until SIGCHLD retires it
+            with self._lock:
+                if worker.link is link:  # not retired meanwhile
+                    worker.last, worker.view = last, (listeners, describe)
+        with self._lock:
+            parts = [w.last for w in self.workers if w.last is not None]
+            return merge(parts, self.retired, self.reloads, time.monotonic() - self.started)
+
+    def status(self) -> str:
+        return self.view.summary(self.snapshot())
+
+    def status_document(self, request: str = "status") -> dict[str, Any]:
+        return self.view.document(request, lambda: {"workers": [w.describe() for w in self.workers]})
+
+    def _listeners(self) -> list[dict[str, Any]]:
+        return next((w.view[0] for w in self.workers if w.view[0]), [])
+
+    def _describe(self) -> str:
+        serving = sum(1 for w in self.workers if w.ready)
+        return f"{len(self.slots)} listeners, {serving} of {len(self.workers)} workers"
+
+    def _known_labels(self) -> list[str]:
+        return [label for listener in self._listeners() for label in listener["labels"]]
+
+    def _tick(self) -> float:
+        """Restart workers that are due, send STATUS= when it changed, ping the watchdog; the next delay."""
+        self._restart_due()
+        status = self.status()
+        if status != self._last_status:
+            sd_notify(f"STATUS={status}")
+            self._last_status = status
+        if self._watchdog_interval is None:
+            return 1.0
+        sd_notify("WATCHDOG=1")  # this loop runs; a stuck worker is found by its silence (see snapshot)
+        return min(1.0, self._watchdog_interval)
+
+    # -- reload and stop -----------------------------------------------------------------------
+
+    def _reject_reload(self) -> None:
+        self.reloads["failed"] += 1
+        log.error("reload rejected, still running the previous configuration: a daemon with workers > 1 "
+                  "cannot reload yet; restart it to apply a new configuration (systemctl restart)")
+
+    def _stop(self, signum: int) -> int:
+        """Pass ``signum`` on to every worker, then wait for them all to exit, passing on what follows."""
+        assert self.config is not None
+        sd_notify("STOPPING=1")
+        self._stopping = True
+        started = time.monotonic()
+        log.info("%s: %s received; passing it on to %d workers", self.name, signal.Signals(signum).name,
+                 len(self._live()))
+        self._relay(signum)
+        deadline = started + self.config.drain_timeout + RESET_WAIT + 5.0
+        next_tick = time.monotonic()
+        while self._live():
+            now = time.monotonic()
+            if now >= deadline:
+                log.warning("%s: workers still running %.0f s after %s: killing them", self.name, now - started,
+                            signal.Signals(signum).name)
+                self._kill_all()
+                break
+            if now >= next_tick:
+                next_tick = now + self._tick()
+            received = self.signals.next(timeout=max(0.0, min(DRAIN_POLL, next_tick - now)))
+            if received == signal.SIGCHLD:
+                self._reap()
+            elif received in Service.STOP_SIGNALS:
+                self._relay(received)  # a second SIGTERM ends the workers' drains; SIGQUIT resets
+            elif received == signal.SIGHUP:
+                log.info("%s: SIGHUP during the drain: ignored (the daemon is stopping)", self.name)
+            self._reap()
+        self._close_slots()
+        log.info("%s stopped after %.1f s", self.name, time.monotonic() - started)
+        return 0
+
+    def _relay(self, signum: int) -> None:
+        for worker in self._live():
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signum)
+
+
+class _Inherited:
+    """The :data:`Binder` of a worker: the sockets main bound for it, by tunnel or listener name."""
+
+    def __init__(self, sockets: dict[str, socket.socket]) -> None:
+        self.sockets = dict(sockets)
+
+    def __call__(self, name: str, address: Address, what: str) -> socket.socket:
+        try:
+            return self.sockets.pop(name)
+        except KeyError:
+            raise ListenError(f"{what}: cannot listen on {address}: a worker process cannot bind new ports "
+                              "(restart the daemon)") from None
+
+
+def _answer(link: Link, registry: TunnelRegistry, daemon: Daemon) -> None:
+    """A worker's link thread: answer main's requests until the link closes (main is gone)."""
+    while True:
+        try:
+            request = link.recv(None)
+        except LinkClosed:
+            return
+        if request == ("snapshot",):
+            link.send((registry.snapshot(), daemon.listeners(), daemon.describe()))
+
+
+def _boot_message(link: Link, timeout: float) -> tuple[str, ...]:
+    """A new worker's first message: ``("ready",)``, or ``("failed", why)`` (also when it died or stayed silent)."""
+    try:
+        message: tuple[str, ...] = link.recv(timeout)
+    except LinkClosed as exc:
+        if "timed out" in str(exc):
+            return ("failed", f"not serving within {timeout:g} s")
+        return ("failed", "it exited before serving (its log says why)")
+    return message
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when main dies (its sockets must not outlive main's)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("cannot ask to die with the main process: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:  # main died before prctl took effect
+        os._exit(1)
+
+
+def pin(cpu: int | None) -> None:
+    """Run this process (and the threads it starts from now on) on ``cpu`` only; None: leave it be."""
+    if cpu is None:
+        return
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        log.warning("cannot pin to CPU %d: %s (a unit's SystemCallFilter must allow "
+                    "sched_setaffinity); running unpinned", cpu, exc.strerror)
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ListenError | OSError):
+        return str(exc)
+    return "".join(traceback.format_exception_only(exc)).strip()
+
+
+def _exit_reason(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        return f"was killed by {name}" + (" (out of memory?)" if signum == signal.SIGKILL else "")
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def worker_cpus_available() -> list[int]:
+    """The CPUs this process may run on (taskset, cpusets and systemd's CPUAffinity= count)."""
+    return sorted(os.sched_getaffinity(0))
+

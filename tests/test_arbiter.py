@@ -1,0 +1,257 @@
+"""bridge.arbiter: daemons with ``workers: 2`` as real processes: forked, pinned, supervised, summed, stopped.
+
+Every test runs real frontend/backend processes on 127.0.0.1 and real signals; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import control
+from bridge.config import worker_cpus
+from bridge.stats import LabelStats, LiveTunnel, Snapshot, merge, retire
+from tests.conftest import Pair, start_pair
+from tests.helpers import TcpServer, backend, free_port, recv_exactly, wait_until, write_yaml
+from tests.test_service import Notifications
+
+WAIT = 15.0  # any wait in this file gives up after this long
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def allowed_cpus(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short path for control sockets (a Unix socket path must fit in 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="tb-") as directory:
+        yield Path(directory)
+
+
+def workers_pair(directory: Path, target: str, **extra: Any) -> Pair:
+    """A frontend and a backend with two workers each; the frontend's status at ``directory/f.sock``."""
+    return start_pair(directory, target,
+                      frontend_extra={"workers": 2, "control_socket": str(directory / "f.sock"), **extra},
+                      backend_extra={"workers": 2, "control_socket": str(directory / "b.sock"), **extra})
+
+
+def opened(pair: Pair, count: int) -> list[socket.socket]:
+    clients = []
+    for i in range(count):
+        client = socket.create_connection(pair.address(), timeout=10)
+        message = b"hello %d" % i
+        client.sendall(message)
+        assert recv_exactly(client, len(message)) == message
+        clients.append(client)
+    return clients
+
+
+def flows(client: socket.socket, data: bytes = b"still there") -> None:
+    client.sendall(data)
+    assert recv_exactly(client, len(data)) == data
+
+
+def status(directory: Path, daemon: str = "f") -> dict[str, Any]:
+    return control.query(str(directory / f"{daemon}.sock"))
+
+
+@pytest.fixture
+def pair(short_dir: Path, echo_server: TcpServer) -> Iterator[Pair]:
+    started = workers_pair(short_dir, echo_server.address)
+    yield started
+    started.frontend.stop()
+    started.backend.stop()
+
+
+def test_one_worker_is_one_process(tmp_path: Path, echo_server: TcpServer) -> None:
+    single = start_pair(tmp_path, echo_server.address)
+    try:
+        assert children(single.frontend.pid) == [] and children(single.backend.pid) == []
+    finally:
+        single.frontend.stop()
+        single.backend.stop()
+
+
+def test_two_workers_are_two_pinned_processes_sharing_the_port(pair: Pair, short_dir: Path) -> None:
+    for daemon in (pair.frontend, pair.backend):
+        pids = children(daemon.pid)
+        assert len(pids) == 2, daemon.log
+        expected = worker_cpus("auto", 2, sorted(os.sched_getaffinity(daemon.pid)))
+        assert [allowed_cpus(pid) for pid in pids] == [{cpu} for cpu in expected]
+        assert " ready: 1 listeners, 2 of 2 workers" in daemon.log
+    clients = opened(pair, 40)
+    try:
+        doc = status(short_dir)
+        assert doc["totals"]["active"] == 40
+        assert len(doc["tunnels"]) == 40
+        assert [w["state"] for w in doc["workers"]] == ["serving", "serving"]
+        # The kernel spreads connections by a hash: both workers get some of 40 (all in one: 2**-39).
+        assert all(w["active"] > 0 for w in doc["workers"]), doc["workers"]
+        assert sum(w["active"] for w in doc["workers"]) == 40
+        assert doc["summary"].startswith("1 listeners, 2 of 2 workers, 40 active tunnels, 40 served")
+        assert "2 workers: pid " in control.format_status(doc).splitlines()[2]
+    finally:
+        for client in clients:
+            client.close()
+    assert wait_until(lambda: status(short_dir)["totals"]["active"] == 0, WAIT)
+    assert status(short_dir)["totals"]["opened"] == 40
+
+
+def test_a_killed_worker_is_replaced_and_the_other_keeps_its_tunnels(pair: Pair, short_dir: Path) -> None:
+    clients = opened(pair, 20)
+    try:
+        before = status(short_dir)
+        victim, survivor = before["workers"][0], before["workers"][1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert pair.frontend.wait_for_log(f"worker 0 (pid {victim['pid']}) was killed by SIGKILL", WAIT)
+        assert wait_until(lambda: len(children(pair.frontend.pid)) == 2
+                          and victim["pid"] not in children(pair.frontend.pid), WAIT), pair.frontend.log
+        assert pair.frontend.wait_for_log("worker 0 restarted as pid", WAIT)
+        survivors = 0
+        for client in clients:  # the survivor's tunnels flow; the victim's were reset with it
+            try:
+                flows(client)
+                survivors += 1
+            except (OSError, EOFError):  # the kernel closed the victim's sockets: FIN or reset
+                pass
+        assert survivors == survivor["active"], (survivors, before["workers"])
+        # New connections are served by both workers again.
+        for client in opened(pair, 20):
+            client.close()
+        after = status(short_dir)
+        assert after["workers"][0]["restarts"] == 1 and after["workers"][0]["pid"] != victim["pid"]
+        # Totals never go down: the dead worker's tunnels count as ended, aborted.
+        assert after["totals"]["opened"] == before["totals"]["opened"] + 20
+        assert after["totals"]["closed"].get("abort", 0) >= victim["active"]
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_killing_main_takes_the_workers_with_it(pair: Pair) -> None:
+    workers = children(pair.frontend.pid)
+    assert len(workers) == 2
+    pair.frontend.proc.kill()
+    pair.frontend.proc.wait(WAIT)
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), WAIT)
+    with socket.socket() as probe:  # nothing holds the port any more
+        probe.bind(("127.0.0.1", pair.frontend_port))
+
+
+def test_sigterm_drains_every_worker_and_a_second_ends_it(pair: Pair) -> None:
+    clients = opened(pair, 10)
+    try:
+        pair.frontend.proc.send_signal(signal.SIGTERM)
+        assert pair.frontend.wait_for_log("SIGTERM received; passing it on to 2 workers", WAIT)
+        assert wait_until(lambda: _refused(pair.frontend_port), WAIT)
+        for client in clients:  # live tunnels on both workers carry on while they drain
+            flows(client)
+        assert pair.frontend.proc.poll() is None
+        pair.frontend.proc.send_signal(signal.SIGTERM)
+        assert pair.frontend.proc.wait(WAIT) == 0
+        assert "second SIGTERM during the drain" in pair.frontend.log
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_sigterm_with_nothing_live_exits_at_once(pair: Pair) -> None:
+    pair.frontend.proc.send_signal(signal.SIGTERM)
+    assert pair.frontend.proc.wait(WAIT) == 0
+    assert "stopped after" in pair.frontend.log
+
+
+def test_sighup_is_refused_and_nothing_changes(pair: Pair, short_dir: Path) -> None:
+    pair.frontend.proc.send_signal(signal.SIGHUP)
+    assert pair.frontend.wait_for_log("reload rejected, still running the previous configuration", WAIT)
+    assert status(short_dir)["reloads"] == {"ok": 0, "failed": 1}
+    for client in opened(pair, 4):
+        client.close()
+
+
+def test_main_alone_speaks_to_systemd(short_dir: Path, echo_server: TcpServer) -> None:
+    notify = Notifications(short_dir)
+    notify.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    port = free_port()
+    config = write_yaml(short_dir, "b.yaml", {"workers": 2, "control_socket": str(short_dir / "b.sock"),
+                                              "listeners": [{"name": "main", "listen": f"127.0.0.1:{port}",
+                                                             "routes": {"default": echo_server.address}}]})
+    daemon = backend(config, env={"NOTIFY_SOCKET": notify.path})
+    try:
+        senders = set()
+        notify.sock.settimeout(WAIT)
+        while True:
+            data, ancillary, _, _ = notify.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            senders |= {int.from_bytes(item[2][:4], "little") for item in ancillary}
+            if b"READY=1" in data:
+                break
+        assert "STATUS=1 listeners, 2 of 2 workers, 0 active tunnels" in data.decode()
+        daemon.wait_ready()
+        assert senders == {daemon.pid}
+        assert status(short_dir, "b")["summary"] == data.decode().split("STATUS=", 1)[1]
+    finally:
+        daemon.stop()
+        notify.sock.close()
+
+
+def test_a_port_in_use_fails_the_start_as_with_one_process(short_dir: Path, echo_server: TcpServer) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = write_yaml(short_dir, "b.yaml", {"workers": 2, "listeners": [
+            {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": echo_server.address}}]})
+        daemon = backend(config)
+        assert daemon.proc.wait(WAIT) == 1
+        assert f"listener 'main': cannot listen on 127.0.0.1:{port}: address already in use" in daemon.log
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# -- summing snapshots (no processes) ----------------------------------------------------------
+
+
+def _snapshot(label: str, opened: int, live: int) -> Snapshot:
+    stats = LabelStats(opened=opened, closed={"clean": opened - live}, bytes_to_ws=100, bytes_to_tcp=10)
+    tunnels = tuple(LiveTunnel(f"id{i}", label, "peer", "dest", 1.0, 5, 7) for i in range(live))
+    return Snapshot(tunnels, {label: stats}, {"ok": 0, "failed": 0}, 3.0)
+
+
+def test_merge_sums_workers_and_keeps_retired_counters() -> None:
+    retired: dict[str, LabelStats] = {}
+    retire(retired, _snapshot("t", opened=3, live=2))
+    merged = merge([_snapshot("t", opened=4, live=1), _snapshot("u", opened=1, live=0)], retired,
+                   {"ok": 1, "failed": 0}, 9.0)
+    totals = merged.totals()
+    assert totals["opened"] == 8 and totals["active"] == 1
+    assert merged.labels["t"].closed == {"clean": 1 + 3, "abort": 2}
+    assert totals["bytes_to_websocket"] == 100 + 2 * 5 + 100 + 100 + 5
+    assert merged.reloads == {"ok": 1, "failed": 0} and merged.uptime == 9.0
