@@ -66,6 +66,8 @@ CHUNK = 1 << 20
 IO_TIMEOUT = 30.0  # no progress for this long on any one socket call: the run fails
 SEED = 20240601
 SYSTEMS = ("direct", "socat", "tcpbridge")
+#: tcpbridge with ``workers: N`` (or auto) in both daemons, beside the configured default: tcpbridge-w2.
+VARIANT = re.compile(r"tcpbridge-w(\d+|auto)")
 SECTIONS = ("bulk", "rtt", "setup", "rr", "mixed", "held")
 RESULTS = HERE / "results"
 
@@ -237,24 +239,31 @@ def _start_daemon(command: str, config: Path, log: Path) -> subprocess.Popen[byt
     return proc
 
 
-def start_tcpbridge(targets: dict[str, int], workdir: Path, log_level: str) -> System:
+def start_tcpbridge(targets: dict[str, int], workdir: Path, log_level: str, name: str = "tcpbridge") -> System:
+    """A frontend+backend pair; ``name`` tcpbridge-wN runs both with ``workers: N``."""
+    variant = VARIANT.fullmatch(name)
+    workers: dict[str, Any] = {}
+    if variant:
+        workers["workers"] = variant.group(1) if variant.group(1) == "auto" else int(variant.group(1))
     workdir.mkdir(parents=True, exist_ok=True)
     backend_port = free_port()
     ports = {service: free_port() for service in targets}
     backend_cfg = _write_yaml(workdir / "backend.yaml", {
+        **workers,
         "log_level": log_level,
         "ping_interval": 0,
         "listeners": [{"name": "bench", "listen": f"127.0.0.1:{backend_port}",
                        "routes": {service: f"127.0.0.1:{port}" for service, port in targets.items()}}],
     })
     frontend_cfg = _write_yaml(workdir / "frontend.yaml", {
+        **workers,
         "backend": f"ws://127.0.0.1:{backend_port}/",
         "log_level": log_level,
         "ping_interval": 0,
         "tunnels": [{"name": service, "listen": f"127.0.0.1:{port}", "route": service}
                     for service, port in ports.items()],
     })
-    system = System("tcpbridge", ports)
+    system = System(name, ports)
     back = _start_daemon("tcpbridge-backend", backend_cfg, workdir / "backend.log")
     system.procs.append(back)
     try:
@@ -547,7 +556,7 @@ def preflight(system: System, n: int) -> str | None:
         return f"needs {n + 200} open files in the benchmark process, RLIMIT_NOFILE is {nofile}"
     if system.name == "direct":
         return None
-    if system.name == "tcpbridge":
+    if system.name.startswith("tcpbridge"):
         new_tasks, per_process = 4 * n, 2 * n  # two threads per tunnel in each daemon
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         if 2 * n + 100 > hard:
@@ -567,7 +576,7 @@ def preflight(system: System, n: int) -> str | None:
     for name, limit in limits.items():
         used = cg_current if name.startswith("cgroup") and cg_current is not None else now
         if limit is not None and used + new_tasks + 500 > limit:
-            why = ("2 threads per tunnel per daemon" if system.name == "tcpbridge"
+            why = ("2 threads per tunnel per daemon" if system.name.startswith("tcpbridge")
                    else "2 socat processes per connection")
             return f"needs {new_tasks} more tasks ({why}), {used} in use, {name} is {limit}"
     if os.geteuid() != 0:
@@ -813,7 +822,8 @@ def table(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[i
     for n in counts:
         rows.append((f"{n} tunnels: open all (s)", f"conc{n}_open_s", "{:.1f}", "lower"))
         rows.append((f"{n} tunnels: close -> idle (s)", f"conc{n}_teardown_s", "{:.1f}", "lower"))
-    header = ["metric (median of rounds)", *systems, "tcpbridge/socat"]
+    bridges = [s for s in systems if s.startswith("tcpbridge")]
+    header = ["metric (median of rounds)", *systems, *(f"{s}/socat" for s in bridges)]
     lines = [header]
     for label, key, fmt, _ in rows:
         if all(summary.get(system, {}).get(key) is None for system in systems):
@@ -825,8 +835,9 @@ def table(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[i
             if key.endswith("_teardown_s") and summary.get(system, {}).get(key[:-2] + "_timeouts"):
                 cell = ">" + cell  # some round hit the bound
             cells.append(cell)
-        r = ratio(summary.get("tcpbridge", {}).get(key), summary.get("socat", {}).get(key))
-        cells.append("-" if r is None else f"{r:.2f}x")
+        for bridge in bridges:
+            r = ratio(summary.get(bridge, {}).get(key), summary.get("socat", {}).get(key))
+            cells.append("-" if r is None else f"{r:.2f}x")
         lines.append(cells)
     for n in counts:
         cells = [f"{n} tunnels held+verified"]
@@ -838,7 +849,7 @@ def table(summary: dict[str, dict[str, Any]], systems: list[str], counts: list[i
                 cells.append("-")
             else:
                 cells.append(f"{s[f'conc{n}_held_min']}" + ("" if s.get(f"conc{n}_all_verified") else " FAIL"))
-        cells.append("")
+        cells += [""] * len(bridges)
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = []
@@ -948,7 +959,9 @@ def parse_size(text: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, one round")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated subset of {','.join(SYSTEMS)}, plus tcpbridge-wN or tcpbridge-wauto: "
+                        "tcpbridge with workers: N")
     parser.add_argument("--size", help="bulk transfer size each way (default 256M; --quick 8M)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     parser.add_argument("--rtt-count", type=int, help="64-byte round trips per run (default 3000; --quick 300)")
@@ -981,10 +994,10 @@ def main() -> int:
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if sections - set(SECTIONS):
         parser.error(f"unknown sections: {sorted(sections - set(SECTIONS))}")
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = {s for s in systems if s not in SYSTEMS and not VARIANT.fullmatch(s)}
     if unknown or not systems or not counts or not rr_counts or not rr_sizes or size <= 0 or rounds <= 0:
         parser.error(f"bad arguments (unknown systems: {sorted(unknown)})" if unknown else "bad arguments")
-    systems = [s for s in SYSTEMS if s in systems]
+    systems = [s for s in SYSTEMS if s in systems] + [s for s in systems if VARIANT.fullmatch(s)]
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
@@ -1015,7 +1028,7 @@ def main() -> int:
             elif name == "socat":
                 system = start_socat(target_ports, workdir / f"socat-{generation}")
             else:
-                system = start_tcpbridge(target_ports, workdir / f"tcpbridge-{generation}", args.log_level)
+                system = start_tcpbridge(target_ports, workdir / f"{name}-{generation}", args.log_level, name)
             # Warm every path up once, and learn the relay's idle task count.
             system.idle_tasks = system.tasks()
             try:

@@ -18,7 +18,10 @@ with its own registry and tunnels), optionally pinned to one CPU, and this main 
   SIGTERM passed on ends a drain); SIGCHLD reaps a worker that died and restarts it, at once the
   first time, backing off up to 10 s when one keeps dying. Workers run in their own process group
   so a terminal's Ctrl-C reaches main only, and die with main (``PR_SET_PDEATHSIG``).
-* rejects SIGHUP for now (the running configuration stays; restart to change it).
+* reloads on SIGHUP as one process does: it validates the file and binds new or moved ports
+  first (a bad file or a port in use rejects the reload before any worker hears of it), then hands
+  each worker the configuration and its new sockets (SCM_RIGHTS over the link); each applies it as
+  a single-process daemon would. A worker that cannot is replaced from the new configuration.
 
 Workers are forked, not spawned: they inherit the sockets and the configuration, and a restart
 takes milliseconds. Forks happen only on the main thread; the other threads of main (control
@@ -38,11 +41,11 @@ import struct
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
-from bridge.config import Address, Config
+from bridge.config import Address, Config, ConfigError
 from bridge.control import ControlServer, default_socket_path
 from bridge.listen import Binder, ListenError, bind_slots
 from bridge.service import (
@@ -53,8 +56,10 @@ from bridge.service import (
     Service,
     SignalQueue,
     StatusView,
+    adopt,
     raise_open_files_limit,
     sd_notify,
+    set_log_level,
     setup_logging,
     watchdog_interval,
 )
@@ -74,6 +79,10 @@ MAX_BACKOFF = 10.0
 #: Exit status of a worker that could not start (its reason went over the link).
 WORKER_FAILED = 3
 PR_SET_PDEATHSIG = 1
+#: How long a worker gets to apply a reload before main gives up on it and replaces it.
+RELOAD_TIMEOUT = 10.0
+#: Most descriptors one link message carries (new listeners in one reload).
+MAX_FDS = 1024
 
 
 
@@ -98,25 +107,33 @@ class Link:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        self.fds: list[int] = []  # descriptors that came with the last message received
 
-    def send(self, message: object) -> None:
-        data = pickle.dumps(message)
-        self.sock.sendall(struct.pack("!I", len(data)) + data)
+    def send(self, message: object, fds: Sequence[int] = ()) -> None:
+        """Send ``message``, and ``fds`` with it (SCM_RIGHTS: the receiver gets its own copies)."""
+        body = pickle.dumps(message)
+        data = struct.pack("!I", len(body)) + body
+        sent = socket.send_fds(self.sock, [data], list(fds)) if fds else 0
+        self.sock.sendall(data[sent:])
 
     def recv(self, timeout: float | None) -> Any:
         self.sock.settimeout(timeout)
         try:
-            (size,) = struct.unpack("!I", self._exactly(4))
+            header, fds, _, _ = socket.recv_fds(self.sock, 4, MAX_FDS)
+            self.fds = fds
+            if not header:
+                raise EOFError("link closed")
+            (size,) = struct.unpack("!I", header + self._exactly(4 - len(header)))
             return pickle.loads(self._exactly(size))
         except (OSError, EOFError, struct.error, pickle.UnpicklingError) as exc:
             raise LinkClosed(str(exc) or type(exc).__name__) from None
 
-    def request(self, message: object, timeout: float) -> Any:
+    def request(self, message: object, timeout: float, fds: Sequence[int] = ()) -> Any:
         """Send ``message`` and return the answer; LinkClosed if there is none within ``timeout``."""
         if not self.lock.acquire(timeout=timeout):
             raise LinkClosed("another request is still waiting for this worker")
         try:
-            self.send(message)
+            self.send(message, fds)
             return self.recv(timeout)
         except OSError as exc:
             raise LinkClosed(str(exc)) from None
@@ -179,7 +196,8 @@ class Arbiter:
         self.log_level_flag = log_level_flag
         self.workers = [Worker(slot, cpu) for slot, cpu in enumerate(cpus)]
         self.signals = SignalQueue()
-        self.slots: dict[str, list[socket.socket]] = {}
+        self.slots: dict[str, list[socket.socket]] = {}  # listener name -> one socket per worker slot
+        self.addresses: dict[str, Address] = {}  # what each slot set is bound to
         self.config: Config | None = None
         self.retired: dict[str, LabelStats] = {}
         self.reloads = {"ok": 0, "failed": 0}
@@ -220,7 +238,7 @@ class Arbiter:
                 elif signum in Service.STOP_SIGNALS:
                     return self._stop(signum)
                 elif signum == signal.SIGHUP:
-                    self._reject_reload()
+                    self._reload()
         finally:
             self._kill_all()
             for endpoint in self._endpoints:
@@ -231,6 +249,7 @@ class Arbiter:
         try:
             for name, address, what in self.daemon_class.listening(config):
                 self.slots[name] = bind_slots(address, what, len(self.workers))
+                self.addresses[name] = address
         except ListenError:
             self._close_slots()
             raise
@@ -281,12 +300,15 @@ class Arbiter:
                 os.environ.pop(key, None)
             setup_logging(self.log_level_flag or config.log_level, tag=f"w{worker.slot} ")
             pin(worker.cpu)
-            sockets = {name: sockets[worker.slot] for name, sockets in self.slots.items()}
+            binder = _Inherited({name: sockets[worker.slot] for name, sockets in self.slots.items()})
             registry = TunnelRegistry()
-            daemon = self.daemon_class(config, registry, _Inherited(sockets))
-            service = Service(daemon, registry, name=self.name, load=self.load, log_level_flag=self.log_level_flag,
-                              on_ready=lambda: link.send(("ready",)))
-            threading.Thread(target=_answer, args=(link, registry, daemon), name="arbiter-link", daemon=True).start()
+            daemon = self.daemon_class(config, registry, binder)
+            reloads = _Reloads(binder)
+            service = Service(daemon, registry, name=self.name, load=reloads.take, log_level_flag=self.log_level_flag,
+                              on_ready=lambda: link.send(("ready",)), on_reloaded=reloads.finished)
+            reloads.signals = service.signals
+            threading.Thread(target=_answer, args=(link, registry, daemon, reloads), name="arbiter-link",
+                             daemon=True).start()
             status = service.run(config)
         except BaseException as exc:  # whatever it was, main must hear it and the child must exit
             with contextlib.suppress(Exception):
@@ -433,10 +455,82 @@ class Arbiter:
 
     # -- reload and stop -----------------------------------------------------------------------
 
-    def _reject_reload(self) -> None:
+    def _reload(self) -> None:
+        """SIGHUP: validate and bind here, then have every worker apply the new configuration.
+
+        As for one process: an invalid file or a port that cannot be bound rejects the reload
+        before any worker hears of it. Each worker gets the configuration and its sockets for new
+        or moved listeners, and applies them as a single-process daemon does; a worker that fails
+        or does not answer is replaced, and its replacement starts from the new configuration.
+        """
+        assert self.config is not None
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            config = adopt(self.config, self.load())
+            fresh = self._bind_changed(config)
+        except ConfigError as exc:
+            self._rejected(exc.problems)
+        except ListenError as exc:
+            self._rejected([str(exc)])
+        else:
+            self._apply(config, fresh)
+        sd_notify(f"READY=1\nSTATUS={self.status()}")
+
+    def _bind_changed(self, config: Config) -> dict[str, list[socket.socket]]:
+        """Slots for the listeners of ``config`` that are new or moved, all or none (ListenError)."""
+        fresh: dict[str, list[socket.socket]] = {}
+        try:
+            for name, address, what in self.daemon_class.listening(config):
+                if self.addresses.get(name) != address:
+                    fresh[name] = bind_slots(address, what, len(self.workers))
+        except ListenError:
+            for sockets in fresh.values():
+                for sock in sockets:
+                    sock.close()
+            raise
+        return fresh
+
+    def _apply(self, config: Config, fresh: dict[str, list[socket.socket]]) -> None:
+        answers: list[tuple[Worker, bool, list[str]]] = []
+        for worker in self.workers:
+            link = worker.link
+            if link is None or not worker.ready:
+                continue  # being restarted: it will start from the new configuration
+            column = [fresh[name][worker.slot].fileno() for name in fresh]
+            try:
+                ok, changes = link.request(("reload", config, list(fresh)), RELOAD_TIMEOUT, column)
+            except LinkClosed as exc:
+                ok, changes = False, [f"no answer ({exc})"]
+            answers.append((worker, ok, changes))
+        if answers and not any(ok for _, ok, _ in answers):
+            for sockets in fresh.values():
+                for sock in sockets:
+                    sock.close()
+            self._rejected(answers[0][2])
+            return
+        listening = {name: address for name, address, _ in self.daemon_class.listening(config)}
+        for name in [n for n in self.slots if n not in listening or n in fresh]:
+            for sock in self.slots.pop(name):  # the workers closed theirs when they stopped it
+                sock.close()
+        self.slots.update(fresh)
+        self.addresses = listening
+        self.config = config
+        self.reloads["ok"] += 1
+        set_log_level(self.log_level_flag or config.log_level)
+        for worker, ok, changes in answers:
+            if not ok:
+                log.error("%s: worker %d (pid %d) could not apply the reload (%s): replacing it", self.name,
+                          worker.slot, worker.pid, "; ".join(changes))
+                with contextlib.suppress(OSError):
+                    os.kill(worker.pid, signal.SIGKILL)
+        changes = next((changes for _, ok, changes in answers if ok), [])
+        log.info("reload of %s done in %d workers: %s", config.source, len(answers),
+                 "; ".join(changes) if changes else "no changes")
+
+    def _rejected(self, problems: list[str]) -> None:
         self.reloads["failed"] += 1
-        log.error("reload rejected, still running the previous configuration: a daemon with workers > 1 "
-                  "cannot reload yet; restart it to apply a new configuration (systemctl restart)")
+        for problem in problems:
+            log.error("reload rejected, still running the previous configuration: %s", problem)
 
     def _stop(self, signum: int) -> int:
         """Pass ``signum`` on to every worker, then wait for them all to exit, passing on what follows."""
@@ -490,7 +584,46 @@ class _Inherited:
                               "(restart the daemon)") from None
 
 
-def _answer(link: Link, registry: TunnelRegistry, daemon: Daemon) -> None:
+class _Reloads:
+    """A worker's reloads: main hands over a configuration (and sockets); the worker's own
+    :class:`Service` applies it on its main thread, as a SIGHUP, and the answer goes back to main."""
+
+    def __init__(self, binder: _Inherited) -> None:
+        self.binder = binder
+        self.signals: SignalQueue | None = None
+        self._pending: Config | None = None
+        self._done = threading.Event()
+        self._result: tuple[bool, list[str]] = (False, [])
+
+    def request(self, config: Config, sockets: dict[str, socket.socket]) -> tuple[bool, list[str]]:
+        """Apply ``config`` (from the link thread); whether it applied, and its changes or problems."""
+        assert self.signals is not None
+        self.binder.sockets.update(sockets)
+        self._pending = config
+        self._done.clear()
+        self.signals.post(signal.SIGHUP)
+        if not self._done.wait(RELOAD_TIMEOUT):
+            return False, [f"not applied within {RELOAD_TIMEOUT:g} s"]
+        for name in sockets:  # those a rejected reload did not take
+            leftover = self.binder.sockets.pop(name, None)
+            if leftover is not None:
+                leftover.close()
+        return self._result
+
+    def take(self) -> Config:
+        """The configuration to reload (the Service's ``load``)."""
+        config, self._pending = self._pending, None
+        if config is None:
+            raise ConfigError(["a worker reloads when its main process tells it to: send SIGHUP to the main "
+                               "process (systemctl reload)"])
+        return config
+
+    def finished(self, ok: bool, changes: list[str]) -> None:
+        self._result = (ok, changes)
+        self._done.set()
+
+
+def _answer(link: Link, registry: TunnelRegistry, daemon: Daemon, reloads: _Reloads) -> None:
     """A worker's link thread: answer main's requests until the link closes (main is gone)."""
     while True:
         try:
@@ -499,6 +632,10 @@ def _answer(link: Link, registry: TunnelRegistry, daemon: Daemon) -> None:
             return
         if request == ("snapshot",):
             link.send((registry.snapshot(), daemon.listeners(), daemon.describe()))
+        elif request[0] == "reload":
+            _, config, names = request
+            sockets = {name: socket.socket(fileno=fd) for name, fd in zip(names, link.fds, strict=True)}
+            link.send(reloads.request(config, sockets))
 
 
 def _boot_message(link: Link, timeout: float) -> tuple[str, ...]:

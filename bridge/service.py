@@ -202,6 +202,11 @@ class SignalQueue:
         with contextlib.suppress(OSError):  # BlockingIOError: full, so a wake-up is pending anyway
             os.write(self._write, b".")
 
+    def post(self, signum: int) -> None:
+        """Queue ``signum`` as if it had been received (from any thread)."""
+        self._queue.append(signum)
+        self.wake()
+
     def close(self) -> None:
         """Close the pipe (a forked worker closes its copy of main's queue)."""
         os.close(self._read)
@@ -278,10 +283,11 @@ class Service:
 
     def __init__(self, daemon: Daemon, registry: TunnelRegistry, *, name: str,
                  load: Callable[[], Config], log_level_flag: str | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None,
+                 on_reloaded: Callable[[bool, list[str]], None] | None = None) -> None:
         """``on_ready`` (a worker process of :mod:`bridge.arbiter`): called once serving, instead of
         telling systemd and logging "ready"; such a service binds no control socket or metrics
-        endpoint either, its main process does."""
+        endpoint either, its main process does. ``on_reloaded(ok, changes)``: after each reload."""
         self.daemon = daemon
         self.registry = registry
         self.name = name
@@ -294,6 +300,7 @@ class Service:
         self._config: Config | None = None
         self._endpoints: list[Endpoint] = []  # the control socket and the metrics server
         self._on_ready = on_ready
+        self._on_reloaded = on_reloaded
         self.view = StatusView(name, registry.snapshot, daemon.listeners, daemon.describe, lambda: self._config)
 
     def run(self, config: Config) -> int:
@@ -372,6 +379,8 @@ class Service:
 
     def _reload(self) -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        changes: list[str] = []
+        ok = False
         try:
             config = self.load()
             changes = self.daemon.apply(config)
@@ -379,10 +388,13 @@ class Service:
             self.registry.stats.reloaded(ok=False)
             for problem in exc.problems:
                 log.error("reload rejected, still running the previous configuration: %s", problem)
+            changes = list(exc.problems)
         except ListenError as exc:
             self.registry.stats.reloaded(ok=False)
             log.error("reload rejected, still running the previous configuration: %s", exc)
+            changes = [str(exc)]
         else:
+            ok = True
             self.registry.stats.reloaded(ok=True)
             self._adopt(config)
             self.drain_timeout = config.drain_timeout
@@ -391,6 +403,8 @@ class Service:
                 log.info("reload: %s", change)
             log.info("reload of %s done: %s", config.source, "; ".join(changes) if changes else "no changes")
         sd_notify(f"READY=1\nSTATUS={self.status()}")
+        if self._on_reloaded is not None:
+            self._on_reloaded(ok, changes)
 
     def _stop(self, signum: int) -> int:
         """Stop accepting, then drain (SIGTERM, SIGINT) or reset at once (SIGQUIT); the exit status."""
@@ -454,17 +468,22 @@ class Service:
         self.registry.wait_idle(RESET_WAIT, opening=False)
 
     def _adopt(self, config: Config) -> None:
-        """Remember a reloaded ``config``; start-time keys (``metrics``, ``control_socket``, ``workers``,
-        ``cpu_affinity``) keep their values until a restart: say so."""
-        if self._config is None:
-            return
-        for key in ("metrics", "control_socket", "workers", "cpu_affinity"):
-            if getattr(config, key) != getattr(self._config, key):
-                log.warning("reload: %s changed; it applies at the next restart (still %s)", key,
-                            getattr(self._config, key) or "off")
-        self._config = dataclasses.replace(config, metrics=self._config.metrics,
-                                           control_socket=self._config.control_socket,
-                                           workers=self._config.workers, cpu_affinity=self._config.cpu_affinity)
+        """Remember a reloaded ``config`` (see :func:`adopt`)."""
+        if self._config is not None:
+            self._config = adopt(self._config, config)
+
+
+#: Keys read at start only: a reload that changes one keeps the running value and says so.
+START_TIME_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity")
+
+
+def adopt(running: Config, new: Config) -> Config:
+    """``new`` with the start-time keys of ``running``; a warning for each one that changed."""
+    for key in START_TIME_KEYS:
+        if getattr(new, key) != getattr(running, key):
+            log.warning("reload: %s changed; it applies at the next restart (still %s)", key,
+                        getattr(running, key) or "off")
+    return dataclasses.replace(new, **{key: getattr(running, key) for key in START_TIME_KEYS})
 
 
 def watchdog_interval() -> float | None:

@@ -185,12 +185,55 @@ def test_sigterm_with_nothing_live_exits_at_once(pair: Pair) -> None:
     assert "stopped after" in pair.frontend.log
 
 
-def test_sighup_is_refused_and_nothing_changes(pair: Pair, short_dir: Path) -> None:
+def _frontend_yaml(directory: Path, pair: Pair, tunnels: list[dict[str, Any]]) -> None:
+    write_yaml(directory, "frontend.yaml", {"backend": f"ws://127.0.0.1:{pair.backend_port}/", "workers": 2,
+                                             "control_socket": str(directory / "f.sock"), "tunnels": tunnels})
+
+
+def _reload(pair: Pair, done: str) -> None:
+    seen = pair.frontend.log.count(done)
     pair.frontend.proc.send_signal(signal.SIGHUP)
-    assert pair.frontend.wait_for_log("reload rejected, still running the previous configuration", WAIT)
-    assert status(short_dir)["reloads"] == {"ok": 0, "failed": 1}
-    for client in opened(pair, 4):
+    assert wait_until(lambda: pair.frontend.log.count(done) > seen, WAIT), pair.frontend.log
+
+
+def test_reload_adds_and_removes_ports_in_every_worker(pair: Pair, short_dir: Path) -> None:
+    held = opened(pair, 6)
+    try:
+        second = free_port()
+        _frontend_yaml(short_dir, pair, [{"name": "t", "listen": f"127.0.0.1:{pair.frontend_port}"},
+                                         {"name": "u", "listen": f"127.0.0.1:{second}"}])
+        _reload(pair, "done in 2 workers: tunnel u: added")
+        for i in range(20):  # spread over both workers: each of them listens on the new port
+            with socket.create_connection(("127.0.0.1", second), timeout=10) as client:
+                flows(client, b"new port %d" % i)
+        assert status(short_dir)["reloads"] == {"ok": 1, "failed": 0}
+        assert sorted(item["name"] for item in status(short_dir)["listeners"]) == ["t", "u"]
+        _frontend_yaml(short_dir, pair, [{"name": "u", "listen": f"127.0.0.1:{second}"}])
+        _reload(pair, "done in 2 workers: tunnel t: removed")
+        assert wait_until(lambda: _refused(pair.frontend_port), WAIT)
+        for client in held:  # tunnels of a removed listener carry on, in both workers
+            flows(client)
+        with socket.create_connection(("127.0.0.1", second), timeout=10) as client:
+            flows(client)
+        assert all(w["restarts"] == 0 for w in status(short_dir)["workers"])
+    finally:
+        for client in held:
+            client.close()
+
+
+def test_a_rejected_reload_changes_nothing_in_any_worker(pair: Pair, short_dir: Path) -> None:
+    (short_dir / "frontend.yaml").write_text("tunnels: [oops\n")
+    _reload(pair, "reload rejected, still running the previous configuration")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        _frontend_yaml(short_dir, pair, [{"name": "t", "listen": f"127.0.0.1:{pair.frontend_port}"},
+                                         {"name": "u", "listen": f"127.0.0.1:{port}"}])
+        _reload(pair, f"tunnel 'u': cannot listen on 127.0.0.1:{port}: address already in use")
+    assert status(short_dir)["reloads"] == {"ok": 0, "failed": 2}
+    assert [item["name"] for item in status(short_dir)["listeners"]] == ["t"]
+    for client in opened(pair, 10):
         client.close()
+    assert "w0 " not in pair.frontend.log.split("reload rejected", 1)[1].split("\n", 1)[0]
 
 
 def test_main_alone_speaks_to_systemd(short_dir: Path, echo_server: TcpServer) -> None:
