@@ -10,9 +10,10 @@ with its own registry and tunnels), optionally pinned to one CPU, and this main 
   kernel spreads new connections over the workers' sockets. Main keeps its copies: connections
   that arrive for a worker that died wait in its socket's queue for its replacement;
 * alone talks to systemd (``READY``, ``STATUS``, ``STOPPING``, ``WATCHDOG``; workers get no
-  ``NOTIFY_SOCKET``), answers the control socket and the metrics endpoint with the sum over the
-  workers (their snapshots, fetched over a private socket pair: :class:`Link`, plus the counters
-  of workers that died, so totals never go down);
+  ``NOTIFY_SOCKET``; with ``WatchdogSec``, a worker that makes no progress for that long is killed
+  and replaced, instead of systemd restarting the whole daemon), and answers the control socket
+  and the metrics endpoint with the sum over the workers (their snapshots, fetched over a private
+  socket pair: :class:`Link`, plus the counters of workers that died, so totals never go down);
 * owns the signals: SIGTERM/SIGINT/SIGQUIT are passed on to every worker, whose own
   :class:`Service` drains or resets exactly as a single-process daemon does (a second
   SIGTERM passed on ends a drain); SIGCHLD reaps a worker that died and restarts it, at once the
@@ -167,6 +168,7 @@ class Worker:
     deaths: list[float] = field(default_factory=list)
     restart_at: float | None = None  # when a dead worker is due to be forked again
     last: Snapshot | None = None  # its last answer, shown while it does not answer
+    progress: float = 0.0  # when it last answered with its housekeeper ticking (the watchdog's test)
     view: tuple[list[dict[str, Any]], str] = ([], "")  # its listeners and one-line description
 
     def describe(self) -> dict[str, Any]:
@@ -286,6 +288,7 @@ class Arbiter:
         theirs.close()
         worker.pid, worker.link, worker.ready = pid, Link(ours), False
         worker.started, worker.restart_at, worker.last = time.monotonic(), None, None
+        worker.progress = worker.started
 
     def _child(self, worker: Worker, config: Config, link: Link) -> NoReturn:
         """The worker process: drop what is main's, then serve as a plain daemon until told to stop."""
@@ -415,12 +418,14 @@ class Arbiter:
             if link is None or not worker.ready:
                 continue
             try:
-                last, listeners, describe = link.request(("snapshot",), LINK_TIMEOUT)
+                last, listeners, describe, ticking = link.request(("snapshot",), LINK_TIMEOUT)
             except LinkClosed:
                 continue  # dead or stuck: its last answer stands until SIGCHLD retires it
             with self._lock:
                 if worker.link is link:  # not retired meanwhile
                     worker.last, worker.view = last, (listeners, describe)
+                    if ticking:
+                        worker.progress = time.monotonic()
         with self._lock:
             parts = [w.last for w in self.workers if w.last is not None]
             return merge(parts, self.retired, self.reloads, time.monotonic() - self.started)
@@ -450,8 +455,20 @@ class Arbiter:
             self._last_status = status
         if self._watchdog_interval is None:
             return 1.0
-        sd_notify("WATCHDOG=1")  # this loop runs; a stuck worker is found by its silence (see snapshot)
+        sd_notify("WATCHDOG=1")  # this loop runs; a stuck worker is replaced instead of the whole daemon
+        self._replace_stuck(2 * self._watchdog_interval)
         return min(1.0, self._watchdog_interval)
+
+    def _replace_stuck(self, limit: float) -> None:
+        """SIGKILL every worker that has not made progress for ``limit`` seconds (systemd's WatchdogSec)."""
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.ready and now - worker.progress > limit:
+                log.error("%s: worker %d (pid %d) stuck: no progress for %.1f s (WatchdogSec): killing it",
+                          self.name, worker.slot, worker.pid, now - worker.progress)
+                worker.ready = False  # asked no more; SIGCHLD retires and restarts it
+                with contextlib.suppress(OSError):
+                    os.kill(worker.pid, signal.SIGKILL)
 
     # -- reload and stop -----------------------------------------------------------------------
 
@@ -631,7 +648,7 @@ def _answer(link: Link, registry: TunnelRegistry, daemon: Daemon, reloads: _Relo
         except LinkClosed:
             return
         if request == ("snapshot",):
-            link.send((registry.snapshot(), daemon.listeners(), daemon.describe()))
+            link.send((registry.snapshot(), daemon.listeners(), daemon.describe(), registry.housekeeper_alive(0)))
         elif request[0] == "reload":
             _, config, names = request
             sockets = {name: socket.socket(fileno=fd) for name, fd in zip(names, link.fds, strict=True)}

@@ -97,11 +97,12 @@ def test_one_worker_is_one_process(tmp_path: Path, echo_server: TcpServer) -> No
 
 
 def test_two_workers_are_two_pinned_processes_sharing_the_port(pair: Pair, short_dir: Path) -> None:
-    for daemon in (pair.frontend, pair.backend):
-        pids = children(daemon.pid)
-        assert len(pids) == 2, daemon.log
+    for daemon, name in ((pair.frontend, "f"), (pair.backend, "b")):
+        workers = status(short_dir, name)["workers"]
+        assert sorted(w["pid"] for w in workers) == sorted(children(daemon.pid)), daemon.log
         expected = worker_cpus("auto", 2, sorted(os.sched_getaffinity(daemon.pid)))
-        assert [allowed_cpus(pid) for pid in pids] == [{cpu} for cpu in expected]
+        assert [w["cpu"] for w in workers] == expected
+        assert [allowed_cpus(w["pid"]) for w in workers] == [{cpu} for cpu in expected]
         assert " ready: 1 listeners, 2 of 2 workers" in daemon.log
     clients = opened(pair, 40)
     try:
@@ -158,8 +159,8 @@ def test_killing_main_takes_the_workers_with_it(pair: Pair) -> None:
     pair.frontend.proc.kill()
     pair.frontend.proc.wait(WAIT)
     assert wait_until(lambda: not any(alive(pid) for pid in workers), WAIT)
-    with socket.socket() as probe:  # nothing holds the port any more
-        probe.bind(("127.0.0.1", pair.frontend_port))
+    # Nothing listens there any more (SO_REUSEADDR, as the daemons: only a listener makes this fail).
+    socket.create_server(("127.0.0.1", pair.frontend_port)).close()
 
 
 def test_sigterm_drains_every_worker_and_a_second_ends_it(pair: Pair) -> None:
@@ -298,3 +299,26 @@ def test_merge_sums_workers_and_keeps_retired_counters() -> None:
     assert merged.labels["t"].closed == {"clean": 1 + 3, "abort": 2}
     assert totals["bytes_to_websocket"] == 100 + 2 * 5 + 100 + 100 + 5
     assert merged.reloads == {"ok": 1, "failed": 0} and merged.uptime == 9.0
+
+
+def test_a_stuck_worker_is_replaced_when_systemd_watches(short_dir: Path, echo_server: TcpServer) -> None:
+    notify = Notifications(short_dir)
+    port = free_port()
+    config = write_yaml(short_dir, "b.yaml", {"workers": 2, "control_socket": str(short_dir / "b.sock"),
+                                              "listeners": [{"name": "main", "listen": f"127.0.0.1:{port}",
+                                                             "routes": {"default": echo_server.address}}]})
+    daemon = backend(config, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
+    try:
+        daemon.wait_ready()
+        stuck = status(short_dir, "b")["workers"][1]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        assert daemon.wait_for_log(f"worker 1 (pid {stuck}) stuck: no progress for", WAIT), daemon.log
+        assert daemon.wait_for_log("worker 1 restarted as pid", WAIT), daemon.log
+        assert stuck not in children(daemon.pid) and len(children(daemon.pid)) == 2
+        pings = 0
+        while pings < 3:  # main kept pinging the watchdog all along
+            if "WATCHDOG=1" in notify.next(WAIT):
+                pings += 1
+    finally:
+        daemon.stop()
+        notify.sock.close()
