@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from bridge.config import Address, Config, ConfigError
-from bridge.control import ControlServer, default_socket_path
 from bridge.listen import Binder, ListenError, bind_slots
 from bridge.service import (
     DRAIN_POLL,
@@ -58,6 +57,8 @@ from bridge.service import (
     SignalQueue,
     StatusView,
     adopt,
+    bind_endpoints,
+    notify_reloading,
     raise_open_files_limit,
     sd_notify,
     set_log_level,
@@ -264,15 +265,7 @@ class Arbiter:
 
     def _bind_endpoints(self, config: Config) -> None:
         before = set(_open_fds())
-        path = config.control_socket or default_socket_path()
-        if path:
-            control = ControlServer(path, self.status_document)
-            control.bind()
-            self._endpoints.append(control)
-        if config.metrics:
-            from bridge.metrics import start_metrics  # imports prometheus-client, which is optional
-
-            self._endpoints.append(start_metrics(config.metrics, self.name, self.snapshot, self._known_labels))
+        self._endpoints = bind_endpoints(config, self.name, self.status_document, self.snapshot, self._known_labels)
         self._endpoint_fds = sorted(set(_open_fds()) - before)  # closed in every worker
 
     # -- workers -----------------------------------------------------------------------------
@@ -481,7 +474,7 @@ class Arbiter:
         or does not answer is replaced, and its replacement starts from the new configuration.
         """
         assert self.config is not None
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        notify_reloading()
         try:
             config = adopt(self.config, self.load())
             fresh = self._bind_changed(config)

@@ -343,17 +343,8 @@ class Service:
     # -- control socket and metrics endpoint --------------------------------------
 
     def _bind_endpoints(self, config: Config) -> None:
-        """Bind the control socket and the metrics endpoint (if any); ListenError names what failed."""
-        path = config.control_socket or default_socket_path()
-        if path:
-            control = ControlServer(path, self.status_document)
-            control.bind()
-            self._endpoints.append(control)
-        if config.metrics:
-            from bridge.metrics import start_metrics  # imports prometheus-client, which is optional
-
-            self._endpoints.append(start_metrics(config.metrics, self.name, self.registry.snapshot,
-                                                 self._known_labels))
+        self._endpoints = bind_endpoints(config, self.name, self.status_document, self.registry.snapshot,
+                                         self._known_labels)
 
     def _stop_endpoints(self) -> None:
         for endpoint in self._endpoints:
@@ -378,7 +369,7 @@ class Service:
     # -- reload and stop ------------------------------------------------------
 
     def _reload(self) -> None:
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        notify_reloading()
         changes: list[str] = []
         ok = False
         try:
@@ -471,6 +462,27 @@ class Service:
         """Remember a reloaded ``config`` (see :func:`adopt`)."""
         if self._config is not None:
             self._config = adopt(self._config, config)
+
+
+def notify_reloading() -> None:
+    """Tell systemd a reload started (``RELOADING=1`` with the time it needs to tell reloads apart)."""
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+
+def bind_endpoints(config: Config, name: str, status_document: Callable[[str], dict[str, Any]],
+                   snapshot: Callable[[], Snapshot], known_labels: Callable[[], list[str]]) -> list[Endpoint]:
+    """Bind the control socket and the metrics endpoint (if any); ListenError names what failed."""
+    endpoints: list[Endpoint] = []
+    path = config.control_socket or default_socket_path()
+    if path:
+        control = ControlServer(path, status_document)
+        control.bind()
+        endpoints.append(control)
+    if config.metrics:
+        from bridge.metrics import start_metrics  # imports prometheus-client, which is optional
+
+        endpoints.append(start_metrics(config.metrics, name, snapshot, known_labels))
+    return endpoints
 
 
 #: Keys read at start only: a reload that changes one keeps the running value and says so.
