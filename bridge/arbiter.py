@@ -202,7 +202,8 @@ class Arbiter:
         self.slots: dict[str, list[socket.socket]] = {}  # listener name -> one socket per worker slot
         self.addresses: dict[str, Address] = {}  # what each slot set is bound to
         self.config: Config | None = None
-        self.retired: dict[str, LabelStats] = {}
+        self.retired: dict[str, LabelStats] = {}  # counters of workers that ended
+        self.ended_cpu = 0.0  # their CPU seconds (wait4's rusage)
         self.reloads = {"ok": 0, "failed": 0}
         self.started = time.monotonic()
         self.view = StatusView(name, self.snapshot, self._listeners, self._describe, lambda: self.config)
@@ -265,7 +266,8 @@ class Arbiter:
 
     def _bind_endpoints(self, config: Config) -> None:
         before = set(_open_fds())
-        self._endpoints = bind_endpoints(config, self.name, self.status_document, self.snapshot, self._known_labels)
+        self._endpoints = bind_endpoints(config, self.name, self.status_document, self.snapshot, self._known_labels,
+                                         (self._pids, lambda: self.ended_cpu))
         self._endpoint_fds = sorted(set(_open_fds()) - before)  # closed in every worker
 
     # -- workers -----------------------------------------------------------------------------
@@ -343,11 +345,12 @@ class Arbiter:
         """Collect every worker that exited; schedule its restart unless the daemon is stopping."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            self.ended_cpu += usage.ru_utime + usage.ru_stime
             worker = next((w for w in self.workers if w.pid == pid), None)
             if worker is None:
                 continue
@@ -396,11 +399,16 @@ class Arbiter:
         for worker in self.workers:
             if worker.pid:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(worker.pid, 0)
+                    _, _, usage = os.wait4(worker.pid, 0)
+                    self.ended_cpu += usage.ru_utime + usage.ru_stime
                 self._retire(worker)
 
     def _live(self) -> list[Worker]:
         return [w for w in self.workers if w.pid]
+
+    def _pids(self) -> list[int]:
+        """This process and its live workers (main first), for the summed process metrics."""
+        return [os.getpid(), *(w.pid for w in self.workers if w.pid)]
 
     # -- status --------------------------------------------------------------------------------
 

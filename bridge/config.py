@@ -178,7 +178,7 @@ class FrontendConfig:
     metrics: Address | None = None
     control_socket: str | None = None
     #: Worker processes and their CPU pinning (:data:`Workers`, :data:`CpuAffinity`); read at start only.
-    workers: Workers = 1
+    workers: Workers = "auto"
     cpu_affinity: CpuAffinity = "auto"
 
 
@@ -211,7 +211,7 @@ class BackendConfig:
     source: str = "<flags>"
     metrics: Address | None = None
     control_socket: str | None = None
-    workers: Workers = 1
+    workers: Workers = "auto"
     cpu_affinity: CpuAffinity = "auto"
 
 
@@ -695,12 +695,12 @@ def _service_keys(check: _Checker, top: Mapping[str, Any], names: list[tuple[str
     """The :data:`_SERVICE_KEYS`, by field name; the metrics address joins the check for colliding listen addresses."""
     metrics = check.field("", top, "metrics", _metrics, None)
     _check_listen_conflicts(check, [("metrics", "(metrics)", metrics), *names] if metrics else names)
-    one: Workers = 1  # typed, so that check.field's result type is the union, not int
+    default_workers: Workers = "auto"  # typed, so that check.field's result type is the union
     auto: CpuAffinity = "auto"
     return {
         "metrics": metrics,
         "control_socket": check.field("", top, "control_socket", _socket_path, None),
-        "workers": check.field("", top, "workers", parse_workers, one),
+        "workers": check.field("", top, "workers", parse_workers, default_workers),
         "cpu_affinity": check.field("", top, "cpu_affinity", parse_cpu_affinity, auto),
     }
 

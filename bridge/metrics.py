@@ -17,7 +17,10 @@ on the backend (``listener/-`` for refusals of an unknown route).
 * ``tcpbridge_open_failures_total{tunnel,reason}``: http_404, timeout, tls, max_connections, ...
 * ``tcpbridge_handshake_seconds{tunnel}`` (histogram)
 * ``tcpbridge_reloads_total{result}``: ok, failed
-* ``process_*`` (prometheus-client's process collector: CPU, memory, open file descriptors)
+* ``process_*`` (prometheus-client's process collector: CPU, memory, open file descriptors); with
+  worker processes, :class:`SummedProcessCollector`: CPU, memory and descriptors of the main
+  process and its workers together (CPU of workers that ended included), start time and file
+  limit of the main process
 """
 
 from __future__ import annotations
@@ -102,13 +105,54 @@ class BridgeCollector:
         yield reloads
 
 
-def build_registry(collector: BridgeCollector) -> CollectorRegistry:
-    """A private registry holding ``collector`` and the process collector."""
+#: process_* samples that add up over processes; the others (start time, file limit) are main's.
+SUMMED = ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+          "process_open_fds")
+
+
+class SummedProcessCollector:
+    """prometheus-client's process metrics, summed over a daemon's processes (main and workers).
+
+    ``pids()``: the live processes, main first; ``ended_cpu()``: CPU seconds of workers that
+    ended, so ``process_cpu_seconds_total`` never goes down when one is replaced.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]], ended_cpu: Callable[[], float]) -> None:
+        self.pids = pids
+        self.ended_cpu = ended_cpu
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import ProcessCollector
+
+        families: dict[str, Metric] = {}
+        for index, pid in enumerate(self.pids()):
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                if family.name not in families:
+                    families[family.name] = family
+                    continue
+                kept = families[family.name]
+                for i, sample in enumerate(family.samples):
+                    if sample.name in SUMMED and i < len(kept.samples):
+                        kept.samples[i] = kept.samples[i]._replace(value=kept.samples[i].value + sample.value)
+            if index == 0 and not families:
+                return  # no /proc: prometheus-client yields nothing, and so do we
+        cpu = families.get("process_cpu_seconds")
+        if cpu is not None and cpu.samples:
+            cpu.samples[0] = cpu.samples[0]._replace(value=cpu.samples[0].value + self.ended_cpu())
+        yield from families.values()
+
+
+def build_registry(collector: BridgeCollector,
+                   processes: SummedProcessCollector | None = None) -> CollectorRegistry:
+    """A private registry holding ``collector`` and the process collector (``processes`` if given)."""
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    ProcessCollector(registry=registry)
+    if processes is None:
+        ProcessCollector(registry=registry)
+    else:
+        registry.register(processes)
     return registry
 
 
@@ -176,6 +220,7 @@ class MetricsServer(ThreadingHTTPServer):
 
 
 def start_metrics(address: Address, daemon: str, snapshot: Callable[[], Snapshot],
-                  known_labels: Callable[[], Iterable[str]]) -> MetricsServer:
+                  known_labels: Callable[[], Iterable[str]],
+                  processes: SummedProcessCollector | None = None) -> MetricsServer:
     """Bind the endpoint (ListenError when it cannot) with a fresh registry; call ``start()`` to serve."""
-    return MetricsServer(address, build_registry(BridgeCollector(daemon, snapshot, known_labels)))
+    return MetricsServer(address, build_registry(BridgeCollector(daemon, snapshot, known_labels), processes))

@@ -470,8 +470,12 @@ def notify_reloading() -> None:
 
 
 def bind_endpoints(config: Config, name: str, status_document: Callable[[str], dict[str, Any]],
-                   snapshot: Callable[[], Snapshot], known_labels: Callable[[], list[str]]) -> list[Endpoint]:
-    """Bind the control socket and the metrics endpoint (if any); ListenError names what failed."""
+                   snapshot: Callable[[], Snapshot], known_labels: Callable[[], list[str]],
+                   processes: tuple[Callable[[], list[int]], Callable[[], float]] | None = None) -> list[Endpoint]:
+    """Bind the control socket and the metrics endpoint (if any); ListenError names what failed.
+
+    ``processes`` (a daemon with workers): the live pids and the CPU seconds of ended ones, for
+    ``process_*`` metrics summed over all of them."""
     endpoints: list[Endpoint] = []
     path = config.control_socket or default_socket_path()
     if path:
@@ -479,9 +483,10 @@ def bind_endpoints(config: Config, name: str, status_document: Callable[[str], d
         control.bind()
         endpoints.append(control)
     if config.metrics:
-        from bridge.metrics import start_metrics  # imports prometheus-client, which is optional
+        from bridge.metrics import SummedProcessCollector, start_metrics  # prometheus-client is optional
 
-        endpoints.append(start_metrics(config.metrics, name, snapshot, known_labels))
+        summed = SummedProcessCollector(*processes) if processes else None
+        endpoints.append(start_metrics(config.metrics, name, snapshot, known_labels, summed))
     return endpoints
 
 

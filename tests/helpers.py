@@ -150,13 +150,34 @@ def write_yaml(directory: Path, name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def one_process(config: Path | None, args: tuple[str, ...]) -> list[str]:
+    """``--workers 1`` unless the test asks for workers itself (``workers`` in its YAML, or ``--workers``).
+
+    A daemon's default is a worker per CPU; most tests look inside one daemon process (its fds,
+    threads, log), and what a worker does is what one process does. tests/test_arbiter.py and
+    tests/test_systemd.py run the processes of the default.
+    """
+    if "--workers" in args:
+        return []
+    if config is not None:
+        try:
+            data = yaml.safe_load(config.read_text())
+        except (OSError, yaml.YAMLError):
+            data = None
+        if isinstance(data, dict) and "workers" in data:
+            return []
+    return ["--workers", "1"]
+
+
 def frontend(config: Path | None = None, *args: str, env: dict[str, str] | None = None) -> Daemon:
-    argv = [str(BIN / "tcpbridge-frontend"), *(["--config", str(config)] if config else []), *args]
+    argv = [str(BIN / "tcpbridge-frontend"), *(["--config", str(config)] if config else []),
+            *one_process(config, args), *args]
     return Daemon(argv, env)
 
 
 def backend(config: Path | None = None, *args: str, env: dict[str, str] | None = None) -> Daemon:
-    argv = [str(BIN / "tcpbridge-backend"), *(["--config", str(config)] if config else []), *args]
+    argv = [str(BIN / "tcpbridge-backend"), *(["--config", str(config)] if config else []),
+            *one_process(config, args), *args]
     return Daemon(argv, env)
 
 

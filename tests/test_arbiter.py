@@ -322,3 +322,43 @@ def test_a_stuck_worker_is_replaced_when_systemd_watches(short_dir: Path, echo_s
     finally:
         daemon.stop()
         notify.sock.close()
+
+
+def test_metrics_sum_the_workers_and_never_go_down(short_dir: Path, echo_server: TcpServer) -> None:
+    pytest.importorskip("prometheus_client")
+    from tests.test_metrics import scrape, value
+
+    metrics = free_port()
+    started = start_pair(short_dir, echo_server.address,
+                         frontend_extra={"workers": 2, "control_socket": str(short_dir / "f.sock"),
+                                         "metrics": f"127.0.0.1:{metrics}"})
+    try:
+        for client in opened(started, 20):
+            client.close()
+        assert wait_until(lambda: value(scrape(metrics), "tcpbridge_tunnels_active", tunnel="t") == 0, WAIT)
+        before = scrape(metrics)
+        assert value(before, "tcpbridge_tunnels_opened_total", tunnel="t") == 20
+        assert value(before, "tcpbridge_tunnels_closed_total", tunnel="t", outcome="clean") == 20
+        workers = [w["pid"] for w in status(short_dir)["workers"]]
+        fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in [started.frontend.pid, *workers])
+        assert abs(value(before, "process_open_fds") - fds) <= 6  # the three processes' descriptors together
+        os.kill(workers[0], signal.SIGKILL)
+        assert started.frontend.wait_for_log("worker 0 restarted as pid", WAIT)
+        after = scrape(metrics)
+        assert value(after, "tcpbridge_tunnels_opened_total", tunnel="t") == 20
+        assert value(after, "process_cpu_seconds_total") >= value(before, "process_cpu_seconds_total")
+    finally:
+        started.frontend.stop()
+        started.backend.stop()
+
+
+def test_auto_is_one_worker_per_cpu_the_daemon_may_use(short_dir: Path, echo_server: TcpServer) -> None:
+    port = free_port()
+    config = write_yaml(short_dir, "b.yaml", {"workers": "auto", "listeners": [
+        {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": echo_server.address}}]})
+    daemon = backend(config).wait_ready()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        assert len(children(daemon.pid)) == (cpus if cpus > 1 else 0), daemon.log
+    finally:
+        daemon.stop()

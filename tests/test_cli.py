@@ -567,7 +567,7 @@ def yaml_for(main: object, tmp_path: Path, **top: object) -> Path:
 
 @pytest.mark.parametrize("main", DAEMON_MAINS)
 @pytest.mark.parametrize(("yaml_workers", "flag", "expected"), [
-    (None, None, 1),
+    (None, None, "auto"),
     (3, None, 3),
     ("auto", None, "auto"),
     (None, "2", 2),
@@ -589,7 +589,7 @@ def test_workers_flag_overrides_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     pytest.param(cli.frontend_main, ("--frontend-port", "{port}", "--backend", "ws://127.0.0.1:9/"), id="frontend"),
     pytest.param(cli.backend_main, ("-frontend-port", "{port}", "-backend-port", "22"), id="backend"),
 ])
-@pytest.mark.parametrize(("flags", "expected"), [((), 1), (("--workers", "4"), 4), (("--workers=auto",), "auto")])
+@pytest.mark.parametrize(("flags", "expected"), [((), "auto"), (("--workers", "4"), 4), (("--workers=auto",), "auto")])
 def test_workers_flag_in_go_compatible_mode(monkeypatch: pytest.MonkeyPatch, main: Callable[[list[str]], int],
                                             go_flags: tuple[str, ...], flags: tuple[str, ...],
                                             expected: object) -> None:

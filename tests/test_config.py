@@ -781,9 +781,9 @@ def both_problems(**top: Any) -> list[list[str]]:
 
 def test_workers_and_cpu_affinity_defaults() -> None:
     for cfg in both():
-        assert cfg.workers == 1
+        assert cfg.workers == "auto"
         assert cfg.cpu_affinity == "auto"
-    assert FrontendConfig(tunnels=()).workers == 1
+    assert FrontendConfig(tunnels=()).workers == "auto"
     assert BackendConfig(listeners=()).cpu_affinity == "auto"
 
 
