@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
+from bridge.caps import Counts, SharedCounts
 from bridge.config import Address, Config, ConfigError
 from bridge.listen import Binder, ListenError, bind_slots
 from bridge.service import (
@@ -91,7 +92,8 @@ MAX_FDS = 1024
 class DaemonClass(Protocol):
     """The frontend or backend class: builds a daemon, and says which ports a configuration listens on."""
 
-    def __call__(self, config: Any, registry: TunnelRegistry, binder: Binder = ..., /) -> Daemon: ...
+    def __call__(self, config: Any, registry: TunnelRegistry, binder: Binder = ..., counts: Counts | None = ...,
+                 /) -> Daemon: ...
     def listening(self, config: Any, /) -> list[tuple[str, Address, str]]: ...
 
 
@@ -198,6 +200,7 @@ class Arbiter:
         self.load = load
         self.log_level_flag = log_level_flag
         self.workers = [Worker(slot, cpu) for slot, cpu in enumerate(cpus)]
+        self.counts = SharedCounts(len(cpus))  # the caps' counts, one column per worker slot
         self.signals = SignalQueue()
         self.slots: dict[str, list[socket.socket]] = {}  # listener name -> one socket per worker slot
         self.addresses: dict[str, Address] = {}  # what each slot set is bound to
@@ -300,7 +303,8 @@ class Arbiter:
             pin(worker.cpu)
             binder = _Inherited({name: sockets[worker.slot] for name, sockets in self.slots.items()})
             registry = TunnelRegistry()
-            daemon = self.daemon_class(config, registry, binder)
+            self.counts.use_slot(worker.slot)
+            daemon = self.daemon_class(config, registry, binder, self.counts)
             reloads = _Reloads(binder)
             service = Service(daemon, registry, name=self.name, load=reloads.take, log_level_flag=self.log_level_flag,
                               on_ready=lambda: link.send(("ready",)), on_reloaded=reloads.finished)
@@ -368,6 +372,7 @@ class Arbiter:
         with self._lock:
             if worker.last is not None:
                 retire(self.retired, worker.last)
+            self.counts.clear_slot(worker.slot)  # its connections died with it
             if worker.link is not None:
                 worker.link.close()
             worker.pid, worker.link, worker.ready, worker.last = 0, None, False, None

@@ -28,6 +28,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from bridge import __version__, passthrough, protocol
+from bridge.caps import Counts, LocalCounts
 from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.framing import FramedChannel
@@ -135,43 +136,36 @@ class UpgradeRefused(Exception):
 class TunnelCounter:
     """Live tunnels of one listener or one route, counted from admission until the tunnel ends."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
+    def __init__(self, counts: Counts, key: str) -> None:
+        self._counts = counts
+        self._key = key
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return self._count
+        return self._counts.count(self._key)
 
     def try_acquire(self, limit: int) -> bool:
         """Count one more tunnel unless ``limit`` (0: none) is reached; return whether it was."""
-        with self._lock:
-            if limit and self._count >= limit:
-                return False
-            self._count += 1
-            return True
+        return self._counts.try_acquire(self._key, limit)
 
     def release(self) -> None:
-        with self._lock:
-            self._count -= 1
+        self._counts.release(self._key)
 
 
 class TunnelCounters:
-    """A :class:`TunnelCounter` per listener name and per (listener, route).
+    """A :class:`TunnelCounter` per listener name and per (listener, route), over ``counts``.
 
     One instance serves every :class:`ListenerServer` of a daemon, so counts survive
     reloads, including a listener re-bound to a new address; the limits themselves
-    are read from the listener's current configuration at each request.
+    are read from the listener's current configuration at each request. With worker
+    processes ``counts`` is shared, so ``max_tunnels`` is the daemon's, not each worker's.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[tuple[str, str | None], TunnelCounter] = {}
+    def __init__(self, counts: Counts | None = None) -> None:
+        self._counts: Counts = counts or LocalCounts()
 
     def get(self, listener: str, route: str | None = None) -> TunnelCounter:
-        with self._lock:
-            return self._counters.setdefault((listener, route), TunnelCounter())
+        return TunnelCounter(self._counts, listener if route is None else f"{listener}/{route}")
 
 
 class _HeaderBlockTooLarge(Exception):
@@ -595,12 +589,13 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 class Backend:
     """Serves every configured listener until stopped."""
 
-    def __init__(self, config: BackendConfig, registry: TunnelRegistry, binder: Binder = bind_fresh) -> None:
+    def __init__(self, config: BackendConfig, registry: TunnelRegistry, binder: Binder = bind_fresh,
+                 counts: Counts | None = None) -> None:
         self.config = config
         self.registry = registry
         self.binder = binder
         self.secrets = SecretResolver()
-        self.counters = TunnelCounters()  # kept across reloads: live tunnels still count
+        self.counters = TunnelCounters(counts)  # kept across reloads: live tunnels still count
         self._servers: dict[str, ListenerServer] = {}
 
     def bind(self) -> None:

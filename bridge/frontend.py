@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge import handshake, protocol
+from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.framing import FramedChannel
 from bridge.handshake import HandshakeError
@@ -261,14 +262,15 @@ class _Listener:
 class Frontend:
     """Accepts connections on every tunnel's port and carries each over its own websocket."""
 
-    def __init__(self, config: FrontendConfig, registry: TunnelRegistry, binder: Binder = bind_fresh) -> None:
+    def __init__(self, config: FrontendConfig, registry: TunnelRegistry, binder: Binder = bind_fresh,
+                 counts: Counts | None = None) -> None:
         self.config = config
         self.registry = registry
         self.binder = binder
+        self.counts: Counts = counts or LocalCounts()  # connections per tunnel, for max_connections
         self.secrets = SecretResolver()
         self._listeners: dict[str, _Listener] = {}
         self._slots_lock = threading.Lock()
-        self._live: dict[str, int] = {}  # tunnel name -> connections dialing or running
         self._refused: dict[str, tuple[float, int]] = {}  # name -> (last warning, refusals since)
 
     def bind(self) -> None:
@@ -364,21 +366,12 @@ class Frontend:
                 client.close()
 
     def _take_slot(self, tunnel: FrontendTunnel) -> bool:
-        """Count a new connection of ``tunnel``, unless its ``max_connections`` are all in use."""
-        with self._slots_lock:
-            live = self._live.get(tunnel.name, 0)
-            if tunnel.max_connections and live >= tunnel.max_connections:
-                return False
-            self._live[tunnel.name] = live + 1
-            return True
+        """Count a new connection of ``tunnel`` (dialling or running), unless its ``max_connections``
+        are all in use (in every worker together)."""
+        return self.counts.try_acquire(tunnel.name, tunnel.max_connections)
 
     def _release_slot(self, tunnel: FrontendTunnel) -> None:
-        with self._slots_lock:
-            live = self._live.get(tunnel.name, 0) - 1
-            if live > 0:
-                self._live[tunnel.name] = live
-            else:
-                self._live.pop(tunnel.name, None)
+        self.counts.release(tunnel.name)
 
     def _refuse(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int]) -> None:
         """Reset a connection over the cap at once; warn at most once a second per tunnel."""

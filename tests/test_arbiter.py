@@ -362,3 +362,31 @@ def test_auto_is_one_worker_per_cpu_the_daemon_may_use(short_dir: Path, echo_ser
         assert len(children(daemon.pid)) == (cpus if cpus > 1 else 0), daemon.log
     finally:
         daemon.stop()
+
+
+def test_caps_are_the_daemons_not_each_workers(short_dir: Path, echo_server: TcpServer) -> None:
+    pair = workers_pair(short_dir, echo_server.address)
+    clients: list[socket.socket] = []
+    try:
+        back = write_yaml(short_dir, "backend.yaml", {
+            "workers": 2, "control_socket": str(short_dir / "b.sock"),
+            "listeners": [{"name": "main", "listen": f"127.0.0.1:{pair.backend_port}",
+                           "routes": {"default": echo_server.address}, "max_tunnels": 3}]})
+        assert back.exists()
+        pair.backend.proc.send_signal(signal.SIGHUP)
+        assert pair.backend.wait_for_log("reload of", WAIT)
+        clients = opened(pair, 3)  # spread over both backend workers
+        refused = socket.create_connection(pair.address(), timeout=10)
+        refused.sendall(b"no room")
+        with pytest.raises((EOFError, OSError)):
+            recv_exactly(refused, 7, timeout=10)
+        refused.close()
+        assert pair.backend.wait_for_log("listener is full: max_tunnels 3", WAIT)
+        clients.pop().close()
+        assert wait_until(lambda: status(short_dir, "b")["totals"]["active"] == 2, WAIT)
+        clients += opened(pair, 1)  # room for one again
+    finally:
+        for client in clients:
+            client.close()
+        pair.frontend.stop()
+        pair.backend.stop()
