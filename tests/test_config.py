@@ -869,8 +869,8 @@ def test_bad_workers_and_cpu_affinity_reported_with_the_other_problems() -> None
     ("workers: 4\ncpu_affinity: [0, 2]\n", 4, (0, 2)),
     ("workers: auto\ncpu_affinity: false\n", "auto", False),
     ("workers: 1\ncpu_affinity: no\n", 1, False),   # YAML 1.1: no is false
-    ("cpu_affinity: [ 3 ]\n", 1, (3,)),
-    ("cpu_affinity: auto\n", 1, "auto"),
+    ("cpu_affinity: [ 3 ]\n", "auto", (3,)),
+    ("cpu_affinity: auto\n", "auto", "auto"),
 ])
 def test_workers_and_cpu_affinity_from_yaml_files(tmp_path: Path, text: str, workers: object,
                                                  cpu_affinity: object) -> None:
