@@ -382,7 +382,14 @@ class Arbiter:
         for worker in self.workers:
             if worker.restart_at is not None and worker.restart_at <= now and not self._stopping:
                 worker.restarts += 1
-                self._spawn(worker)
+                try:
+                    self._spawn(worker)
+                except OSError as exc:  # EAGAIN/ENOMEM: out of processes or memory; try again later
+                    worker.deaths.append(now)
+                    worker.restart_at = now + max(1.0, backoff(worker.deaths, now))
+                    log.error("%s: cannot fork worker %d: %s; retrying in %g s", self.name, worker.slot,
+                              exc.strerror or exc, worker.restart_at - now)
+                    continue
                 self._await_one(worker)
 
     def _await_one(self, worker: Worker) -> None:
