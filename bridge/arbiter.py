@@ -166,7 +166,6 @@ class Worker:
     pid: int = 0
     link: Link | None = None
     ready: bool = False
-    started: float = 0.0
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)
     restart_at: float | None = None  # when a dead worker is due to be forked again
@@ -213,7 +212,6 @@ class Arbiter:
         self._endpoints: list[Endpoint] = []
         self._endpoint_fds: list[int] = []
         self._watchdog_interval = watchdog_interval()
-        self._last_status = ""
         self._stopping = False
         self._lock = threading.Lock()  # a worker's link and last snapshot change together
 
@@ -285,8 +283,7 @@ class Arbiter:
             self._child(worker, config, Link(theirs))
         theirs.close()
         worker.pid, worker.link, worker.ready = pid, Link(ours), False
-        worker.started, worker.restart_at, worker.last = time.monotonic(), None, None
-        worker.progress = worker.started
+        worker.restart_at, worker.last, worker.progress = None, None, time.monotonic()
 
     def _child(self, worker: Worker, config: Config, link: Link) -> NoReturn:
         """The worker process: drop what is main's, then serve as a plain daemon until told to stop."""
@@ -462,10 +459,7 @@ class Arbiter:
     def _tick(self) -> float:
         """Restart workers that are due, send STATUS= when it changed, ping the watchdog; the next delay."""
         self._restart_due()
-        status = self.status()
-        if status != self._last_status:
-            sd_notify(f"STATUS={status}")
-            self._last_status = status
+        self.view.notify_status()
         if self._watchdog_interval is None:
             return 1.0
         sd_notify("WATCHDOG=1")  # this loop runs; a stuck worker is replaced instead of the whole daemon
@@ -583,13 +577,11 @@ class Arbiter:
             if now >= next_tick:
                 next_tick = now + self._tick()
             received = self.signals.next(timeout=max(0.0, min(DRAIN_POLL, next_tick - now)))
-            if received == signal.SIGCHLD:
-                self._reap()
-            elif received in Service.STOP_SIGNALS:
+            if received in Service.STOP_SIGNALS:
                 self._relay(received)  # a second SIGTERM ends the workers' drains; SIGQUIT resets
             elif received == signal.SIGHUP:
                 log.info("%s: SIGHUP during the drain: ignored (the daemon is stopping)", self.name)
-            self._reap()
+            self._reap()  # on SIGCHLD, and at every poll: a worker's exit is what this loop waits for
         self._close_slots()
         log.info("%s stopped after %.1f s", self.name, time.monotonic() - started)
         return 0

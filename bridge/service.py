@@ -231,6 +231,14 @@ class StatusView:
         self.listeners = listeners
         self.describe = describe
         self.config = config
+        self._last_status = ""
+
+    def notify_status(self) -> None:
+        """Send the summary as sd_notify ``STATUS=`` when it changed since the last one sent."""
+        status = self.summary(self.snapshot())
+        if status != self._last_status:
+            sd_notify(f"STATUS={status}")
+            self._last_status = status
 
     def summary(self, snap: Snapshot) -> str:
         totals = snap.totals()
@@ -296,7 +304,6 @@ class Service:
         self.drain_timeout = 10.0
         self.signals = SignalQueue()
         self._watchdog_interval = watchdog_interval()
-        self._last_status = ""
         self._config: Config | None = None
         self._endpoints: list[Endpoint] = []  # the control socket and the metrics server
         self._on_ready = on_ready
@@ -355,10 +362,7 @@ class Service:
 
     def _tick(self) -> float:
         """Send STATUS= when it changed and a watchdog ping if the daemon makes progress; return the next delay."""
-        status = self.status()
-        if status != self._last_status:
-            sd_notify(f"STATUS={status}")
-            self._last_status = status
+        self.view.notify_status()
         if self._watchdog_interval is None:
             return 1.0
         # The housekeeper ticks every quarter second; if it stopped, the daemon is stuck.
