@@ -48,6 +48,7 @@ from typing import Any
 from bridge import config
 from bridge.config import ConfigError, FrontendTunnel, redact_url
 from bridge.frontend import open_channel
+from bridge.outcome import Kind, Outcome
 from bridge.protocol import CloseCode
 from bridge.secrets import SecretResolver
 from bridge.service import SignalQueue, setup_logging
@@ -67,8 +68,9 @@ CHUNK = 64 * 1024
 SIGNAL_GRACE = 2.0
 #: How long an aborted connection waits for the output copier before exiting anyway.
 ABORT_OUTPUT_WAIT = 1.0
-#: Outcomes of :meth:`Tunnel.run` that are a deliberate end, not a failure.
-CLEAN_OUTCOMES = frozenset({"clean", "closed by peer", "half-close timeout"})
+#: Kinds of :meth:`Tunnel.run`'s outcome that are a deliberate end, not a failure: a half-close timeout
+#: is how a session with a peer that never sends end-of-stream (a Go backend) ends after our input did.
+CLEAN_ENDS = frozenset({Kind.CLEAN, Kind.CLOSED_BY_PEER, Kind.HALF_CLOSE_TIMEOUT})
 #: The tunnel's name in the URL form (never shown: it only names the config entry).
 URL_TUNNEL_NAME = "connect"
 #: ``listen`` of the URL form's tunnel: required by the config schema, never bound.
@@ -230,7 +232,7 @@ def _pump(pump: Tunnel, ours: socket.socket, stdin: int, stdout: int, url: str) 
         finished.set()
         interrupt.signals.wake()  # its thread returns; the handlers stay, so a late SIGHUP cannot cut the output
         registry.stop()
-    if outcome in CLEAN_OUTCOMES:
+    if outcome.kind in CLEAN_ENDS:
         output.join()  # everything received reaches stdout before we exit
         return EXIT_CLEAN
     output.join(ABORT_OUTPUT_WAIT)
@@ -256,7 +258,7 @@ def _copy_input(fd: int, sock: socket.socket, pump: Tunnel) -> None:
         try:
             data = _read(fd)
         except OSError as exc:
-            pump.abort(f"abort: cannot read stdin ({_strerror(exc)})")
+            pump.abort(Outcome(Kind.ABORTED_BY_CLIENT, f"abort: cannot read stdin ({_strerror(exc)})"))
             return
         try:
             if not data:
@@ -284,11 +286,11 @@ def _copy_output(sock: socket.socket, fd: int, pump: Tunnel) -> None:
         try:
             _write_all(fd, data)
         except OSError as exc:
-            pump.abort(f"abort: cannot write stdout ({_strerror(exc)})")
+            pump.abort(Outcome(Kind.ABORTED_BY_CLIENT, f"abort: cannot write stdout ({_strerror(exc)})"))
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)
             return
-    if pump.outcome is None or pump.outcome in CLEAN_OUTCOMES:
+    if pump.outcome is None or pump.outcome.kind in CLEAN_ENDS:
         end_output(fd)
 
 
@@ -373,7 +375,7 @@ class _Interrupt:
         if self._finished.is_set():
             return
         name = signal.Signals(self.signum).name
-        self._pump.abort(f"abort: interrupted by {name}", CloseCode.GOING_AWAY)
+        self._pump.abort(Outcome(Kind.SHUTDOWN, f"abort: interrupted by {name}"), CloseCode.GOING_AWAY)
 
     def _next(self, deadline: float | None) -> int | None:
         """The next signal before ``deadline`` (monotonic; None: no limit); None once past it or finished."""

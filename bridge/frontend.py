@@ -30,10 +30,10 @@ from bridge.handshake import HandshakeError
 from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
-from bridge.stats import dial_failure_reason
 from bridge.transport import (
     NAME_MISMATCH_CODES,
     DialError,
+    DialFailure,
     DialTimeout,
     choose_proxy,
     describe_error,
@@ -93,7 +93,7 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str
         if tunnel.basic_auth:
             lines.append(f"Authorization: {secrets.basic_auth(tunnel.basic_auth)}")
     except SecretError as exc:
-        raise DialError(f"cannot read a header value: {exc}") from None
+        raise DialError(f"cannot read a header value: {exc}", DialFailure.SECRET) from None
     if tunnel.options.frames == "auto":
         lines.append(f"{protocol.OFFER_HEADER}: {protocol.OFFER_BINARY}")
     return lines
@@ -109,7 +109,8 @@ def open_channel(tunnel: FrontendTunnel, secrets: SecretResolver,
         return ClientChannel(opened.sock, tunnel.options.max_message_bytes, binary=consent, received=opened.received)
     except OSError as exc:
         _close_quietly(opened.sock)
-        raise DialError(f"websocket dropped right after the handshake: {describe_error(exc)}") from None
+        raise DialError(f"websocket dropped right after the handshake: {describe_error(exc)}",
+                        DialFailure.CONNECT_ERROR) from None
 
 
 @dataclass(frozen=True)
@@ -143,29 +144,31 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
         opened = _handshake(sock, url, header, deadline)
     except DialTimeout as exc:
         _close_quietly(sock)
-        raise DialError(f"timed out after {timeout:g} s (connect_timeout) {exc.step}{'' if exc.at_proxy else via}") \
-            from None
+        raise DialError(f"timed out after {timeout:g} s (connect_timeout) {exc.step}{'' if exc.at_proxy else via}",
+                        DialFailure.TIMEOUT) from None
     except DialError:
         _close_quietly(sock)
         raise
     except HandshakeError as exc:
         _close_quietly(sock)
-        raise DialError(f"websocket handshake failed: {exc}{via}") from None
+        raise DialError(f"websocket handshake failed: {exc}{via}", DialFailure.HANDSHAKE) from None
     except ssl.SSLCertVerificationError as exc:
         _close_quietly(sock)
-        raise DialError(f"TLS certificate verification failed: {exc.verify_message}{_trusted(exc, tunnel.tls)}{via}") \
-            from None
+        raise DialError(f"TLS certificate verification failed: {exc.verify_message}{_trusted(exc, tunnel.tls)}{via}",
+                        DialFailure.TLS) from None
     except ssl.SSLError as exc:
         _close_quietly(sock)
-        raise DialError(f"TLS handshake failed: {describe_error(exc)}{via}") from None
+        raise DialError(f"TLS handshake failed: {describe_error(exc)}{via}", DialFailure.TLS) from None
     except TimeoutError:
         _close_quietly(sock)
-        raise DialError(f"timed out after {timeout:g} s (connect_timeout){via}") from None
+        raise DialError(f"timed out after {timeout:g} s (connect_timeout){via}", DialFailure.TIMEOUT) from None
     except socket.gaierror as exc:
-        raise DialError(f"cannot resolve host: {exc.strerror}") from None
+        raise DialError(f"cannot resolve host: {exc.strerror}", DialFailure.DNS) from None
     except OSError as exc:
         _close_quietly(sock)
-        raise DialError(f"{describe_error(exc)}{via}") from None
+        refused = isinstance(exc, ConnectionRefusedError)
+        raise DialError(f"{describe_error(exc)}{via}",
+                        DialFailure.CONNECT_REFUSED if refused else DialFailure.CONNECT_ERROR) from None
     sock.settimeout(None)
     return opened
 
@@ -197,7 +200,8 @@ def _handshake(sock: socket.socket, url: str, header: list[str], deadline: float
     response = handshake.parse_response(head)
     if response.status != 101:
         body = _body(sock, response, rest, deadline)
-        raise DialError(f"backend refused the upgrade: {handshake.refusal_summary(response, body)}")
+        raise DialError(f"backend refused the upgrade: {handshake.refusal_summary(response, body)}",
+                        DialFailure.REFUSED, response.status)
     handshake.check_switch(response, key)
     return Opened(sock, response.headers, rest)
 
@@ -407,7 +411,7 @@ class Frontend:
         except DialError as exc:
             log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
                         tunnel_id, tunnel.name, redact_url(tunnel.url), _peer(peer), exc)
-            self.registry.stats.open_failed(tunnel.name, dial_failure_reason(str(exc)))
+            self.registry.stats.open_failed(tunnel.name, exc.label)
             reset_on_close(client)
             client.close()
             return

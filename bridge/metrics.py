@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 from bridge import __version__
 from bridge.config import Address
 from bridge.listen import LISTEN_BACKLOG, bind_listener
-from bridge.stats import OUTCOMES, RELOAD_RESULTS, Snapshot
+from bridge.outcome import CLASSES
+from bridge.stats import RELOAD_RESULTS, Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -87,7 +88,7 @@ class BridgeCollector:
             stats = snap.labels.get(label)
             active.add_metric([label], live_count.get(label, 0))
             opened.add_metric([label], stats.opened if stats else 0)
-            for outcome in OUTCOMES:
+            for outcome in CLASSES:
                 closed.add_metric([label, outcome], stats.closed.get(outcome, 0) if stats else 0)
             moved.add_metric([label, "to_websocket"], (stats.bytes_to_ws if stats else 0) + live_ws.get(label, 0))
             moved.add_metric([label, "to_tcp"], (stats.bytes_to_tcp if stats else 0) + live_tcp.get(label, 0))

@@ -45,6 +45,7 @@ from bridge import __version__
 from bridge.config import Config, ConfigError
 from bridge.control import ControlServer, default_socket_path
 from bridge.listen import ListenError
+from bridge.outcome import Kind, Outcome
 from bridge.stats import Snapshot, human_bytes
 from bridge.tunnel import TunnelRegistry
 
@@ -457,7 +458,7 @@ class Service:
 
     def _reset(self) -> None:
         """Reset every tunnel and refuse those still opening, then give the tunnels a moment to end."""
-        self.registry.abort_all("abort: daemon shutting down")
+        self.registry.abort_all(Outcome(Kind.SHUTDOWN, "abort: daemon shutting down"))
         # Connections still opening are not waited for: their dial cannot be cut short, and the
         # registry resets them as they finish, or the exit does.
         self.registry.wait_idle(RESET_WAIT, opening=False)

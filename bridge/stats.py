@@ -8,16 +8,16 @@ a tunnel adds to the counters once when it opens and once when it ends, and the 
 tunnels are read from their :class:`~bridge.tunnel.Tunnel` objects when someone asks
 (:meth:`TunnelRegistry.snapshot`), so byte totals include live tunnels and never go down.
 
-Outcome classes of ended tunnels (few and stable, for dashboards): ``clean`` (both directions
-finished), ``closed`` (the peer closed the websocket with 1000 before both had finished, or our own
-full close), ``timeout`` (idle, half-close or ping timeout), ``protocol_error`` (bad input from the
-websocket peer), ``abort`` (a reset, a dropped connection, a shutdown: everything else).
+Ended tunnels are counted by outcome class (:data:`bridge.outcome.CLASSES`, few and stable, for
+dashboards): ``clean`` (both directions finished), ``closed`` (the peer closed the websocket with
+1000 before both had finished), ``timeout`` (idle, half-close or ping timeout), ``protocol_error``
+(bad input from the websocket peer), ``abort`` (a reset, a dropped connection, a shutdown:
+everything else); :class:`bridge.outcome.Kind` says which class each kind of end is.
 
-Open failures (a connection or upgrade that never became a tunnel) are counted by reason class:
-``http_NNN`` (the backend answered NNN instead of 101; on the backend, the status it refused
-with), ``timeout``, ``tls``, ``dns``, ``connect_refused``, ``connect_error``, ``proxy``, ``secret``
-(a header secret could not be read), ``handshake`` (a bad websocket handshake), and
-``max_connections`` (the frontend's cap).
+Open failures (a connection or upgrade that never became a tunnel) are counted by reason label:
+on the frontend the :attr:`bridge.transport.DialError.label` of the failure (``http_NNN``,
+``timeout``, ``tls``, ...) or ``max_connections`` (its cap); on the backend ``http_NNN``, the
+status it refused with.
 
 The handshake histogram measures, on the frontend, from the accepted client connection to the
 backend's 101; on the backend, from the request's headers being read to our 101 being sent (so it
@@ -27,54 +27,15 @@ includes connecting the target).
 from __future__ import annotations
 
 import bisect
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 
+from bridge.outcome import Outcome
+
 #: Upper bounds (seconds) of the handshake histogram's buckets; +Inf is implied.
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-OUTCOMES = ("clean", "closed", "timeout", "protocol_error", "abort")
 RELOAD_RESULTS = ("ok", "failed")
-
-
-def outcome_class(outcome: str) -> str:
-    """The class (one of :data:`OUTCOMES`) of a tunnel's outcome string (see ``Tunnel.outcome``)."""
-    if outcome == "clean":
-        return "clean"
-    if outcome.startswith("closed"):
-        return "closed"
-    if "timeout" in outcome or "unresponsive" in outcome:
-        return "timeout"
-    if outcome.startswith("bad frame"):
-        return "protocol_error"
-    return "abort"
-
-
-_HTTP_STATUS = re.compile(r"backend refused the upgrade: HTTP (\d{3})")
-
-
-def dial_failure_reason(message: str) -> str:
-    """The reason class of a frontend ``DialError`` message (see the module docstring)."""
-    status = _HTTP_STATUS.match(message)
-    if status:
-        return f"http_{status.group(1)}"
-    lowered = message.lower()
-    if lowered.startswith("timed out"):  # whichever step ran out of connect_timeout (TLS, proxy CONNECT, ...)
-        return "timeout"
-    if lowered.startswith(("proxy ", "cannot connect to proxy", "cannot resolve proxy")):
-        return "proxy"
-    if lowered.startswith("cannot read a header value"):
-        return "secret"
-    if "tls" in lowered.split(":", 1)[0] or lowered.startswith("cannot use tls"):
-        return "tls"
-    if lowered.startswith("cannot resolve host"):
-        return "dns"
-    if lowered.startswith("connection refused"):
-        return "connect_refused"
-    if lowered.startswith("websocket handshake failed"):
-        return "handshake"
-    return "connect_error"
 
 
 @dataclass
@@ -168,8 +129,8 @@ class Stats:
         with self._lock:
             self._label(label).opened += 1
 
-    def tunnel_ended(self, label: str, outcome: str, bytes_to_ws: int, bytes_to_tcp: int) -> None:
-        kind = outcome_class(outcome)
+    def tunnel_ended(self, label: str, outcome: Outcome, bytes_to_ws: int, bytes_to_tcp: int) -> None:
+        kind = outcome.kind.metric_class
         with self._lock:
             stats = self._label(label)
             stats.closed[kind] = stats.closed.get(kind, 0) + 1

@@ -8,6 +8,7 @@ taken from the environment.
 from __future__ import annotations
 
 import base64
+import enum
 import ipaddress
 import math
 import os
@@ -23,8 +24,45 @@ from urllib.parse import unquote, urlsplit
 from bridge.config import TlsOptions, redact_url
 
 
+class DialFailure(enum.StrEnum):
+    """Why a dial failed, for code (the message is for people). Values are metric labels."""
+
+    #: The backend answered the upgrade with another status than 101 (``DialError.status``).
+    REFUSED = "refused"
+    #: ``connect_timeout`` passed (connecting, at the proxy, during TLS or the upgrade).
+    TIMEOUT = "timeout"
+    TLS = "tls"
+    #: The backend's host name did not resolve.
+    DNS = "dns"
+    #: The backend's host (or the proxy's tunnel to it) refused the TCP connection.
+    CONNECT_REFUSED = "connect_refused"
+    #: Any other failure to reach the backend (unreachable, reset, dropped after the 101).
+    CONNECT_ERROR = "connect_error"
+    #: The HTTP proxy was misconfigured, unreachable, or refused CONNECT.
+    PROXY = "proxy"
+    #: A header secret (file, command, environment variable) could not be read.
+    SECRET = "secret"
+    #: The backend's answer was not a valid websocket handshake.
+    HANDSHAKE = "handshake"
+
+
 class DialError(Exception):
-    """The websocket to the backend could not be opened; the message says why."""
+    """The websocket to the backend could not be opened: ``reason`` says why for code, the message for people.
+
+    ``status``: the HTTP status of a refusal (``reason`` REFUSED), else None.
+    """
+
+    def __init__(self, message: str, reason: DialFailure, status: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+    @property
+    def label(self) -> str:
+        """The reason as the metrics count it: ``http_NNN`` for a refusal, else the reason's value."""
+        if self.reason is DialFailure.REFUSED and self.status is not None:
+            return f"http_{self.status}"
+        return self.reason.value
 
 
 class DialTimeout(DialError):
@@ -37,7 +75,7 @@ class DialTimeout(DialError):
     """
 
     def __init__(self, step: str, *, at_proxy: bool = False) -> None:
-        super().__init__(f"timed out {step}")
+        super().__init__(f"timed out {step}", DialFailure.TIMEOUT)
         self.step = step
         self.at_proxy = at_proxy
 
@@ -210,19 +248,20 @@ def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, deadline: float
     """A TCP connection to ``host:port`` tunnelled through ``proxy`` with HTTP CONNECT, done by ``deadline``."""
     parts = urlsplit(proxy.url)
     if parts.scheme != "http":
-        raise DialError(f"proxy {proxy}: only http:// proxies are supported, not {parts.scheme}://")
+        raise DialError(f"proxy {proxy}: only http:// proxies are supported, not {parts.scheme}://",
+                        DialFailure.PROXY)
     try:
         proxy_host, proxy_port = parts.hostname, parts.port or 80
     except ValueError as exc:
-        raise DialError(f"proxy {proxy}: {exc}") from None
+        raise DialError(f"proxy {proxy}: {exc}", DialFailure.PROXY) from None
     if not proxy_host:
-        raise DialError(f"proxy {proxy}: missing host")
+        raise DialError(f"proxy {proxy}: missing host", DialFailure.PROXY)
     try:
         sock = connect_tcp(proxy_host, proxy_port, deadline, f"connecting to proxy {proxy}", at_proxy=True)
     except socket.gaierror as exc:
-        raise DialError(f"cannot resolve proxy {proxy}: {exc.strerror}") from None
+        raise DialError(f"cannot resolve proxy {proxy}: {exc.strerror}", DialFailure.PROXY) from None
     except OSError as exc:
-        raise DialError(f"cannot connect to proxy {proxy}: {describe_error(exc)}") from None
+        raise DialError(f"cannot connect to proxy {proxy}: {describe_error(exc)}", DialFailure.PROXY) from None
     step = f"waiting for proxy {proxy} to answer CONNECT"
     try:
         target = _authority(host, port)
@@ -234,13 +273,14 @@ def _connect_via_proxy(proxy: ProxyChoice, host: str, port: int, deadline: float
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
         status, reason = _read_proxy_reply(sock, proxy, deadline, step)
         if not 200 <= status < 300:
-            raise DialError(f"proxy {proxy} refused CONNECT {target}: HTTP {status} {reason}".rstrip())
+            raise DialError(f"proxy {proxy} refused CONNECT {target}: HTTP {status} {reason}".rstrip(),
+                            DialFailure.PROXY)
     except TimeoutError:
         sock.close()
         raise DialTimeout(step, at_proxy=True) from None
     except OSError as exc:
         sock.close()
-        raise DialError(f"proxy {proxy} failed during CONNECT: {describe_error(exc)}") from None
+        raise DialError(f"proxy {proxy} failed during CONNECT: {describe_error(exc)}", DialFailure.PROXY) from None
     except BaseException:
         sock.close()
         raise
@@ -258,7 +298,7 @@ def _read_proxy_reply(sock: socket.socket, proxy: ProxyChoice, deadline: float, 
         sock.settimeout(time_left(deadline, step, at_proxy=True))
         peeked = sock.recv(MAX_PROXY_REPLY_BYTES + 1 - len(head), socket.MSG_PEEK)
         if not peeked:
-            raise DialError(f"proxy {proxy} closed the connection before answering CONNECT")
+            raise DialError(f"proxy {proxy} closed the connection before answering CONNECT", DialFailure.PROXY)
         end = (head + peeked).find(b"\r\n\r\n")
         take = len(peeked) if end < 0 else end + 4 - len(head)
         sock.settimeout(time_left(deadline, step, at_proxy=True))
@@ -266,12 +306,13 @@ def _read_proxy_reply(sock: socket.socket, proxy: ProxyChoice, deadline: float, 
         if end >= 0:
             break
         if len(head) > MAX_PROXY_REPLY_BYTES:
-            raise DialError(f"proxy {proxy} sent a CONNECT reply head over {MAX_PROXY_REPLY_BYTES} bytes")
+            raise DialError(f"proxy {proxy} sent a CONNECT reply head over {MAX_PROXY_REPLY_BYTES} bytes",
+                            DialFailure.PROXY)
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     version, _, rest = status_line.partition(" ")
     code, _, reason = rest.partition(" ")
     if not version.startswith("HTTP/") or not (len(code) == 3 and code.isdigit()):
-        raise DialError(f"proxy {proxy} sent no HTTP reply to CONNECT: {status_line[:80]!r}")
+        raise DialError(f"proxy {proxy} sent no HTTP reply to CONNECT: {status_line[:80]!r}", DialFailure.PROXY)
     return int(code), reason.strip()[:200]
 
 
@@ -314,13 +355,13 @@ def _build_tls_context(options: TlsOptions) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=options.ca_file)
     except (ssl.SSLError, OSError) as exc:
-        raise DialError(f"cannot use tls ca_file {options.ca_file}: {describe_error(exc)}") from None
+        raise DialError(f"cannot use tls ca_file {options.ca_file}: {describe_error(exc)}", DialFailure.TLS) from None
     if options.cert_file:
         try:
             context.load_cert_chain(options.cert_file, options.key_file, password=_no_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
             files = f"{options.cert_file}" + (f" and key_file {options.key_file}" if options.key_file else "")
-            raise DialError(f"cannot use tls cert_file {files}: {describe_error(exc)}") from None
+            raise DialError(f"cannot use tls cert_file {files}: {describe_error(exc)}", DialFailure.TLS) from None
     if not options.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -46,6 +46,7 @@ from bridge.channel import (
     unacknowledged_segments,
 )
 from bridge.config import TunnelOptions
+from bridge.outcome import CLEAN, CLOSED_BY_PEER, HALF_CLOSE_TIMEOUT, Kind, Outcome
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.stats import LiveTunnel, Snapshot, Stats
 from bridge.workers import WorkerPool
@@ -216,7 +217,9 @@ class Tunnel:
         self._eof_on_wire = False
         self._received_eof = False
         self._close_sent_at: float | None = None
-        self._outcome: str | None = None
+        self._outcome: Outcome | None = None
+        #: The kind of an abort caused by the TCP side (it names who that is).
+        self._tcp_failed = Kind.ABORTED_BY_TARGET if tcp_role == "target" else Kind.ABORTED_BY_CLIENT
         self._aborted = False
         self._done = False
         self._writing_tcp = False
@@ -230,11 +233,11 @@ class Tunnel:
     # -- public -------------------------------------------------------------
 
     @property
-    def outcome(self) -> str | None:
-        """Why the tunnel ended ("clean", "abort: ...", ...), or None while it runs."""
+    def outcome(self) -> Outcome | None:
+        """Why the tunnel ended, or None while it runs."""
         return self._outcome
 
-    def run(self, workers: WorkerPool) -> str:
+    def run(self, workers: WorkerPool) -> Outcome:
         """Pump until both directions end, close both sockets, and return the outcome.
 
         The calling thread pumps the direction whose bytes are expected first
@@ -257,21 +260,22 @@ class Tunnel:
         try:
             workers.submit(pooled, name=f"tunnel-{self.id}-{second_name}")
         except RuntimeError as exc:  # "can't start new thread": out of threads
-            self.abort(f"abort: cannot start the tunnel's thread ({exc})")
+            self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: cannot start the tunnel's thread ({exc})"))
             self._release()
-            return self._outcome or "abort"
+            return self._outcome or Outcome(Kind.INTERNAL_ERROR, "abort")
         self._guarded(first)
         pooled_done.acquire()
         self._release()
-        return self._outcome or "clean"
+        return self._outcome or CLEAN
 
-    def abort(self, reason: str, code: int = CloseCode.INTERNAL_ERROR) -> None:
-        """End the tunnel now: reset the TCP side and tell the peer with close ``code``."""
+    def abort(self, outcome: Outcome, code: int = CloseCode.INTERNAL_ERROR) -> None:
+        """End the tunnel now with ``outcome``: reset the TCP side and tell the peer with close ``code``
+        (the outcome's detail, shortened, is the close reason)."""
         with self._lock:
             if self._done:
                 return
             self._done = self._aborted = True
-            self._outcome = reason
+            self._outcome = outcome
             tell_peer = self._close_sent_at is None
         if not reset_now(self._tcp):
             # SHUT_RD wakes our reader without sending anything; a writer blocked
@@ -281,7 +285,7 @@ class Tunnel:
         # A pump thread may wait a moment for the other pump's frame to finish (it may
         # just not have been scheduled since its send returned); the housekeeper never waits.
         wait = PUMP_CLOSE_WAIT if threading.get_ident() in self._pump_threads else 0
-        if tell_peer and not self._channel.send_close(code, reason[:120], wait=wait):
+        if tell_peer and not self._channel.send_close(code, outcome.detail[:120], wait=wait):
             # Our own frames are stuck on a peer that is not reading: a FIN would
             # queue behind them and never arrive. A RST always does.
             reset_now(self._channel.sock)
@@ -305,9 +309,10 @@ class Tunnel:
         options = self.options
         idle = now - self.last_activity
         if options.idle_timeout and idle > options.idle_timeout:
-            self.abort(f"idle timeout ({options.idle_timeout:g} s without data)", CloseCode.GOING_AWAY)
+            self.abort(Outcome(Kind.IDLE_TIMEOUT, f"idle timeout ({options.idle_timeout:g} s without data)"),
+                       CloseCode.GOING_AWAY)
         elif options.half_close_timeout and self._sent_eof != self._received_eof and idle > options.half_close_timeout:
-            self._close("half-close timeout")
+            self._close(HALF_CLOSE_TIMEOUT)
         elif options.ping_interval:
             self._keepalive(now)
 
@@ -361,9 +366,9 @@ class Tunnel:
         unseen until one of them wakes.
         """
         if sock is self._tcp:
-            self.abort(f"abort: {self.tcp_role} reset")
+            self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset"))
         else:
-            self.abort("abort: websocket connection reset")
+            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket connection reset"))
 
     def _keepalive(self, now: float) -> None:
         """Ping a quiet peer; abort if it stays silent for ping_timeout while we were able to read.
@@ -391,8 +396,8 @@ class Tunnel:
         # is dead.
         if unacknowledged_segments(self._channel.sock) == 0:
             return
-        self.abort(f"abort: websocket peer unresponsive (nothing received or acknowledged for "
-                   f"{now - last_received:.0f} s after a ping)")
+        self.abort(Outcome(Kind.PEER_UNRESPONSIVE, f"abort: websocket peer unresponsive (nothing received or "
+                                                   f"acknowledged for {now - last_received:.0f} s after a ping)"))
 
     # -- directions -----------------------------------------------------------
 
@@ -402,7 +407,7 @@ class Tunnel:
             direction()
         except Exception as exc:  # a bug must not leave the other thread or the sockets behind
             log.exception("tunnel %s: internal error", self.id)
-            self.abort(f"abort: internal error ({exc})")
+            self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: internal error ({exc})"))
 
     def _tcp_to_ws(self) -> None:
         tcp, channel = self._tcp, self._channel
@@ -410,7 +415,7 @@ class Tunnel:
             try:
                 data = tcp.recv(protocol.READ_CHUNK)
             except OSError as exc:
-                self.abort(f"abort: {self.tcp_role} reset ({_describe(exc)})")
+                self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({_describe(exc)})"))
                 return
             if self._done or self._close_sent_at is not None:
                 return
@@ -420,20 +425,20 @@ class Tunnel:
             try:
                 channel.send_data(data)
             except OSError as exc:
-                self.abort(f"abort: websocket send failed ({_describe(exc)})")
+                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({_describe(exc)})"))
                 return
             self.bytes_to_ws += len(data)
         if not self.options.half_close:
-            self._close("clean")
+            self._close(CLEAN)
             return
         with self._lock:
             self._sent_eof = True  # before the marker leaves: the peer may answer at once
             # The peer's marker already came: ours is the last one, and close 1000 goes with it.
-            last = self._received_eof and self._start_closing("clean")
+            last = self._received_eof and self._start_closing(CLEAN)
         try:
             channel.send_end_of_stream(then_close=last)
         except OSError as exc:
-            self.abort(f"abort: websocket send failed ({_describe(exc)})")
+            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({_describe(exc)})"))
             return
         if last:
             _shutdown(self._tcp, socket.SHUT_RD)
@@ -443,7 +448,7 @@ class Tunnel:
             both = self._received_eof
         self.last_activity = time.monotonic()
         if both:
-            self._close("clean")
+            self._close(CLEAN)
 
     def _ws_to_tcp(self) -> None:
         tcp, channel = self._tcp, self._channel
@@ -453,11 +458,11 @@ class Tunnel:
             except ProtocolViolation as violation:
                 log.warning("tunnel %s [%s]: bad frame from the websocket peer: %s (closing with %d)",
                             self.id, self.label, violation.reason, violation.code)
-                self.abort(f"bad frame: {violation.reason}", violation.code)
+                self.abort(Outcome(Kind.BAD_FRAME, f"bad frame: {violation.reason}"), violation.code)
                 return
             except OSError as exc:  # ChannelDropped included
                 if self._close_sent_at is None:  # after our close frame, a hang-up is the end we asked for
-                    self.abort(f"abort: websocket dropped ({_describe(exc)})")
+                    self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped ({_describe(exc)})"))
                 return
             if isinstance(event, bytes):
                 if not event:
@@ -467,7 +472,7 @@ class Tunnel:
                 try:
                     tcp.sendall(event)
                 except OSError as exc:
-                    self.abort(f"abort: {self.tcp_role} reset ({_describe(exc)})")
+                    self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({_describe(exc)})"))
                     return
                 finally:
                     self._writing_tcp = False
@@ -488,12 +493,13 @@ class Tunnel:
         self.last_activity = time.monotonic()
         _shutdown(self._tcp, socket.SHUT_WR)
         if both:
-            self._close("clean")
+            self._close(CLEAN)
 
     def _received_close(self, closed: Closed) -> None:
         if closed.code not in NORMAL_CLOSE_CODES and self._close_sent_at is None:
             reason = f": {closed.reason}" if closed.reason else ""
-            self.abort(f"abort: peer closed the websocket with {closed.code}{reason}", CloseCode.NORMAL)
+            self.abort(Outcome(Kind.ABORTED_BY_PEER, f"abort: peer closed the websocket with {closed.code}{reason}"),
+                       CloseCode.NORMAL)
             return
         with self._lock:
             if self._done:
@@ -501,7 +507,7 @@ class Tunnel:
             self._done = True
             answer = self._close_sent_at is None
             if answer:
-                self._outcome = "clean" if self._sent_eof else "closed by peer"
+                self._outcome = CLEAN if self._sent_eof else CLOSED_BY_PEER
         # This is the reading thread: the answer may wait a bounded time for a send in
         # progress and for room, never longer. A peer that closed reads until it has our
         # close frame; if our frames still cannot move, it is not reading them, and a RST
@@ -510,7 +516,7 @@ class Tunnel:
             reset_now(self._channel.sock)
         _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees _done
 
-    def _close(self, outcome: str) -> None:
+    def _close(self, outcome: Outcome) -> None:
         """Start a graceful end: send close 1000 and stop reading TCP.
 
         What the peer sent before it saw our close frame is still delivered; the
@@ -527,7 +533,7 @@ class Tunnel:
             self._channel.shutdown()
         _shutdown(self._tcp, socket.SHUT_RD)
 
-    def _start_closing(self, outcome: str) -> bool:
+    def _start_closing(self, outcome: Outcome) -> bool:
         """Record that close 1000 is about to leave with ``outcome``; False if the tunnel is already ending.
 
         The caller holds ``_lock`` and sends the close frame.
@@ -669,7 +675,7 @@ class TunnelRegistry:
         with self._lock:
             return len(self._opening)
 
-    def remove(self, tunnel: Tunnel, outcome: str | None = None) -> None:
+    def remove(self, tunnel: Tunnel, outcome: Outcome | None = None) -> None:
         """Forget ``tunnel``; with its ``outcome``, count it as ended (atomically, so byte totals never dip)."""
         with self._changed:
             self._tunnels.pop(tunnel.id, None)
@@ -701,7 +707,7 @@ class TunnelRegistry:
                 self._changed.wait(remaining)
         return True
 
-    def run(self, tunnel: Tunnel) -> str:
+    def run(self, tunnel: Tunnel) -> Outcome:
         """Run ``tunnel`` to its end on the calling thread, logging its open and close lines.
 
         Registering it ends the thread's :class:`Opening`. After :meth:`abort_all`
@@ -710,10 +716,10 @@ class TunnelRegistry:
         if not self.add(tunnel):
             log.info("tunnel %s [%s] reset: opened after the daemon started resetting its tunnels: %s -> %s",
                      tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
-            tunnel.abort("abort: daemon shutting down", CloseCode.GOING_AWAY)
+            tunnel.abort(Outcome(Kind.SHUTDOWN, "abort: daemon shutting down"), CloseCode.GOING_AWAY)
             return tunnel.run(self.workers)  # ends at once, releasing both sockets
         log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
-        outcome = "abort: internal error"
+        outcome = Outcome(Kind.INTERNAL_ERROR, "abort: internal error")
         try:
             outcome = tunnel.run(self.workers)
         finally:
@@ -725,8 +731,8 @@ class TunnelRegistry:
         )
         return outcome
 
-    def abort_all(self, reason: str) -> None:
-        """Reset every live tunnel (close ``reason``, 1001), for good: tunnels opened from now on are reset too.
+    def abort_all(self, outcome: Outcome) -> None:
+        """Reset every live tunnel with ``outcome`` (close 1001), for good: tunnels opened from now on are reset too.
 
         Connections still opening are reset when the process exits (their dial
         cannot be interrupted; whatever ends first, nothing of them registers).
@@ -737,7 +743,7 @@ class TunnelRegistry:
             for opening in self._opening:
                 self._reset_at_exit(opening)
         for tunnel in tunnels:
-            tunnel.abort(reason, CloseCode.GOING_AWAY)
+            tunnel.abort(outcome, CloseCode.GOING_AWAY)
 
     @staticmethod
     def _reset_at_exit(opening: Opening) -> None:

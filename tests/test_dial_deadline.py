@@ -22,8 +22,7 @@ from bridge import frontend as frontend_module
 from bridge.config import FrontendTunnel, parse_frontend
 from bridge.handshake import accept_token
 from bridge.secrets import SecretResolver
-from bridge.stats import dial_failure_reason
-from bridge.transport import DialError
+from bridge.transport import DialError, DialFailure
 from tests.helpers import free_port, frontend, started, write_yaml
 from tests.pki import Issued, Pki, require_tools
 
@@ -257,7 +256,7 @@ def dial_times_out(tunnel: FrontendTunnel, *, channel: bool = False) -> str:
         elapsed = time.monotonic() - started_at
         message = str(exc)
         assert elapsed < CONNECT_TIMEOUT + SLACK, f"the dial ended {elapsed:.2f} s after it started: {message}"
-        assert dial_failure_reason(message) == "timeout", message
+        assert exc.reason is DialFailure.TIMEOUT and exc.label == "timeout", message
         return message
     raise AssertionError("the dial succeeded")
 

@@ -17,7 +17,7 @@ from bridge import protocol
 from bridge.config import parse_frontend
 from bridge.handshake import accept_token
 from bridge.secrets import SecretResolver
-from bridge.transport import DialError
+from bridge.transport import DialError, DialFailure
 from tests.helpers import Daemon, frontend, recv_all, recv_exactly, write_yaml
 
 
@@ -193,24 +193,27 @@ def test_dial_reads_a_101_that_arrives_a_few_bytes_at_a_time() -> None:
     dial_to(server).sock.close()
 
 
-@pytest.mark.parametrize(("parts", "message"), [
+@pytest.mark.parametrize(("parts", "message", "label"), [
     pytest.param([SWITCH + b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"],
-                 "websocket handshake failed: wrong Sec-WebSocket-Accept", id="wrong-accept"),
+                 "websocket handshake failed: wrong Sec-WebSocket-Accept", "handshake", id="wrong-accept"),
     pytest.param([b"SSH-2.0-OpenSSH_9.6\r\n\r\n"], "websocket handshake failed: not an HTTP/1.1 response",
-                 id="not-http"),
+                 "handshake", id="not-http"),
     pytest.param([b"HTTP/1.1 404 Not Found\r\nContent-Length: 24\r\n\r\n", b"no route 'x' (routes: a)"],
-                 "backend refused the upgrade: HTTP 404 Not Found (no route 'x' (routes: a))", id="body-later"),
+                 "backend refused the upgrade: HTTP 404 Not Found (no route 'x' (routes: a))", "http_404",
+                 id="body-later"),
     pytest.param([b"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n"],
-                 "backend refused the upgrade: HTTP 302 Found (redirects to https://elsewhere.example/)",
+                 "backend refused the upgrade: HTTP 302 Found (redirects to https://elsewhere.example/)", "http_302",
                  id="redirect"),
     pytest.param([b"HTTP/1.1 200 OK\r\n" + b"X-Filler: yyyyyyyy\r\n" * 2000],
-                 "websocket handshake failed: response head larger than 16384 bytes", id="endless-head"),
+                 "websocket handshake failed: response head larger than 16384 bytes", "handshake",
+                 id="endless-head"),
 ])
-def test_dial_says_what_was_wrong_with_the_answer(parts: list[bytes], message: str) -> None:
+def test_dial_says_what_was_wrong_with_the_answer(parts: list[bytes], message: str, label: str) -> None:
     server = OneAnswer(parts)
     with pytest.raises(DialError) as raised:
         dial_to(server)
     assert str(raised.value) == message or str(raised.value).startswith(message)
+    assert raised.value.label == label  # what the metrics count, set where the error was raised
 
 
 def test_dial_says_when_the_backend_hangs_up_without_answering() -> None:
@@ -218,17 +221,40 @@ def test_dial_says_when_the_backend_hangs_up_without_answering() -> None:
         dial_to(OneAnswer(hang_up=True))
     assert str(raised.value) == ("websocket handshake failed: "
                                  "the backend closed the connection before answering the upgrade")
+    assert raised.value.reason is DialFailure.HANDSHAKE
 
 
 def test_dial_gives_up_on_a_trickling_answer_at_connect_timeout() -> None:
     server = OneAnswer([b"H"] * 200, pause=0.05)
     started = time.monotonic()
-    with pytest.raises(DialError, match=r"timed out after 0.5 s \(connect_timeout\)"):
+    with pytest.raises(DialError, match=r"timed out after 0.5 s \(connect_timeout\)") as raised:
         dial_to(server, connect_timeout=0.5)
     assert time.monotonic() - started < 5  # a deadline for the whole answer, not a timeout per read
+    assert raised.value.reason is DialFailure.TIMEOUT
 
 
 def test_a_refusals_body_that_never_comes_does_not_hold_the_dial_past_its_deadline() -> None:
     server = OneAnswer([b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\npartial"])
-    with pytest.raises(DialError, match=r"^backend refused the upgrade: HTTP 503 Service Unavailable \(partial\)$"):
+    with pytest.raises(DialError, match=r"^backend refused the upgrade: HTTP 503 Service Unavailable \(partial\)$") \
+            as raised:
         dial_to(server, connect_timeout=0.5)
+    assert (raised.value.reason, raised.value.status, raised.value.label) == (DialFailure.REFUSED, 503, "http_503")
+
+
+def test_a_closed_port_is_a_refused_connection() -> None:
+    with socket.socket() as probe:  # a port nobody listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        config = parse_frontend({"backend": f"ws://127.0.0.1:{probe.getsockname()[1]}",
+                                 "tunnels": [{"name": "t", "listen": "127.0.0.1:1"}]})
+        with pytest.raises(DialError, match=r"^connection refused$") as raised:
+            frontend_module.dial(config.tunnels[0], SecretResolver(), environ={})
+    assert raised.value.reason is DialFailure.CONNECT_REFUSED
+
+
+def test_a_header_secret_that_cannot_be_read_fails_the_dial_as_a_secret(tmp_path: Path) -> None:
+    config = parse_frontend({"backend": "ws://127.0.0.1:1",
+                             "headers": {"X-Token": {"file": str(tmp_path / "missing")}},
+                             "tunnels": [{"name": "t", "listen": "127.0.0.1:1"}]})
+    with pytest.raises(DialError, match=r"^cannot read a header value: ") as raised:
+        frontend_module.dial(config.tunnels[0], SecretResolver(), environ={})
+    assert raised.value.reason is DialFailure.SECRET

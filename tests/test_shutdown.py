@@ -18,6 +18,7 @@ import pytest
 
 from bridge.config import TunnelOptions
 from bridge.frontend import ClientChannel
+from bridge.outcome import Kind, Outcome
 from bridge.tunnel import Tunnel, TunnelRegistry
 from tests.conftest import Pair, start_pair
 from tests.helpers import (
@@ -319,14 +320,14 @@ def test_a_tunnel_that_opens_after_abort_all_is_reset_not_run() -> None:
     ws, ws_peer = _tcp_pair()  # the websocket, and the backend at its other end
     try:
         with registry.opening(client):
-            registry.abort_all("abort: daemon shutting down")
+            registry.abort_all(Outcome(Kind.SHUTDOWN, "abort: daemon shutting down"))
             tunnel = Tunnel(client, ClientChannel(ws, 1 << 20), label="t", peer="p", destination="d",
                             options=TunnelOptions(), tcp_first=True)
-            result: list[str] = []
+            result: list[Outcome] = []
             runner = threading.Thread(target=lambda: result.append(registry.run(tunnel)))
             runner.start()
             runner.join(10)
-        assert result == ["abort: daemon shutting down"]
+        assert result == [(Kind.SHUTDOWN, "abort: daemon shutting down")]
         assert registry.active() == [] and registry.opening_count() == 0
         assert registry.snapshot().totals()["opened"] == 0
         with pytest.raises(ConnectionResetError):
