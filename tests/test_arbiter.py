@@ -38,11 +38,20 @@ def allowed_cpus(pid: int) -> set[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether any thread of process ``pid`` still runs. Its leader turns zombie as soon as that thread
+    exits, while the other threads may still be exiting and holding the process's files (its sockets)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
-    return state != "Z"
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # that thread is gone
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 @pytest.fixture
