@@ -46,8 +46,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
+from bridge import events
 from bridge.caps import Counts, SharedCounts
 from bridge.config import Address, Config, ConfigError
+from bridge.events import Event
 from bridge.listen import Binder, ListenError, bind_slots
 from bridge.service import (
     DRAIN_POLL,
@@ -296,7 +298,8 @@ class Arbiter:
             self._drop_main_resources(worker, link)
             for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                 os.environ.pop(key, None)
-            setup_logging(self.log_level_flag or config.log_level, tag=f"w{worker.slot} ")
+            setup_logging(self.log_level_flag or config.log_level, tag=f"w{worker.slot} ", target=config.log_target,
+                          identifier=self.name)
             pin(worker.cpu)
             binder = _Inherited({name: sockets[worker.slot] for name, sockets in self.slots.items()})
             registry = TunnelRegistry()
@@ -549,12 +552,13 @@ class Arbiter:
                     os.kill(worker.pid, signal.SIGKILL)
         changes = next((changes for _, ok, changes in answers if ok), [])
         log.info("reload of %s done in %d workers: %s", config.source, len(answers),
-                 "; ".join(changes) if changes else "no changes")
+                 "; ".join(changes) if changes else "no changes", extra=events.mark(Event.RELOAD_APPLIED))
 
     def _rejected(self, problems: list[str]) -> None:
         self.reloads["failed"] += 1
         for problem in problems:
-            log.error("reload rejected, still running the previous configuration: %s", problem)
+            log.error("reload rejected, still running the previous configuration: %s", problem,
+                      extra=events.mark(Event.RELOAD_REJECTED))
 
     def _stop(self, signum: int) -> int:
         """Pass ``signum`` on to every worker, then wait for them all to exit, passing on what follows."""

@@ -27,10 +27,11 @@ from io import BufferedIOBase
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from bridge import __version__, passthrough, protocol
+from bridge import __version__, events, passthrough, protocol
 from bridge.caps import Counts, LocalCounts
 from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
+from bridge.events import Event
 from bridge.framing import FramedChannel
 from bridge.handshake import accept_token, header_tokens
 from bridge.listen import LISTEN_BACKLOG, Binder, ListenError, bind_fresh
@@ -351,8 +352,10 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         try:
             received = self._upgrade(key, binary)
         except OSError as exc:
+            facts = events.tunnel_facts(f"{listener.name}/{route}", tunnel_id, self._peer(), str(target))
             log.info("tunnel %s [%s]: client %s left during the handshake: %s",
-                     tunnel_id, listener.name, self._peer(), exc)
+                     tunnel_id, listener.name, self._peer(), exc,
+                     extra=events.mark(Event.OPEN_FAILED, {**facts, "reason": "client_left"}))
             sock.close()
             return
         self.server.registry.stats.handshake(f"{listener.name}/{route}", time.monotonic() - self._headers_read)
@@ -526,10 +529,13 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 
     def _refuse(self, tunnel_id: str, refused: UpgradeRefused, quiet: bool = False) -> None:
         level = logging.DEBUG if quiet else refused.level
+        label, reason = self._stats_label(), f"http_{int(refused.status)}"
+        facts = {"tunnel": label, "tunnel_id": tunnel_id, "peer": self._peer(), "reason": reason}
         log.log(level, "tunnel %s [%s]: refused %s: %d %s", tunnel_id, self.server.listener.name,
-                self._peer(), refused.status, refused.detail)
+                self._peer(), refused.status, refused.detail,
+                extra=events.mark(None if quiet else Event.OPEN_FAILED, facts))
         if not quiet:  # quiet: a request that was no bridge upgrade at all
-            self.server.registry.stats.open_failed(self._stats_label(), f"http_{int(refused.status)}")
+            self.server.registry.stats.open_failed(label, reason)
         body = f"{refused.status} {refused.status.phrase}: {refused.body}\n".encode()
         self.send_response(refused.status)
         for name, value in refused.headers.items():

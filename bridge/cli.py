@@ -141,11 +141,11 @@ def _run_daemon(
     try:
         cfg = load(args)
     except ConfigError as exc:
-        setup_logging("info")
+        setup_logging("info", identifier=name)
         for problem in exc.problems:
             log.error("invalid configuration: %s", problem)
         return EXIT_USAGE
-    setup_logging(args.log_level or cfg.log_level)
+    setup_logging(args.log_level or cfg.log_level, target=cfg.log_target, identifier=name)
     available = worker_cpus_available()
     workers = len(available) if cfg.workers == "auto" else cfg.workers
     cpus = config.worker_cpus(cfg.cpu_affinity, workers, available)

@@ -28,6 +28,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_FRONTEND_CONFIG = "/etc/tcpbridge/frontend.yaml"
 DEFAULT_BACKEND_CONFIG = "/etc/tcpbridge/backend.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: ``log_target``: where log lines go (see :func:`bridge.service.setup_logging`).
+LOG_TARGETS = ("auto", "journal", "stderr")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: Headers that tcpbridge's own handshake sets; a user value would break it.
@@ -180,6 +182,8 @@ class FrontendConfig:
     #: Worker processes and their CPU pinning (:data:`Workers`, :data:`CpuAffinity`); read at start only.
     workers: Workers = "auto"
     cpu_affinity: CpuAffinity = "auto"
+    #: Where log lines go (:data:`LOG_TARGETS`); read at start only.
+    log_target: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,7 @@ class BackendConfig:
     control_socket: str | None = None
     workers: Workers = "auto"
     cpu_affinity: CpuAffinity = "auto"
+    log_target: str = "auto"
 
 
 Config = FrontendConfig | BackendConfig
@@ -372,7 +377,7 @@ T = TypeVar("T")
 _OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
                 "ping_interval", "ping_timeout", "idle_timeout", "frames")
 _DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
-_SERVICE_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity")
+_SERVICE_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity", "log_target")
 _FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_SERVICE_KEYS, *_DIAL_KEYS, *_OPTION_KEYS)
 _TUNNEL_KEYS = ("name", "listen", "backend", "route", *_DIAL_KEYS, *_OPTION_KEYS)
 _BACKEND_KEYS = ("listeners", "log_level", "drain_timeout", *_SERVICE_KEYS, *_OPTION_KEYS)
@@ -476,6 +481,13 @@ def _log_level(value: object) -> str:
     if isinstance(value, str) and value.lower() in LOG_LEVELS:
         return value.lower()
     raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {_kind(value)}")
+
+
+def _log_target(value: object) -> str:
+    if isinstance(value, str) and value.lower() in LOG_TARGETS:
+        return value.lower()
+    raise ValueError(f"expected auto (the journal with fields when stderr is the journal, else stderr), journal or "
+                     f"stderr, got {_kind(value)}")
 
 
 def _name(value: object) -> str:
@@ -702,6 +714,7 @@ def _service_keys(check: _Checker, top: Mapping[str, Any], names: list[tuple[str
         "control_socket": check.field("", top, "control_socket", _socket_path, None),
         "workers": check.field("", top, "workers", parse_workers, default_workers),
         "cpu_affinity": check.field("", top, "cpu_affinity", parse_cpu_affinity, auto),
+        "log_target": check.field("", top, "log_target", _log_target, "auto"),
     }
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge import handshake, protocol
+from bridge import events, handshake, protocol
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
+from bridge.events import Event
 from bridge.framing import FramedChannel
 from bridge.handshake import HandshakeError
 from bridge.listen import Binder, ListenError, bind_fresh
@@ -390,8 +391,11 @@ class Frontend:
                 return
             self._refused[tunnel.name] = (now, 0)
         more = f" ({since} more refused since the previous warning)" if since else ""
+        facts = {"tunnel": tunnel.name, "peer": _peer(peer), "destination": redact_url(tunnel.url),
+                 "reason": "max_connections"}
         log.warning("tunnel %s: refused %s: max_connections (%d) reached, connection reset%s",
-                    tunnel.name, _peer(peer), tunnel.max_connections, more)
+                    tunnel.name, _peer(peer), tunnel.max_connections, more,
+                    extra=events.mark(Event.OPEN_FAILED, facts))
 
     def _serve(self, tunnel: FrontendTunnel, client: socket.socket, peer: tuple[str, int], opening: Opening) -> None:
         try:
@@ -409,8 +413,10 @@ class Frontend:
         try:
             channel = open_channel(tunnel, self.secrets)
         except DialError as exc:
+            facts = events.tunnel_facts(tunnel.name, tunnel_id, _peer(peer), redact_url(tunnel.url))
             log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
-                        tunnel_id, tunnel.name, redact_url(tunnel.url), _peer(peer), exc)
+                        tunnel_id, tunnel.name, redact_url(tunnel.url), _peer(peer), exc,
+                        extra=events.mark(Event.OPEN_FAILED, {**facts, "reason": exc.label}))
             self.registry.stats.open_failed(tunnel.name, exc.label)
             reset_on_close(client)
             client.close()

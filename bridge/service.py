@@ -41,18 +41,17 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any, Protocol
 
-from bridge import __version__
+from bridge import __version__, events
 from bridge.config import Config, ConfigError
 from bridge.control import ControlServer, default_socket_path
+from bridge.events import Event
+from bridge.journal import JournalHandler, priority
 from bridge.listen import ListenError
 from bridge.outcome import Kind, Outcome
 from bridge.stats import Snapshot, human_bytes
 from bridge.tunnel import TunnelRegistry
 
 log = logging.getLogger("tcpbridge")
-
-#: syslog priorities of Python's levels, for journald's ``<N>`` line prefixes.
-SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 class Daemon(Protocol):
@@ -77,8 +76,8 @@ class JournalFormatter(logging.Formatter):
     """``<N>message``: journald reads the priority from the prefix and adds its own timestamp."""
 
     def format(self, record: logging.LogRecord) -> str:
-        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+        level = priority(record.levelno)
+        return "\n".join(f"<{level}>{line}" for line in super().format(record).splitlines())
 
 
 def stderr_is_journal() -> bool:
@@ -96,20 +95,33 @@ def set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-def setup_logging(level: str, tag: str = "") -> None:
-    """Log to stderr (journald's priority prefixes when it is the journal); ``tag`` starts every message."""
+def setup_logging(level: str, tag: str = "", target: str = "auto", identifier: str = "tcpbridge") -> None:
+    """Log to the journal or stderr, as ``target`` (``log_target``) says; ``tag`` starts every message.
+
+    ``auto``: the journal's native protocol (:mod:`bridge.journal`, with fields) when stderr is the
+    journal, else stderr. ``journal``: the native protocol whatever stderr is. ``stderr``: stderr only,
+    with journald's ``<N>`` priority prefixes when it is the journal. Lines the journal cannot take go
+    to stderr. ``identifier`` is the journal's ``SYSLOG_IDENTIFIER`` (the program's name).
+    """
     # Documented logging optimisations: none of our formats shows the caller, thread or
     # process, and looking them up costs every record (getpid() is a system call).
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(JournalFormatter(f"{tag}%(message)s"))
+    stream = logging.StreamHandler(sys.stderr)
+    journal_stream = stderr_is_journal()
+    if journal_stream:
+        stream.setFormatter(JournalFormatter(f"{tag}%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+        stream.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+    handler: logging.Handler = stream
+    if target == "journal" or (target == "auto" and journal_stream):
+        handler = JournalHandler(identifier, fallback=stream)
+        handler.setFormatter(logging.Formatter(f"{tag}%(message)s"))
     root = logging.getLogger()
+    for previous in root.handlers:  # a worker's copy of its main process's handler (and its socket)
+        previous.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
@@ -383,11 +395,13 @@ class Service:
         except ConfigError as exc:
             self.registry.stats.reloaded(ok=False)
             for problem in exc.problems:
-                log.error("reload rejected, still running the previous configuration: %s", problem)
+                log.error("reload rejected, still running the previous configuration: %s", problem,
+                          extra=self._reload_mark(Event.RELOAD_REJECTED))
             changes = list(exc.problems)
         except ListenError as exc:
             self.registry.stats.reloaded(ok=False)
-            log.error("reload rejected, still running the previous configuration: %s", exc)
+            log.error("reload rejected, still running the previous configuration: %s", exc,
+                      extra=self._reload_mark(Event.RELOAD_REJECTED))
             changes = [str(exc)]
         else:
             ok = True
@@ -397,10 +411,15 @@ class Service:
             set_log_level(self.log_level_flag or config.log_level)
             for change in changes:
                 log.info("reload: %s", change)
-            log.info("reload of %s done: %s", config.source, "; ".join(changes) if changes else "no changes")
+            log.info("reload of %s done: %s", config.source, "; ".join(changes) if changes else "no changes",
+                     extra=self._reload_mark(Event.RELOAD_APPLIED))
         sd_notify(f"READY=1\nSTATUS={self.status()}")
         if self._on_reloaded is not None:
             self._on_reloaded(ok, changes)
+
+    def _reload_mark(self, event: Event) -> dict[str, object]:
+        """The journal mark of a reload's result line: a worker's lines carry none, its main process's do."""
+        return events.mark(None if self._on_ready is not None else event)
 
     def _stop(self, signum: int) -> int:
         """Stop accepting, then drain (SIGTERM, SIGINT) or reset at once (SIGQUIT); the exit status."""
@@ -496,7 +515,7 @@ def bind_endpoints(config: Config, name: str, status_document: Callable[[str], d
 
 
 #: Keys read at start only: a reload that changes one keeps the running value and says so.
-START_TIME_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity")
+START_TIME_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity", "log_target")
 
 
 def adopt(running: Config, new: Config) -> Config:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge import protocol
+from bridge import events, protocol
 from bridge.channel import (
     SEND_CLOSE_WAIT,
     SendLock,
@@ -46,6 +46,7 @@ from bridge.channel import (
     unacknowledged_segments,
 )
 from bridge.config import TunnelOptions
+from bridge.events import Event
 from bridge.outcome import CLEAN, CLOSED_BY_PEER, HALF_CLOSE_TIMEOUT, Kind, Outcome
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.stats import LiveTunnel, Snapshot, Stats
@@ -218,8 +219,10 @@ class Tunnel:
         self._received_eof = False
         self._close_sent_at: float | None = None
         self._outcome: Outcome | None = None
-        #: The kind of an abort caused by the TCP side (it names who that is).
-        self._tcp_failed = Kind.ABORTED_BY_TARGET if tcp_role == "target" else Kind.ABORTED_BY_CLIENT
+        #: Whether the TCP side is the target (the backend's) rather than the client (the frontend's, connect's).
+        self.tcp_is_target = tcp_role == "target"
+        #: The kind of an abort caused by the TCP side.
+        self._tcp_failed = Kind.ABORTED_BY_TARGET if self.tcp_is_target else Kind.ABORTED_BY_CLIENT
         self._aborted = False
         self._done = False
         self._writing_tcp = False
@@ -231,6 +234,20 @@ class Tunnel:
         self._pump_threads: set[int] = set()
 
     # -- public -------------------------------------------------------------
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes moved from the TCP client towards the target (frontend to backend), whichever end this is."""
+        return self.bytes_to_tcp if self.tcp_is_target else self.bytes_to_ws
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes moved from the target back to the TCP client."""
+        return self.bytes_to_ws if self.tcp_is_target else self.bytes_to_tcp
+
+    def facts(self) -> dict[str, str]:
+        """What every log line about this tunnel carries as journal fields (:mod:`bridge.events`)."""
+        return events.tunnel_facts(self.label, self.id, self.peer, self.destination)
 
     @property
     def outcome(self) -> Outcome | None:
@@ -457,7 +474,8 @@ class Tunnel:
                 event = channel.receive()
             except ProtocolViolation as violation:
                 log.warning("tunnel %s [%s]: bad frame from the websocket peer: %s (closing with %d)",
-                            self.id, self.label, violation.reason, violation.code)
+                            self.id, self.label, violation.reason, violation.code,
+                            extra=events.mark(None, self.facts()))
                 self.abort(Outcome(Kind.BAD_FRAME, f"bad frame: {violation.reason}"), violation.code)
                 return
             except OSError as exc:  # ChannelDropped included
@@ -715,19 +733,23 @@ class TunnelRegistry:
         """
         if not self.add(tunnel):
             log.info("tunnel %s [%s] reset: opened after the daemon started resetting its tunnels: %s -> %s",
-                     tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
+                     tunnel.id, tunnel.label, tunnel.peer, tunnel.destination, extra=events.mark(None, tunnel.facts()))
             tunnel.abort(Outcome(Kind.SHUTDOWN, "abort: daemon shutting down"), CloseCode.GOING_AWAY)
             return tunnel.run(self.workers)  # ends at once, releasing both sockets
-        log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination)
+        log.info("tunnel %s [%s] open: %s -> %s", tunnel.id, tunnel.label, tunnel.peer, tunnel.destination,
+                 extra=events.mark(Event.TUNNEL_OPENED, tunnel.facts()))
         outcome = Outcome(Kind.INTERNAL_ERROR, "abort: internal error")
         try:
             outcome = tunnel.run(self.workers)
         finally:
             self.remove(tunnel, outcome)
+        duration = time.monotonic() - tunnel.started
+        facts = {**tunnel.facts(), "outcome": outcome.kind.value, "outcome_class": outcome.kind.metric_class,
+                 "bytes_up": tunnel.bytes_up, "bytes_down": tunnel.bytes_down, "duration_s": duration}
         log.info(
             "tunnel %s [%s] closed (%s): %s sent %d B, received %d B in %.3f s",
-            tunnel.id, tunnel.label, outcome, tunnel.tcp_role, tunnel.bytes_to_ws, tunnel.bytes_to_tcp,
-            time.monotonic() - tunnel.started,
+            tunnel.id, tunnel.label, outcome, tunnel.tcp_role, tunnel.bytes_to_ws, tunnel.bytes_to_tcp, duration,
+            extra=events.mark(Event.TUNNEL_CLOSED, facts),
         )
         return outcome
 

@@ -25,6 +25,7 @@ from bridge.config import (
     parse_frontend,
     redact_url,
 )
+from bridge.service import START_TIME_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = "f.yaml"
@@ -957,3 +958,29 @@ def test_worker_cpus_from_parsed_values() -> None:
 def test_worker_cpus_rejects(affinity: config.CpuAffinity, workers: int, available: list[int], fragment: str) -> None:
     with pytest.raises(ValueError, match=re.escape(fragment)):
         config.worker_cpus(affinity, workers, available)
+
+
+# ---------------------------------------------------------------------------
+# log_target (top level, both daemons)
+
+LOG_TARGET_RULE = "expected auto (the journal with fields when stderr is the journal, else stderr), journal or stderr"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("journal", "journal"), ("STDERR", "stderr")])
+def test_log_target_accepted(value: object, expected: str) -> None:
+    for cfg in both(log_target=value):
+        assert cfg.log_target == expected
+
+
+def test_log_target_defaults_to_auto_and_is_a_top_level_start_time_key() -> None:
+    for cfg in both():
+        assert cfg.log_target == "auto"
+    assert "log_target" in set(config._FRONTEND_KEYS) & set(config._BACKEND_KEYS)
+    assert "log_target" not in config._TUNNEL_KEYS and "log_target" not in config._LISTENER_KEYS
+    assert "log_target" in START_TIME_KEYS
+
+
+@pytest.mark.parametrize(("value", "kind"), [("syslog", "str 'syslog'"), (True, "bool True"), (None, "nothing")])
+def test_bad_log_target(value: object, kind: str) -> None:
+    for problems in both_problems(log_target=value):
+        assert problems == [f"{SRC}: log_target: {LOG_TARGET_RULE}, got {kind}"]

@@ -220,10 +220,12 @@ def test_backend_reload_changes_targets_for_new_tunnels_only(tmp_path: Path) -> 
 
 
 def test_logs_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path: Path) -> None:
+    """log_target: stderr under journald: ``<N>`` prefixes (auto would use the native protocol, whose
+    fields tests/test_systemd.py checks in a real journal)."""
     read_end, write_end = os.pipe()
     stat = os.fstat(write_end)
     port = free_port()
-    config = write_yaml(tmp_path, "b.yaml", {"listeners": [
+    config = write_yaml(tmp_path, "b.yaml", {"log_target": "stderr", "listeners": [
         {"name": "main", "listen": port, "routes": {"default": f"127.0.0.1:{free_port()}"}}]})
     process = subprocess.Popen([str(BIN / "tcpbridge-backend"), "--config", str(config)], stderr=write_end,
                                env={**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"})

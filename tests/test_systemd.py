@@ -17,6 +17,7 @@ a known state (:func:`reset`), so any of them can run alone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -445,3 +446,57 @@ def test_workers_under_the_unit_are_pinned_and_stop_with_a_drain(bridge: Bridge)
         assert not any(machine.path(f"/proc/{child}").exists() for child in children)
     finally:
         bridge.write_frontend(bridge.frontend_yaml())
+
+
+def journal_query(machine: SystemdMachine, unit: str, *matches: str, since: float) -> list[dict[str, Any]]:
+    """``journalctl -u UNIT FIELD=value... -o json``: journald's own filtering on our fields."""
+    out = machine.run("journalctl", "--no-pager", "-u", unit, *matches, "-o", "json", check=True).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [e for e in entries if int(e["__MONOTONIC_TIMESTAMP"]) >= since * 1e6]
+
+
+@pytest.mark.timeout(45)
+def test_tunnel_lines_carry_journal_fields_a_user_can_filter_on(bridge: Bridge) -> None:
+    """(h) journalctl -u UNIT TCPBRIDGE_OUTCOME=clean -o json returns the tunnel the test opened, with
+    its byte counts, from both daemons; open failures carry their reason; MESSAGE and PRIORITY as before."""
+    machine = bridge.machine
+    reset(bridge)
+    since = time.monotonic()
+    up = os.urandom(70_000)
+    with connect(bridge.echo_tunnel) as sock:
+        host, port = sock.getsockname()[:2]
+        sock.sendall(up)
+        down = recv_exactly(sock, len(up), timeout=10)
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock, timeout=5) == b""
+    assert down == up
+    with connect(bridge.ghost_tunnel) as sock, contextlib.suppress(OSError):
+        sock.sendall(b"x")
+        recv_all(sock, timeout=5)
+
+    def closed_in(unit: str, tunnel: str) -> list[dict[str, Any]]:
+        return journal_query(machine, unit, "TCPBRIDGE_OUTCOME=clean", f"TCPBRIDGE_TUNNEL={tunnel}", since=since)
+
+    found: dict[str, list[dict[str, Any]]] = {}
+
+    def both_closed() -> bool:
+        found[FRONTEND], found[BACKEND] = closed_in(FRONTEND, "echo"), closed_in(BACKEND, "main/default")
+        return bool(found[FRONTEND] and found[BACKEND])
+
+    assert machine.wait_for(both_closed, 10), machine.journal_text(FRONTEND) + machine.journal_text(BACKEND)
+    front, back = found[FRONTEND][0], found[BACKEND][0]
+    assert front["TCPBRIDGE_PEER"] == f"{host}:{port}"
+    assert front["MESSAGE_ID"] == back["MESSAGE_ID"] == "ba665e01949948f086ef673b46e5abf4"
+    for entry in (front, back):
+        assert (entry["TCPBRIDGE_BYTES_UP"], entry["TCPBRIDGE_BYTES_DOWN"]) == (str(len(up)), str(len(up))), entry
+        assert float(entry["TCPBRIDGE_DURATION_S"]) >= 0 and entry["PRIORITY"] == "6"
+        assert entry["TCPBRIDGE_TUNNEL_ID"] in message(entry) and "closed (clean)" in message(entry)
+        assert entry["SYSLOG_IDENTIFIER"] == entry["_SYSTEMD_UNIT"].removesuffix(".service")
+    opened = journal_query(machine, FRONTEND, "MESSAGE_ID=e33acb59f1de438990917bdfdf5a5177",
+                           f"TCPBRIDGE_TUNNEL_ID={front['TCPBRIDGE_TUNNEL_ID']}", since=since)
+    assert len(opened) == 1 and opened[0]["TCPBRIDGE_DESTINATION"].startswith("ws://127.0.0.1:"), opened
+    failed = machine.wait_for_journal(FRONTEND, lambda e: e.get("MESSAGE_ID") == "dfa895b00b7d4f6f9245eefc5cd1d5b6"
+                                      and e.get("TCPBRIDGE_TUNNEL") == "ghost", since=since)
+    assert (failed["TCPBRIDGE_REASON"], failed["PRIORITY"]) == ("http_404", "4"), failed
+    refused = machine.wait_for_journal(BACKEND, lambda e: e.get("TCPBRIDGE_REASON") == "http_404", since=since)
+    assert refused["TCPBRIDGE_TUNNEL"] == "main/-" and refused["MESSAGE_ID"] == failed["MESSAGE_ID"], refused
