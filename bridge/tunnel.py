@@ -47,7 +47,8 @@ from bridge.channel import (
 )
 from bridge.config import TunnelOptions
 from bridge.events import Event
-from bridge.outcome import CLEAN, CLOSED_BY_PEER, HALF_CLOSE_TIMEOUT, Kind, Outcome
+from bridge.lifecycle import Action, Lifecycle, Step
+from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.stats import LiveTunnel, Snapshot, Stats
 from bridge.workers import WorkerPool
@@ -59,8 +60,6 @@ PUMP_CLOSE_WAIT = 1.0
 #: How long we wait for the peer's close frame after sending ours.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
-#: A close frame with no status code (1005) is a deliberate end, like 1000.
-NORMAL_CLOSE_CODES = frozenset({CloseCode.NORMAL, 1005})
 
 
 @dataclass(frozen=True)
@@ -182,9 +181,9 @@ class Tunnel:
     ``tcp_first``: the TCP side usually sends first (a frontend's client), so
     the thread that calls :meth:`run` reads it.
 
-    State, all guarded by ``_lock``: ``_sent_eof``/``_received_eof`` record the
-    markers; ``_closing`` means we sent close 1000 and still deliver what the
-    peer sent before it saw ours; ``_done`` means no more bytes move.
+    How it ends is decided by its :class:`~bridge.lifecycle.Lifecycle`, fed under
+    ``_lock`` by both pumps and the housekeeper; the actions it returns are
+    carried out outside the lock (:meth:`_carry_out`).
     """
 
     def __init__(
@@ -214,17 +213,13 @@ class Tunnel:
         self._tcp = tcp
         self._channel = channel
         self._lock = threading.Lock()
-        self._sent_eof = False
-        self._eof_on_wire = False
-        self._received_eof = False
+        self._lifecycle = Lifecycle(half_close=options.half_close)
+        #: When our close frame was decided (the housekeeper waits for the peer's answer from then on).
         self._close_sent_at: float | None = None
-        self._outcome: Outcome | None = None
         #: Whether the TCP side is the target (the backend's) rather than the client (the frontend's, connect's).
         self.tcp_is_target = tcp_role == "target"
         #: The kind of an abort caused by the TCP side.
         self._tcp_failed = Kind.ABORTED_BY_TARGET if self.tcp_is_target else Kind.ABORTED_BY_CLIENT
-        self._aborted = False
-        self._done = False
         self._writing_tcp = False
         self._reading_since = self.started
         self._ping_sent_at: float | None = None
@@ -252,7 +247,7 @@ class Tunnel:
     @property
     def outcome(self) -> Outcome | None:
         """Why the tunnel ended, or None while it runs."""
-        return self._outcome
+        return self._lifecycle.outcome
 
     def run(self, workers: WorkerPool) -> Outcome:
         """Pump until both directions end, close both sockets, and return the outcome.
@@ -279,34 +274,16 @@ class Tunnel:
         except RuntimeError as exc:  # "can't start new thread": out of threads
             self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: cannot start the tunnel's thread ({exc})"))
             self._release()
-            return self._outcome or Outcome(Kind.INTERNAL_ERROR, "abort")
+            return self._lifecycle.outcome or Outcome(Kind.INTERNAL_ERROR, "abort")
         self._guarded(first)
         pooled_done.acquire()
         self._release()
-        return self._outcome or CLEAN
+        return self._lifecycle.outcome or CLEAN
 
     def abort(self, outcome: Outcome, code: int = CloseCode.INTERNAL_ERROR) -> None:
         """End the tunnel now with ``outcome``: reset the TCP side and tell the peer with close ``code``
         (the outcome's detail, shortened, is the close reason)."""
-        with self._lock:
-            if self._done:
-                return
-            self._done = self._aborted = True
-            self._outcome = outcome
-            tell_peer = self._close_sent_at is None
-        if not reset_now(self._tcp):
-            # SHUT_RD wakes our reader without sending anything; a writer blocked
-            # in sendall only wakes on SHUT_WR, whose FIN then sits behind the data
-            # it was blocked on, and the RST at close discards both.
-            _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
-        # A pump thread may wait a moment for the other pump's frame to finish (it may
-        # just not have been scheduled since its send returned); the housekeeper never waits.
-        wait = PUMP_CLOSE_WAIT if threading.get_ident() in self._pump_threads else 0
-        if tell_peer and not self._channel.send_close(code, outcome.detail[:120], wait=wait):
-            # Our own frames are stuck on a peer that is not reading: a FIN would
-            # queue behind them and never arrive. A RST always does.
-            reset_now(self._channel.sock)
-        self._channel.shutdown()
+        self._carry_out(self._decide(Lifecycle.abort, outcome, code))
 
     def check_timeouts(self, now: float) -> None:
         """Called by the housekeeper (it must not block): timeouts, keepalive pings, dead peers.
@@ -315,10 +292,10 @@ class Tunnel:
         marker, a close), once the socket has room. A blocked write counts as
         activity only while it makes progress (:meth:`_blocked_sends_moved`).
         """
-        if self._done:
+        if self._lifecycle.done:
             return
         self._channel.flush_control()
-        if self._close_sent_at is not None:
+        if self._lifecycle.close_sent:
             self._await_close_reply(now)
             return
         if self._blocked_sends_moved():
@@ -328,8 +305,8 @@ class Tunnel:
         if options.idle_timeout and idle > options.idle_timeout:
             self.abort(Outcome(Kind.IDLE_TIMEOUT, f"idle timeout ({options.idle_timeout:g} s without data)"),
                        CloseCode.GOING_AWAY)
-        elif options.half_close_timeout and self._sent_eof != self._received_eof and idle > options.half_close_timeout:
-            self._close(HALF_CLOSE_TIMEOUT)
+        elif options.half_close_timeout and self._lifecycle.half_closed and idle > options.half_close_timeout:
+            self._carry_out(self._decide(Lifecycle.close, HALF_CLOSE_TIMEOUT))
         elif options.ping_interval:
             self._keepalive(now)
 
@@ -434,7 +411,7 @@ class Tunnel:
             except OSError as exc:
                 self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({_describe(exc)})"))
                 return
-            if self._done or self._close_sent_at is not None:
+            if not self._lifecycle.running:
                 return
             if not data:
                 break
@@ -445,27 +422,15 @@ class Tunnel:
                 self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({_describe(exc)})"))
                 return
             self.bytes_to_ws += len(data)
-        if not self.options.half_close:
-            self._close(CLEAN)
-            return
-        with self._lock:
-            self._sent_eof = True  # before the marker leaves: the peer may answer at once
-            # The peer's marker already came: ours is the last one, and close 1000 goes with it.
-            last = self._received_eof and self._start_closing(CLEAN)
+        step = self._decide(Lifecycle.tcp_ended)
         try:
-            channel.send_end_of_stream(then_close=last)
-        except OSError as exc:
+            self._carry_out(step)
+        except OSError as exc:  # only the marker's write raises
             self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({_describe(exc)})"))
             return
-        if last:
-            _shutdown(self._tcp, socket.SHUT_RD)
-            return
-        with self._lock:
-            self._eof_on_wire = True
-            both = self._received_eof
-        self.last_activity = time.monotonic()
-        if both:
-            self._close(CLEAN)
+        if Action.SEND_END_OF_STREAM in step:
+            self.last_activity = time.monotonic()
+            self._carry_out(self._decide(Lifecycle.end_of_stream_sent))
 
     def _ws_to_tcp(self) -> None:
         tcp, channel = self._tcp, self._channel
@@ -479,8 +444,8 @@ class Tunnel:
                 self.abort(Outcome(Kind.BAD_FRAME, f"bad frame: {violation.reason}"), violation.code)
                 return
             except OSError as exc:  # ChannelDropped included
-                if self._close_sent_at is None:  # after our close frame, a hang-up is the end we asked for
-                    self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped ({_describe(exc)})"))
+                dropped = Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped ({_describe(exc)})")
+                self._carry_out(self._decide(Lifecycle.websocket_dropped, dropped))
                 return
             if isinstance(event, bytes):
                 if not event:
@@ -497,70 +462,79 @@ class Tunnel:
                     self._reading_since = self.last_activity = time.monotonic()
                 self.bytes_to_tcp += len(event)
             elif isinstance(event, EndOfStream):
-                self._received_end_of_stream()
+                step = self._decide(Lifecycle.end_of_stream_received)
+                if step.actions:
+                    self.last_activity = time.monotonic()
+                self._carry_out(step)
             else:
-                self._received_close(event)
+                self._carry_out(self._decide(Lifecycle.close_received, event.code, event.reason))
                 return
 
-    def _received_end_of_stream(self) -> None:
+    def _decide(self, event: Callable[..., Step], *args: object) -> Step:
+        """Feed one event (a :class:`Lifecycle` method) to the lifecycle under the lock; note when our close
+        frame was decided."""
         with self._lock:
-            if self._received_eof or self._done:
-                return
-            self._received_eof = True
-            both = self._eof_on_wire  # our close frame must follow our marker, never overtake it
-        self.last_activity = time.monotonic()
-        _shutdown(self._tcp, socket.SHUT_WR)
-        if both:
-            self._close(CLEAN)
+            closing = self._lifecycle.close_sent
+            step = event(self._lifecycle, *args)
+            if self._lifecycle.close_sent and not closing:
+                self._close_sent_at = time.monotonic()
+        return step
 
-    def _received_close(self, closed: Closed) -> None:
-        if closed.code not in NORMAL_CLOSE_CODES and self._close_sent_at is None:
-            reason = f": {closed.reason}" if closed.reason else ""
-            self.abort(Outcome(Kind.ABORTED_BY_PEER, f"abort: peer closed the websocket with {closed.code}{reason}"),
-                       CloseCode.NORMAL)
-            return
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
-            answer = self._close_sent_at is None
-            if answer:
-                self._outcome = CLEAN if self._sent_eof else CLOSED_BY_PEER
-        # This is the reading thread: the answer may wait a bounded time for a send in
-        # progress and for room, never longer. A peer that closed reads until it has our
-        # close frame; if our frames still cannot move, it is not reading them, and a RST
-        # (as in abort) ends the connection and wakes our writer blocked on it.
-        if answer and not self._channel.send_close(CloseCode.NORMAL, "", wait=SEND_CLOSE_WAIT):
-            reset_now(self._channel.sock)
-        _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees _done
+    def _carry_out(self, step: Step) -> None:
+        """Do what the lifecycle decided, in its order. Only sending our marker raises (OSError)."""
+        for action in step.actions:
+            match action:
+                case Action.SEND_END_OF_STREAM | Action.SEND_END_OF_STREAM_AND_CLOSE:
+                    self._channel.send_end_of_stream(then_close=action is Action.SEND_END_OF_STREAM_AND_CLOSE)
+                case Action.SEND_CLOSE:
+                    self._send_close()
+                case Action.ANSWER_CLOSE:
+                    self._answer_close()
+                case Action.SEND_ABORT_CLOSE:
+                    self._send_abort_close(step.code)
+                case Action.RESET_TCP:
+                    self._reset_tcp()
+                case Action.SHUT_TCP_READ:
+                    _shutdown(self._tcp, socket.SHUT_RD)
+                case Action.SHUT_TCP_WRITE:
+                    _shutdown(self._tcp, socket.SHUT_WR)
+                case Action.SHUT_TCP_BOTH:
+                    _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees the tunnel done
+                case Action.SHUT_WEBSOCKET:
+                    self._channel.shutdown()
 
-    def _close(self, outcome: Outcome) -> None:
-        """Start a graceful end: send close 1000 and stop reading TCP.
-
-        What the peer sent before it saw our close frame is still delivered; the
-        TCP side gets its FIN when the peer's close frame arrives. Never blocks (it
-        runs on either pump or the housekeeper): a close frame that cannot go now
-        stays pending and the housekeeper writes it once there is room.
-        """
-        with self._lock:
-            if not self._start_closing(outcome):
-                return
+    def _send_close(self) -> None:
+        # Never blocks (it runs on either pump or the housekeeper): a close frame that cannot
+        # go now stays pending, and the housekeeper writes it once there is room.
         try:
             self._channel.send_close(CloseCode.NORMAL, "", wait=0)
         except OSError:
             self._channel.shutdown()
-        _shutdown(self._tcp, socket.SHUT_RD)
 
-    def _start_closing(self, outcome: Outcome) -> bool:
-        """Record that close 1000 is about to leave with ``outcome``; False if the tunnel is already ending.
+    def _answer_close(self) -> None:
+        # This is the reading thread: the answer may wait a bounded time for a send in
+        # progress and for room, never longer. A peer that closed reads until it has our
+        # close frame; if our frames still cannot move, it is not reading them, and a RST
+        # (as in abort) ends the connection and wakes our writer blocked on it.
+        if not self._channel.send_close(CloseCode.NORMAL, "", wait=SEND_CLOSE_WAIT):
+            reset_now(self._channel.sock)
 
-        The caller holds ``_lock`` and sends the close frame.
-        """
-        if self._done or self._close_sent_at is not None:
-            return False
-        self._outcome = outcome
-        self._close_sent_at = time.monotonic()
-        return True
+    def _send_abort_close(self, code: int) -> None:
+        # A pump thread may wait a moment for the other pump's frame to finish (it may
+        # just not have been scheduled since its send returned); the housekeeper never waits.
+        wait = PUMP_CLOSE_WAIT if threading.get_ident() in self._pump_threads else 0
+        outcome = self._lifecycle.outcome
+        if not self._channel.send_close(code, outcome.detail[:120] if outcome else "", wait=wait):
+            # Our own frames are stuck on a peer that is not reading: a FIN would
+            # queue behind them and never arrive. A RST always does.
+            reset_now(self._channel.sock)
+
+    def _reset_tcp(self) -> None:
+        if not reset_now(self._tcp):
+            # SHUT_RD wakes our reader without sending anything; a writer blocked
+            # in sendall only wakes on SHUT_WR, whose FIN then sits behind the data
+            # it was blocked on, and the RST at close discards both.
+            _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
 
     def _release(self) -> None:
         self._channel.shutdown()
