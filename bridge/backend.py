@@ -4,7 +4,7 @@ A stdlib ``ThreadingHTTPServer`` is the front door; the request-handler thread
 of an upgrade connects the route's target *before* answering (so an unreachable
 target gets a 502 with the reason, where the Go backend answers 101 and hangs
 up), sends the 101 itself, and then becomes one of the tunnel's two pump threads.
-Frames are read and written by :mod:`bridge.framing` with blocking reads: the
+Frames are read and written by :mod:`bridge.endpoint` with blocking reads: the
 reader does not read the websocket again until the target accepted the last
 bytes, which is the backpressure that keeps memory bounded when a target stalls.
 """
@@ -29,14 +29,14 @@ from urllib.parse import urlsplit
 
 from bridge import __version__, events, passthrough, protocol
 from bridge.caps import Counts, LocalCounts
-from bridge.channel import RECV_CHUNK, shutdown_socket
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
+from bridge.endpoint import Endpoint
 from bridge.events import Event
-from bridge.framing import FramedChannel
 from bridge.handshake import accept_token, header_tokens
 from bridge.listen import LISTEN_BACKLOG, Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
+from bridge.sockets import RECV_CHUNK, describe_error, shutdown_socket
 from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id
 
 log = logging.getLogger("tcpbridge.backend")
@@ -63,12 +63,12 @@ DRAIN_SECONDS = 2.0
 # The websocket, server side
 
 
-class ServerChannel(FramedChannel):
+class ServerEndpoint(Endpoint):
     """The server end of a tunnel's websocket, over the socket of an upgraded request.
 
     ``received``: what the client sent after its request. ``binary_consented``:
     our 101 consented to binary messages, so the frontend's switch marker is
-    accepted; on receiving it the channel sends its own marker after what it
+    accepted; on receiving it the endpoint sends its own marker after what it
     sent so far, and binary messages from then on (:mod:`bridge.protocol`).
     """
 
@@ -90,7 +90,7 @@ class ServerChannel(FramedChannel):
         """Answer with our own switch marker, without waiting (this is the reading thread).
 
         The marker goes out when the send lock and room for it are there (see
-        :mod:`bridge.framing`); :attr:`binary` turns true only once it is on the
+        :mod:`bridge.endpoint`); :attr:`binary` turns true only once it is on the
         wire, so what we send until then stays hex, as the peer expects.
         """
         self._queue_control(switch=True)
@@ -361,7 +361,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         self.server.registry.stats.handshake(f"{listener.name}/{route}", time.monotonic() - self._headers_read)
         pump = Tunnel(
             sock,
-            ServerChannel(self.connection, received, listener.options.max_message_bytes, binary_consented=binary),
+            ServerEndpoint(self.connection, received, listener.options.max_message_bytes, binary_consented=binary),
             label=f"{listener.name}/{route}",
             peer=self._peer(),
             destination=str(target),
@@ -493,8 +493,8 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             raise UpgradeRefused(HTTPStatus.BAD_GATEWAY, f"route {route!r}: cannot connect to {target}: {reason}") \
                 from None
         except OSError as exc:
-            reason = exc.strerror.lower() if exc.strerror else str(exc)
-            raise UpgradeRefused(HTTPStatus.BAD_GATEWAY, f"route {route!r}: cannot connect to {target}: {reason}") \
+            raise UpgradeRefused(HTTPStatus.BAD_GATEWAY, f"route {route!r}: cannot connect to {target}: "
+                                 f"{describe_error(exc)}") \
                 from None
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

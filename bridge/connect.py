@@ -6,7 +6,7 @@
     tcpbridge connect --config /etc/tcpbridge/frontend.yaml ssh
 
 The connection is a frontend tunnel whose TCP side is this process's stdio: it is
-opened with :func:`bridge.frontend.open_channel` (the daemon's dial, and binary
+opened with :func:`bridge.frontend.open_endpoint` (the daemon's dial, and binary
 messages when the backend consents) and pumped by the daemons' own
 :class:`bridge.tunnel.Tunnel`, so auth, TLS, proxies, keepalive and half-close
 behave exactly as in ``tcpbridge-frontend``. The pump is given one end of a
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -47,11 +46,12 @@ from typing import Any
 
 from bridge import config
 from bridge.config import ConfigError, FrontendTunnel, redact_url
-from bridge.frontend import open_channel
+from bridge.frontend import open_endpoint
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import CloseCode
 from bridge.secrets import SecretResolver
 from bridge.service import SignalQueue, setup_logging
+from bridge.sockets import describe_error
 from bridge.transport import DialError
 from bridge.tunnel import Tunnel, TunnelRegistry
 
@@ -205,14 +205,14 @@ def connect(tunnel: FrontendTunnel, stdin: int = 0, stdout: int = 1) -> int:
     """
     url = redact_url(tunnel.url)
     try:
-        channel = open_channel(tunnel, SecretResolver())
+        websocket = open_endpoint(tunnel, SecretResolver())
     except DialError as exc:
         print(f"{PROG}: cannot open {url}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     ours, theirs = socket.socketpair()
-    pump = Tunnel(theirs, channel, label=tunnel.name, peer="stdio", destination=url, options=tunnel.options,
+    pump = Tunnel(theirs, websocket, label=tunnel.name, peer="stdio", destination=url, options=tunnel.options,
                   tcp_role="stdio")
     return _pump(pump, ours, stdin, stdout, url)
 
@@ -258,7 +258,7 @@ def _copy_input(fd: int, sock: socket.socket, pump: Tunnel) -> None:
         try:
             data = _read(fd)
         except OSError as exc:
-            pump.abort(Outcome(Kind.ABORTED_BY_CLIENT, f"abort: cannot read stdin ({_strerror(exc)})"))
+            pump.abort(Outcome(Kind.ABORTED_BY_CLIENT, f"abort: cannot read stdin ({describe_error(exc)})"))
             return
         try:
             if not data:
@@ -286,7 +286,7 @@ def _copy_output(sock: socket.socket, fd: int, pump: Tunnel) -> None:
         try:
             _write_all(fd, data)
         except OSError as exc:
-            pump.abort(Outcome(Kind.ABORTED_BY_CLIENT, f"abort: cannot write stdout ({_strerror(exc)})"))
+            pump.abort(Outcome(Kind.ABORTED_BY_CLIENT, f"abort: cannot write stdout ({describe_error(exc)})"))
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)
             return
@@ -332,10 +332,6 @@ def end_output(fd: int) -> None:
         os.dup2(null, fd)
     finally:
         os.close(null)
-
-
-def _strerror(exc: OSError) -> str:
-    return (exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))).lower()
 
 
 class _Interrupt:

@@ -28,6 +28,7 @@ from typing import Any
 
 from bridge.listen import ListenError
 from bridge.protocol import BRIDGE_PATH
+from bridge.sockets import describe_error
 from bridge.stats import human_bytes
 
 log = logging.getLogger("tcpbridge.control")
@@ -75,8 +76,7 @@ class ControlServer:
             self._inode = os.stat(self.path).st_ino
         except OSError as exc:
             sock.close()
-            reason = exc.strerror.lower() if exc.strerror else str(exc)
-            raise ListenError(f"control socket {self.path}: cannot listen: {reason}") from None
+            raise ListenError(f"control socket {self.path}: cannot listen: {describe_error(exc)}") from None
         finally:
             os.umask(old_umask)
         self._sock = sock

@@ -25,19 +25,19 @@ from urllib.parse import urlsplit
 from bridge import events, handshake, protocol
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
+from bridge.endpoint import Endpoint
 from bridge.events import Event
-from bridge.framing import FramedChannel
 from bridge.handshake import HandshakeError
 from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
+from bridge.sockets import describe_error
 from bridge.transport import (
     NAME_MISMATCH_CODES,
     DialError,
     DialFailure,
     DialTimeout,
     choose_proxy,
-    describe_error,
     open_transport,
     time_left,
     tls_context,
@@ -59,14 +59,14 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # The websocket, client side
 
 
-class ClientChannel(FramedChannel):
+class ClientEndpoint(Endpoint):
     """The client end of a tunnel's websocket, over the socket :func:`dial` opened.
 
-    Frames are read and written by :mod:`bridge.framing`: one ``recv`` brings in
+    Frames are read and written by :mod:`bridge.endpoint`: one ``recv`` brings in
     as many frames as have arrived. ``received`` is what arrived right after the 101.
 
     With ``binary`` (the backend consented to binary messages in its 101) the
-    channel sends the switch marker at once and binary messages after it, and
+    endpoint sends the switch marker at once and binary messages after it, and
     expects the backend's own marker in return (:mod:`bridge.protocol`).
     """
 
@@ -100,14 +100,14 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str
     return lines
 
 
-def open_channel(tunnel: FrontendTunnel, secrets: SecretResolver,
-                 environ: Mapping[str, str] = os.environ) -> ClientChannel:
+def open_endpoint(tunnel: FrontendTunnel, secrets: SecretResolver,
+                 environ: Mapping[str, str] = os.environ) -> ClientEndpoint:
     """Dial one websocket of ``tunnel`` (see :func:`dial`) and wrap it, binary if the backend consented."""
     opened = dial(tunnel, secrets, environ)
     consent = tunnel.options.frames == "auto" and protocol.binary_accepted(
         [name for name, _ in tunnel.headers], opened.headers)
     try:
-        return ClientChannel(opened.sock, tunnel.options.max_message_bytes, binary=consent, received=opened.received)
+        return ClientEndpoint(opened.sock, tunnel.options.max_message_bytes, binary=consent, received=opened.received)
     except OSError as exc:
         _close_quietly(opened.sock)
         raise DialError(f"websocket dropped right after the handshake: {describe_error(exc)}",
@@ -411,7 +411,7 @@ class Frontend:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            channel = open_channel(tunnel, self.secrets)
+            websocket = open_endpoint(tunnel, self.secrets)
         except DialError as exc:
             facts = events.tunnel_facts(tunnel.name, tunnel_id, _peer(peer), redact_url(tunnel.url))
             log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
@@ -424,7 +424,7 @@ class Frontend:
         self.registry.stats.handshake(tunnel.name, time.monotonic() - accepted)
         pump = Tunnel(
             client,
-            channel,
+            websocket,
             label=tunnel.name,
             peer=_peer(peer),
             destination=redact_url(tunnel.url),

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 
 from bridge.config import Address
+from bridge.sockets import describe_error
 
 #: Connections the kernel queues before accept(); bursts of hundreds must not be refused.
 LISTEN_BACKLOG = 1024
@@ -48,8 +49,7 @@ def bind_listener(address: Address, what: str, *, reuse_port: bool = False) -> s
             hint = " (no interface of this machine has that address)"
         elif exc.errno == errno.EACCES:
             hint = " (ports below 1024 need privileges)"
-        reason = exc.strerror.lower() if exc.strerror else str(exc)
-        raise ListenError(f"{what}: cannot listen on {address}: {reason}{hint}") from None
+        raise ListenError(f"{what}: cannot listen on {address}: {describe_error(exc)}{hint}") from None
 
 
 def bind_slots(address: Address, what: str, count: int) -> list[socket.socket]:

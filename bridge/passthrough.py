@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 from bridge.config import Address, TunnelOptions
 from bridge.handshake import header_tokens
+from bridge.sockets import describe_error
 
 log = logging.getLogger("tcpbridge.passthrough")
 
@@ -99,12 +100,6 @@ def origin_of(url: str) -> Address:
     """The host and port of a (validated) ``http://host[:port]`` passthrough URL."""
     parts = urlsplit(url)
     return Address(parts.hostname or "localhost", parts.port or 80)
-
-
-def _socket_reason(exc: OSError) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return exc.strerror.lower() if exc.strerror else (str(exc) or type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +176,7 @@ class OriginPool:
             raise PassthroughError(HTTPStatus.BAD_GATEWAY,
                                    f"cannot connect: timed out after {connect_timeout:g} s") from None
         except OSError as exc:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"cannot connect: {_socket_reason(exc)}") from None
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"cannot connect: {describe_error(exc)}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(ORIGIN_TIMEOUT)
         return OriginConnection(origin, sock)
@@ -386,7 +381,7 @@ class _BodySender:
                 self._conn.sock.sendall(_last_chunk(self._trailers))
             self.complete = True
         except OSError as exc:
-            self.origin_error = _socket_reason(exc)
+            self.origin_error = describe_error(exc)
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -485,7 +480,7 @@ class Exchange:
             raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT,
                                    f"no answer within {ORIGIN_TIMEOUT:g} s") from None
         except OSError as exc:
-            raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {_socket_reason(exc)}") from None
+            raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
         except ValueError as exc:
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
         if not line:
@@ -502,7 +497,7 @@ class Exchange:
         except TimeoutError:
             raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"answer stalled for {ORIGIN_TIMEOUT:g} s") from None
         except OSError as exc:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"connection failed: {_socket_reason(exc)}") from None
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
         status = int(status_text)
         reason = reason.strip()
         if not reason:
@@ -531,7 +526,7 @@ class Exchange:
         try:
             self.handler.wfile.write(data)
         except OSError as exc:
-            raise _ClientGone(_socket_reason(exc)) from None
+            raise _ClientGone(describe_error(exc)) from None
         self.answered = True
 
     # -- the whole exchange -------------------------------------------------
@@ -611,7 +606,7 @@ class Exchange:
                 try:
                     conn.sock.sendall(head)
                 except OSError as exc:
-                    raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {_socket_reason(exc)}") from None
+                    raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
                 if framing.kind != "none":
                     trailers: Headers = []
                     sender = self.sender = _BodySender(_body(handler.rfile, framing, trailers),
@@ -816,7 +811,7 @@ class Splice:
                     self._last_activity = time.monotonic()
             self._cut("timed out")
         except OSError as exc:
-            self._cut(_socket_reason(exc))
+            self._cut(describe_error(exc))
 
     def _limit(self) -> float:
         with self._lock:

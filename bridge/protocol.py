@@ -38,6 +38,7 @@ from __future__ import annotations
 import binascii
 import posixpath
 import re
+import struct
 from enum import IntEnum
 from typing import Any, ClassVar, Final, NamedTuple, Self, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -377,6 +378,19 @@ class FrameParser:
             self._offset = 0
         else:
             self._offset = end
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """The payload of a close frame: status code, then at most 123 bytes of UTF-8 reason."""
+    return struct.pack("!H", code) + reason.encode("utf-8", "replace")[:123]
+
+
+def parse_close_payload(payload: bytes) -> tuple[int, str]:
+    """Return (code, reason) of a close frame's payload; 1005 when it carries no code."""
+    if len(payload) < 2:
+        return 1005, ""
+    (code,) = struct.unpack("!H", payload[:2])
+    return code, payload[2:].decode("utf-8", "replace")
 
 
 def frame_header(opcode: int, length: int, mask_key: bytes = b"") -> bytes:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from bridge.config import TlsOptions, redact_url
+from bridge.sockets import describe_error
 
 
 class DialFailure(enum.StrEnum):
@@ -371,15 +372,6 @@ def _build_tls_context(options: TlsOptions) -> ssl.SSLContext:
 def _no_password() -> str:
     # Without a callback OpenSSL would prompt for a pass phrase on the terminal.
     raise ValueError("the private key is encrypted; give an unencrypted key_file")
-
-
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or (exc.args[1] if len(exc.args) > 1 else exc)
-        return str(reason).replace("_", " ").lower()
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc)
 
 
 def open_transport(url: str, tls: TlsOptions, proxy: ProxyChoice | None, deadline: float) -> socket.socket:

@@ -34,22 +34,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from bridge import events, protocol
-from bridge.channel import (
-    SEND_CLOSE_WAIT,
-    SendLock,
+from bridge.config import TunnelOptions
+from bridge.endpoint import SEND_CLOSE_WAIT, Endpoint
+from bridge.events import Event
+from bridge.lifecycle import Action, Lifecycle, Step
+from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
+from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
+from bridge.sockets import (
+    describe_error,
     failed_sockets,
     send_progress,
     send_queue_bytes,
     unacknowledged_segments,
 )
-from bridge.config import TunnelOptions
-from bridge.events import Event
-from bridge.lifecycle import Action, Lifecycle, Step
-from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
-from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.stats import LiveTunnel, Snapshot, Stats
 from bridge.workers import WorkerPool
 
@@ -62,80 +61,9 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
 
 
-@dataclass(frozen=True)
-class Closed:
-    """The peer sent a close frame (``code`` 1005 when it carried none)."""
-
-    code: int
-    reason: str = ""
-
-
-class ChannelDropped(ConnectionError):
-    """The websocket's connection ended or failed without a close frame.
-
-    An OSError, so every place that survives a failed socket survives this too.
-    """
-
-
-Received = bytes | EndOfStream | Closed
-
-#: What :meth:`Tunnel._blocked_sends_moved` compares per socket: its :func:`~bridge.channel.send_progress`,
+#: What :meth:`Tunnel._blocked_sends_moved` compares per socket: its :func:`~bridge.sockets.send_progress`,
 #: or False while no write is blocked on it.
 _SendMark = tuple[int | None, int | None] | bool
-
-
-class Channel(Protocol):
-    """One open websocket, as the pump sees it. Implemented by each daemon.
-
-    ``receive`` is called from one thread only; the ``send_*`` methods may be
-    called from both threads and must serialise whole frames. ``shutdown`` may be
-    called from any thread and must wake a thread blocked in ``receive`` or a send.
-    """
-
-    def send_data(self, data: bytes) -> None:
-        """Send ``data`` as one message. Raises OSError if the connection failed."""
-
-    def send_end_of_stream(self, *, then_close: bool = False) -> None:
-        """Send the end-of-stream marker; with ``then_close``, close 1000 in the same write."""
-
-    def send_close(self, code: int, reason: str, *, wait: float = ...) -> bool:
-        """Decide to close and write the close frame if the send lock and room for it come within ``wait`` s.
-
-        Never blocks longer. Returns whether the frame is on the wire; if not, it
-        stays pending for :meth:`flush_control` or the next send.
-        """
-
-    def send_ping(self) -> bool:
-        """Send a ping unless a send is in progress or the socket is full (then return False); never blocks."""
-
-    def flush_control(self, wait: float = ...) -> bool:
-        """Write pending control frames (a pong, a switch marker, a close) if that can be done within ``wait`` s
-        (0: without blocking); return True when nothing is left pending."""
-
-    @property
-    def last_received(self) -> float:
-        """``time.monotonic()`` of the last bytes read from the websocket (any frame, pongs included)."""
-
-    @property
-    def send_lock(self) -> SendLock:
-        """The lock serialising this channel's frames (it tracks whether sends are stuck)."""
-
-    @property
-    def sock(self) -> socket.socket:
-        """The connection's socket, for the housekeeper's checks (never read or written through)."""
-
-    def receive(self) -> Received:
-        """Block for the next stream event.
-
-        Raises ProtocolViolation on bad input and ChannelDropped when the
-        connection ends without a close frame.
-        """
-
-    def shutdown(self) -> None:
-        """Shut the connection down in both directions, waking blocked threads."""
-
-    def close(self) -> None:
-        """Release the connection's file descriptor."""
 
 
 def new_tunnel_id() -> str:
@@ -176,7 +104,7 @@ def _shutdown(sock: socket.socket, how: int) -> None:
 
 
 class Tunnel:
-    """Pumps bytes between ``tcp`` and ``channel`` until both directions end.
+    """Pumps bytes between ``tcp`` and ``websocket`` until both directions end.
 
     ``tcp_first``: the TCP side usually sends first (a frontend's client), so
     the thread that calls :meth:`run` reads it.
@@ -189,7 +117,7 @@ class Tunnel:
     def __init__(
         self,
         tcp: socket.socket,
-        channel: Channel,
+        websocket: Endpoint,
         *,
         label: str,
         peer: str,
@@ -211,7 +139,7 @@ class Tunnel:
         self.started = time.monotonic()
         self.last_activity = self.started
         self._tcp = tcp
-        self._channel = channel
+        self._websocket = websocket
         self._lock = threading.Lock()
         self._lifecycle = Lifecycle(half_close=options.half_close)
         #: When our close frame was decided (the housekeeper waits for the peer's answer from then on).
@@ -294,7 +222,7 @@ class Tunnel:
         """
         if self._lifecycle.done:
             return
-        self._channel.flush_control()
+        self._websocket.flush_control()
         if self._lifecycle.close_sent:
             self._await_close_reply(now)
             return
@@ -318,12 +246,12 @@ class Tunnel:
         since the last tick is not, so a tunnel wedged because neither end reads
         idles out. When the kernel cannot tell, a blocked write counts as busy.
         """
-        writing_tcp, sending = self._writing_tcp, self._channel.send_lock.sending
+        writing_tcp, sending = self._writing_tcp, self._websocket.send_lock.sending
         if not (writing_tcp or sending):
             self._send_marks = None
             return False
         tcp_mark = send_progress(self._tcp) if writing_tcp else False
-        ws_mark = send_progress(self._channel.sock) if sending else False
+        ws_mark = send_progress(self._websocket.sock) if sending else False
         if tcp_mark is None or ws_mark is None:
             return True
         marks = (tcp_mark, ws_mark)
@@ -339,18 +267,18 @@ class Tunnel:
         Closing early would lose nothing of ours, but the RST that closing with
         unread data sends could destroy bytes the peer has not yet read.
         """
-        queued = send_queue_bytes(self._channel.sock)
+        queued = send_queue_bytes(self._websocket.sock)
         if queued is not None and self._close_queue is not None and queued < self._close_queue:
             self._close_progress_at = now
         self._close_queue = queued
         waited = now - max(self._close_sent_at or now, self._close_progress_at)
         if waited > CLOSE_HANDSHAKE_TIMEOUT:
             log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, waited)
-            self._channel.shutdown()
+            self._websocket.shutdown()
 
     def watched_sockets(self) -> tuple[socket.socket, socket.socket]:
         """The TCP and websocket sockets, for the housekeeper's check for failed connections."""
-        return self._tcp, self._channel.sock
+        return self._tcp, self._websocket.sock
 
     def socket_failed(self, sock: socket.socket) -> None:
         """Called by the housekeeper when ``sock`` (one of :meth:`watched_sockets`) has failed.
@@ -371,14 +299,14 @@ class Tunnel:
         and while our own frame cannot be written the peer's reader is likely in
         that state: neither time counts. Backpressure is not death.
         """
-        last_received = self._channel.last_received
+        last_received = self._websocket.last_received
         if self._ping_sent_at is not None and last_received >= self._ping_sent_at:
             self._ping_sent_at = None  # answered (or something else arrived)
         if self._ping_sent_at is None:
-            if now - last_received > self.options.ping_interval and self._channel.send_ping():
+            if now - last_received > self.options.ping_interval and self._websocket.send_ping():
                 self._ping_sent_at = now
             return
-        sender = self._channel.send_lock
+        sender = self._websocket.send_lock
         if self._writing_tcp or sender.sending:
             return
         silent_since = max(self._ping_sent_at, self._reading_since, sender.last_send_done)
@@ -388,7 +316,7 @@ class Tunnel:
         # is alive and only slow to answer (a starved process, a reader blocked on
         # its own slow client): only a path or machine that stopped acknowledging
         # is dead.
-        if unacknowledged_segments(self._channel.sock) == 0:
+        if unacknowledged_segments(self._websocket.sock) == 0:
             return
         self.abort(Outcome(Kind.PEER_UNRESPONSIVE, f"abort: websocket peer unresponsive (nothing received or "
                                                    f"acknowledged for {now - last_received:.0f} s after a ping)"))
@@ -404,12 +332,12 @@ class Tunnel:
             self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: internal error ({exc})"))
 
     def _tcp_to_ws(self) -> None:
-        tcp, channel = self._tcp, self._channel
+        tcp, websocket = self._tcp, self._websocket
         while True:
             try:
                 data = tcp.recv(protocol.READ_CHUNK)
             except OSError as exc:
-                self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({_describe(exc)})"))
+                self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({describe_error(exc)})"))
                 return
             if not self._lifecycle.running:
                 return
@@ -417,34 +345,34 @@ class Tunnel:
                 break
             self.last_activity = time.monotonic()
             try:
-                channel.send_data(data)
+                websocket.send_data(data)
             except OSError as exc:
-                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({_describe(exc)})"))
+                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({describe_error(exc)})"))
                 return
             self.bytes_to_ws += len(data)
         step = self._decide(Lifecycle.tcp_ended)
         try:
             self._carry_out(step)
         except OSError as exc:  # only the marker's write raises
-            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({_describe(exc)})"))
+            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({describe_error(exc)})"))
             return
         if Action.SEND_END_OF_STREAM in step:
             self.last_activity = time.monotonic()
             self._carry_out(self._decide(Lifecycle.end_of_stream_sent))
 
     def _ws_to_tcp(self) -> None:
-        tcp, channel = self._tcp, self._channel
+        tcp, websocket = self._tcp, self._websocket
         while True:
             try:
-                event = channel.receive()
+                event = websocket.receive()
             except ProtocolViolation as violation:
                 log.warning("tunnel %s [%s]: bad frame from the websocket peer: %s (closing with %d)",
                             self.id, self.label, violation.reason, violation.code,
                             extra=events.mark(None, self.facts()))
                 self.abort(Outcome(Kind.BAD_FRAME, f"bad frame: {violation.reason}"), violation.code)
                 return
-            except OSError as exc:  # ChannelDropped included
-                dropped = Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped ({_describe(exc)})")
+            except OSError as exc:  # WebSocketDropped included
+                dropped = Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped ({describe_error(exc)})")
                 self._carry_out(self._decide(Lifecycle.websocket_dropped, dropped))
                 return
             if isinstance(event, bytes):
@@ -455,7 +383,7 @@ class Tunnel:
                 try:
                     tcp.sendall(event)
                 except OSError as exc:
-                    self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({_describe(exc)})"))
+                    self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({describe_error(exc)})"))
                     return
                 finally:
                     self._writing_tcp = False
@@ -485,7 +413,7 @@ class Tunnel:
         for action in step.actions:
             match action:
                 case Action.SEND_END_OF_STREAM | Action.SEND_END_OF_STREAM_AND_CLOSE:
-                    self._channel.send_end_of_stream(then_close=action is Action.SEND_END_OF_STREAM_AND_CLOSE)
+                    self._websocket.send_end_of_stream(then_close=action is Action.SEND_END_OF_STREAM_AND_CLOSE)
                 case Action.SEND_CLOSE:
                     self._send_close()
                 case Action.ANSWER_CLOSE:
@@ -501,33 +429,33 @@ class Tunnel:
                 case Action.SHUT_TCP_BOTH:
                     _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees the tunnel done
                 case Action.SHUT_WEBSOCKET:
-                    self._channel.shutdown()
+                    self._websocket.shutdown()
 
     def _send_close(self) -> None:
         # Never blocks (it runs on either pump or the housekeeper): a close frame that cannot
         # go now stays pending, and the housekeeper writes it once there is room.
         try:
-            self._channel.send_close(CloseCode.NORMAL, "", wait=0)
+            self._websocket.send_close(CloseCode.NORMAL, "", wait=0)
         except OSError:
-            self._channel.shutdown()
+            self._websocket.shutdown()
 
     def _answer_close(self) -> None:
         # This is the reading thread: the answer may wait a bounded time for a send in
         # progress and for room, never longer. A peer that closed reads until it has our
         # close frame; if our frames still cannot move, it is not reading them, and a RST
         # (as in abort) ends the connection and wakes our writer blocked on it.
-        if not self._channel.send_close(CloseCode.NORMAL, "", wait=SEND_CLOSE_WAIT):
-            reset_now(self._channel.sock)
+        if not self._websocket.send_close(CloseCode.NORMAL, "", wait=SEND_CLOSE_WAIT):
+            reset_now(self._websocket.sock)
 
     def _send_abort_close(self, code: int) -> None:
         # A pump thread may wait a moment for the other pump's frame to finish (it may
         # just not have been scheduled since its send returned); the housekeeper never waits.
         wait = PUMP_CLOSE_WAIT if threading.get_ident() in self._pump_threads else 0
         outcome = self._lifecycle.outcome
-        if not self._channel.send_close(code, outcome.detail[:120] if outcome else "", wait=wait):
+        if not self._websocket.send_close(code, outcome.detail[:120] if outcome else "", wait=wait):
             # Our own frames are stuck on a peer that is not reading: a FIN would
             # queue behind them and never arrive. A RST always does.
-            reset_now(self._channel.sock)
+            reset_now(self._websocket.sock)
 
     def _reset_tcp(self) -> None:
         if not reset_now(self._tcp):
@@ -537,15 +465,9 @@ class Tunnel:
             _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
 
     def _release(self) -> None:
-        self._channel.shutdown()
-        self._channel.close()
+        self._websocket.shutdown()
+        self._websocket.close()
         self._tcp.close()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
 
 
 @dataclass

@@ -243,13 +243,13 @@ def tunnel_to(url: str, **settings: object) -> FrontendTunnel:
 
 
 def dial_times_out(tunnel: FrontendTunnel, *, channel: bool = False) -> str:
-    """Dial ``tunnel`` (:func:`~bridge.frontend.open_channel` with ``channel``, else :func:`~bridge.frontend.dial`),
+    """Dial ``tunnel`` (:func:`~bridge.frontend.open_endpoint` with ``channel``, else :func:`~bridge.frontend.dial`),
     which must fail by its deadline with a DialError counted as a timeout; return its message."""
     secrets = SecretResolver()
     started_at = time.monotonic()
     try:
         if channel:
-            frontend_module.open_channel(tunnel, secrets, environ={}).close()
+            frontend_module.open_endpoint(tunnel, secrets, environ={}).close()
         else:
             frontend_module.dial(tunnel, secrets, environ={}).sock.close()
     except DialError as exc:

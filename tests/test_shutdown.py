@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import TunnelOptions
-from bridge.frontend import ClientChannel
+from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
 from bridge.tunnel import Tunnel, TunnelRegistry
 from tests.conftest import Pair, start_pair
@@ -321,7 +321,7 @@ def test_a_tunnel_that_opens_after_abort_all_is_reset_not_run() -> None:
     try:
         with registry.opening(client):
             registry.abort_all(Outcome(Kind.SHUTDOWN, "abort: daemon shutting down"))
-            tunnel = Tunnel(client, ClientChannel(ws, 1 << 20), label="t", peer="p", destination="d",
+            tunnel = Tunnel(client, ClientEndpoint(ws, 1 << 20), label="t", peer="p", destination="d",
                             options=TunnelOptions(), tcp_first=True)
             result: list[Outcome] = []
             runner = threading.Thread(target=lambda: result.append(registry.run(tunnel)))

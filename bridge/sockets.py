@@ -1,10 +1,14 @@
-"""Shared helpers for the two websocket adapters (client and server :class:`~bridge.tunnel.Channel`)."""
+"""Socket-level helpers of the websocket endpoint and the pump: reads sized to the traffic, the send
+lock that serialises frames and tells whether a send is stuck, what TCP_INFO and SIOCOUTQ say about a
+peer, and shutdowns that never raise."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import select
 import socket
+import ssl
 import struct
 import termios
 import threading
@@ -12,8 +16,6 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 
-#: How long a close frame waits for a send already in progress on another thread.
-SEND_CLOSE_WAIT = 5.0
 #: Bytes read from the websocket's socket per recv while data streams in (see :class:`Receiver`).
 RECV_CHUNK = 256 * 1024
 #: Bytes read per recv otherwise: below glibc malloc's mmap threshold (128 KiB). A 256 KiB
@@ -39,17 +41,21 @@ class Receiver:
         return data
 
 
-def close_payload(code: int, reason: str) -> bytes:
-    """The payload of a close frame: status code, then at most 123 bytes of UTF-8 reason."""
-    return struct.pack("!H", code) + reason.encode("utf-8", "replace")[:123]
-
-
-def parse_close_payload(payload: bytes) -> tuple[int, str]:
-    """Return (code, reason) of a close frame's payload; 1005 when it carries no code."""
-    if len(payload) < 2:
-        return 1005, ""
-    (code,) = struct.unpack("!H", payload[:2])
-    return code, payload[2:].decode("utf-8", "replace")
+def describe_error(exc: BaseException) -> str:
+    """A short lower-case reason for a failed socket, TLS or system call, for log lines and refusals:
+    a TLS error's reason (``certificate verify failed``), an OSError's errno text (``connection refused``),
+    ``timed out`` for a socket timeout, else the message or the exception's type."""
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or (exc.args[1] if len(exc.args) > 1 else exc)
+        return str(reason).replace("_", " ").lower()
+    if isinstance(exc, OSError):
+        if exc.strerror:
+            return exc.strerror.lower()
+        if isinstance(exc, TimeoutError):
+            return "timed out"
+        if exc.errno and exc.errno in errno.errorcode:
+            return errno.errorcode[exc.errno].lower()
+    return str(exc) or type(exc).__name__
 
 
 def unacknowledged_segments(sock: socket.socket) -> int | None:

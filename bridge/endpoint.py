@@ -1,15 +1,16 @@
-"""One websocket endpoint over a connected socket: the :class:`~bridge.tunnel.Channel` both daemons use.
+"""One websocket endpoint over a connected socket: what the pump (:class:`~bridge.tunnel.Tunnel`) of both daemons
+reads and writes, and the events it receives (:data:`Received`).
 
 Frames are read with :class:`~bridge.protocol.FrameParser` (one ``recv`` for
 everything that arrived) and written by us; what differs between the two ends
-is small and lives in the subclasses of :class:`FramedChannel`: the client
-masks what it writes (:class:`bridge.frontend.ClientChannel`), the server
+is small and lives in the subclasses of :class:`Endpoint`: the client
+masks what it writes (:class:`bridge.frontend.ClientEndpoint`), the server
 does not and answers the client's binary switch marker with its own
-(:class:`bridge.backend.ServerChannel`).
+(:class:`bridge.backend.ServerEndpoint`).
 
-Contract of every channel: whole frames are written under :attr:`send_lock`
+Contract of every endpoint: whole frames are written under :attr:`send_lock`
 (two pump threads and the housekeeper share the socket); after our close frame
-nothing more is written (data raises :class:`~bridge.tunnel.ChannelDropped`);
+nothing more is written (data raises :class:`WebSocketDropped`);
 :meth:`receive` returns stream bytes,
 the end-of-stream marker or the peer's close, answers pings itself, and raises
 :class:`~bridge.protocol.ProtocolViolation` for anything the wire format forbids.
@@ -17,7 +18,7 @@ the end-of-stream marker or the peer's close, answers pings itself, and raises
 **The reading thread never waits on a writer.** What it must answer (a pong, the
 server's switch marker) is recorded as *pending* and written at once only if the
 send lock is free and the socket has room right now; otherwise whoever next holds
-the lock writes it before its own frame, or :meth:`FramedChannel.flush_control`
+the lock writes it before its own frame, or :meth:`Endpoint.flush_control`
 (the housekeeper, every tick) does once the socket has room. Only the latest
 ping is answered (RFC 6455 section 5.5.3 allows that). A reader blocked on a
 writer whose peer's reader is itself blocked on a writer would deadlock the two
@@ -29,19 +30,46 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from bridge import protocol
-from bridge.channel import (
-    SEND_CLOSE_WAIT,
-    Receiver,
-    SendLock,
+from bridge.protocol import (
+    CloseCode,
+    EndOfStream,
+    MessageDecoder,
+    ProtocolViolation,
     close_payload,
     parse_close_payload,
+)
+from bridge.sockets import (
+    Receiver,
+    SendLock,
     shutdown_socket,
     writable,
 )
-from bridge.protocol import CloseCode, MessageDecoder, ProtocolViolation
-from bridge.tunnel import ChannelDropped, Closed, Received
+
+#: How long a close frame waits for a send already in progress on another thread.
+SEND_CLOSE_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer sent a close frame (``code`` 1005 when it carried none)."""
+
+    code: int
+    reason: str = ""
+
+
+class WebSocketDropped(ConnectionError):
+    """The websocket's connection ended or failed without a close frame.
+
+    An OSError, so every place that survives a failed socket survives this too.
+    """
+
+
+#: What :meth:`Endpoint.receive` returns: stream bytes, the peer's end-of-stream marker, or its close.
+Received = bytes | EndOfStream | Closed
+
 
 #: Close codes a peer may send (RFC 6455 section 7.4.1): 1004-1006 and 1015 never appear in a frame.
 _SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -57,7 +85,7 @@ def closed(payload: bytes) -> Closed:
     return Closed(code, reason)
 
 
-class FramedChannel:
+class Endpoint:
     """The websocket half of a tunnel: frames in and out of ``sock``.
 
     ``parser`` splits what arrives (``received``: bytes already read past the
@@ -142,7 +170,7 @@ class FramedChannel:
         """Write the pending control frames (the caller holds the send lock); return whether there were any.
 
         Blocks like any write when the socket is full: callers that must not block
-        check :func:`~bridge.channel.writable` first.
+        check :func:`~bridge.sockets.writable` first.
         """
         if not self._has_pending():
             return False
@@ -178,7 +206,7 @@ class FramedChannel:
         with self._send_lock.held():
             self._write_pending()
             if self._close_sent:
-                raise ChannelDropped("websocket is closing")
+                raise WebSocketDropped("websocket is closing")
             if self.binary:
                 self._write_frame(protocol.OPCODE_BINARY, data)
             else:
@@ -194,7 +222,7 @@ class FramedChannel:
                 closing = self._close_sent
                 self._close_sent = self._close_sent or then_close
             if closing:
-                raise ChannelDropped("websocket is closing")
+                raise WebSocketDropped("websocket is closing")
             marker = self._frame_bytes(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
             if then_close:
                 marker += self._frame_bytes(protocol.OPCODE_CLOSE, close_payload(CloseCode.NORMAL, ""))
@@ -276,7 +304,7 @@ class FramedChannel:
         while (frame := self._parser.next_frame()) is None:
             data = self._receiver.recv()
             if not data:
-                raise ChannelDropped("connection closed without a close frame")
+                raise WebSocketDropped("connection closed without a close frame")
             self._last_received = time.monotonic()
             self._parser.feed(data)
         return frame

@@ -1,4 +1,4 @@
-"""FramedChannel's pending control frames, over a socketpair (no daemons): a reader never waits on a writer.
+"""Endpoint's pending control frames, over a socketpair (no daemons): a reader never waits on a writer.
 
 A pong or the backend's switch marker is written by the reading thread only if
 the send lock is free and the socket has room right now; otherwise it stays
@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from bridge import protocol
-from bridge.backend import ServerChannel
-from bridge.channel import writable
-from bridge.framing import FramedChannel
-from bridge.frontend import ClientChannel
+from bridge.backend import ServerEndpoint
+from bridge.endpoint import Closed, Endpoint, Received, WebSocketDropped
+from bridge.frontend import ClientEndpoint
 from bridge.protocol import OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG, OPCODE_TEXT, FrameParser
-from bridge.tunnel import ChannelDropped, Closed, Received
+from bridge.sockets import writable
 
 MAX = 1 << 20
 BOUND = 5.0  # seconds anything here may take at most
@@ -34,7 +33,7 @@ BOUND = 5.0  # seconds anything here may take at most
 class Link:
     """A channel under test on one end of a socketpair; the test plays its websocket peer on the other."""
 
-    channel: FramedChannel
+    channel: Endpoint
     peer: socket.socket
     masked_to_channel: bool  # the peer is a client: what it sends is masked
     parser: FrameParser = field(init=False)
@@ -124,8 +123,8 @@ class Link:
 def make_link(kind: str, *, binary_consented: bool = False) -> Link:
     ours, theirs = socket.socketpair()
     if kind == "server":
-        return Link(ServerChannel(ours, b"", MAX, binary_consented=binary_consented), theirs, True)
-    return Link(ClientChannel(ours, MAX), theirs, False)
+        return Link(ServerEndpoint(ours, b"", MAX, binary_consented=binary_consented), theirs, True)
+    return Link(ClientEndpoint(ours, MAX), theirs, False)
 
 
 @pytest.fixture(params=["server", "client"])
@@ -156,7 +155,7 @@ def text(data: bytes) -> bytes:
     return protocol.encode(data)
 
 
-def is_binary(channel: FramedChannel) -> bool:
+def is_binary(channel: Endpoint) -> bool:
     """Whether the channel's messages are binary now (a call, so that no assertion narrows the attribute)."""
     return channel.binary
 
@@ -244,7 +243,7 @@ def test_ping_and_close_never_block_on_a_full_socket(link: Link) -> None:
     (close,) = link.read_frames(1)
     assert close.opcode == OPCODE_CLOSE
     assert protocol.CloseCode(int.from_bytes(close.payload[:2], "big")) == protocol.CloseCode.GOING_AWAY
-    with pytest.raises(ChannelDropped):
+    with pytest.raises(WebSocketDropped):
         link.channel.send_data(b"no data after the close frame")
     assert link.nothing_more()
 
