@@ -1,0 +1,196 @@
+"""bridge.resume: control messages, the replay buffer, acknowledgements, and a whole resume protocol
+run over simulated cuts (no sockets): every byte arrives once, in order."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge import resume
+from bridge.protocol import ProtocolViolation
+from bridge.resume import Ack, Consent, Receipts, ReplayBuffer, Resumed
+
+SESSION = "0123456789abcdef0123456789abcdef"
+
+
+# -- control messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("message", "text"), [
+    (Consent(SESSION, 4194304), f"tcpbridge:resume {SESSION} 4194304"),
+    (Ack(0), "tcpbridge:ack 0"),
+    (Ack(123456789012), "tcpbridge:ack 123456789012"),
+    (Resumed(7), "tcpbridge:resumed 7"),
+])
+def test_control_messages_encode_and_decode(message: resume.Control, text: str) -> None:
+    assert resume.encode(message) == text
+    assert resume.is_control(text)
+    assert resume.decode(text) == message
+
+
+@pytest.mark.parametrize("text", [
+    "tcpbridge:", "tcpbridge:ack", "tcpbridge:ack -1", "tcpbridge:ack 01", "tcpbridge:ack 1 2", "tcpbridge:ack x",
+    "tcpbridge:ack 9223372036854775808", "tcpbridge:ACK 1", "tcpbridge:resume 1234 5",
+    f"tcpbridge:resume {SESSION.upper()} 5", f"tcpbridge:resume {SESSION}", "tcpbridge:resumed", "tcpbridge:hello 1",
+    "tcpbridge:ack  1", "tcpbridge:ack 1 ",
+])
+def test_malformed_control_messages_are_invalid_data(text: str) -> None:
+    with pytest.raises(ProtocolViolation) as raised:
+        resume.decode(text)
+    assert raised.value.code == 1007
+
+
+@given(st.binary(max_size=64))
+def test_no_data_message_or_marker_is_a_control_message(data: bytes) -> None:
+    for text in (data.hex(), data.hex().upper()):
+        assert not resume.is_control(text)
+
+
+def test_session_ids_are_128_random_bits_compared_in_constant_time() -> None:
+    ids = {resume.new_session_id() for _ in range(100)}
+    assert len(ids) == 100 and all(resume.is_session_id(i) and len(i) == 32 for i in ids)
+    one = next(iter(ids))
+    assert resume.same_session(one, one) and not resume.same_session(SESSION, one)
+    assert not resume.same_session("é" * 32, one)  # a non-ASCII guess is a wrong guess, not a crash
+
+
+# -- the replay buffer -------------------------------------------------------------------------
+
+
+def test_the_buffer_holds_what_was_not_acknowledged() -> None:
+    buffer = ReplayBuffer(10)
+    buffer.append(b"abcd")
+    buffer.append(b"efgh")
+    assert (buffer.sent, buffer.held, buffer.room()) == (8, 8, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        buffer.append(b"xyz")
+    buffer.acknowledge(6)
+    assert buffer.replay(6) == [b"gh"]
+    assert buffer.room() == 8
+    assert buffer.replay(8) == [] and buffer.held == 0
+
+
+@pytest.mark.parametrize(("acked", "claim"), [(0, 9), (5, 4)])
+def test_an_impossible_acknowledgement_is_a_protocol_error(acked: int, claim: int) -> None:
+    buffer = ReplayBuffer(16)
+    buffer.append(b"12345678")
+    buffer.acknowledge(acked)
+    with pytest.raises(ProtocolViolation) as raised:
+        buffer.acknowledge(claim)
+    assert raised.value.code == 1002
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=20).map(lambda b: ("send", b)),
+                          st.floats(0, 1).map(lambda f: ("ack", f))), max_size=60))
+def test_replay_is_exactly_the_unacknowledged_stream(steps: list[tuple[str, object]]) -> None:
+    buffer = ReplayBuffer(64)
+    stream = b""
+    acked = 0
+    for kind, value in steps:
+        if kind == "send":
+            assert isinstance(value, bytes)
+            data = value[:buffer.room()]
+            buffer.append(data)
+            stream += data
+        else:
+            assert isinstance(value, float)
+            acked = acked + int((len(stream) - acked) * value)
+            buffer.acknowledge(acked)
+        assert buffer.held == len(stream) - acked <= 64
+        assert b"".join(buffer.replay(acked)) == stream[acked:]
+
+
+# -- acknowledgements --------------------------------------------------------------------------
+
+
+def test_acknowledged_by_size_before_the_sender_can_fill_its_buffer() -> None:
+    receipts = Receipts(peer_buffer=400, interval=10)
+    assert receipts.add(99, now=0.0) is None
+    assert receipts.add(1, now=0.0) == Ack(100)  # a quarter of the peer's buffer
+    assert receipts.add(50, now=0.1) is None and receipts.due(0.2) is None
+
+
+def test_acknowledged_by_time_when_little_arrives() -> None:
+    receipts = Receipts(peer_buffer=1 << 20, interval=0.5)
+    assert receipts.add(10, now=100.0) is None
+    assert receipts.due(100.4) is None
+    assert receipts.due(100.5) == Ack(10)
+    assert receipts.due(200.0) is None  # nothing new: nothing to say
+
+
+# -- the whole protocol over simulated cuts ----------------------------------------------------
+
+
+class Side:
+    """One end: sends a stream through its replay buffer, acknowledges what it receives."""
+
+    def __init__(self, stream: bytes, buffer: int) -> None:
+        self.stream = stream
+        self.offset = 0  # of the next new byte to send
+        self.buffer = ReplayBuffer(buffer)
+        self.receipts = Receipts(peer_buffer=buffer, interval=0.5)
+        self.delivered = b""  # what its TCP side got
+
+    def outgoing(self, chunk: int, now: float) -> list[bytes | resume.Control]:
+        out: list[bytes | resume.Control] = []
+        size = min(chunk, self.buffer.room(), len(self.stream) - self.offset)
+        if size > 0:
+            data = self.stream[self.offset:self.offset + size]
+            self.offset += size
+            self.buffer.append(data)
+            out.append(data)
+        ack = self.receipts.due(now)
+        return [*out, ack] if ack else out
+
+    def incoming(self, message: bytes | resume.Control, now: float) -> list[resume.Control]:
+        if isinstance(message, bytes):
+            self.delivered += message
+            ack = self.receipts.add(len(message), now)
+            return [ack] if ack else []
+        if isinstance(message, Ack):
+            self.buffer.acknowledge(message.received)
+        return []
+
+    def reattach(self, peer_received: int) -> list[bytes]:
+        return self.buffer.replay(peer_received)
+
+
+@settings(max_examples=200, deadline=None)
+@given(up=st.binary(min_size=1, max_size=3000), down=st.binary(max_size=3000),
+       buffer=st.integers(16, 600), chunk=st.integers(1, 200),
+       cuts=st.lists(st.integers(0, 80), max_size=6), seed=st.randoms(use_true_random=False))
+def test_every_byte_arrives_once_and_in_order_across_cuts(up: bytes, down: bytes, buffer: int, chunk: int,
+                                                           cuts: list[int], seed: random.Random) -> None:
+    """Messages in flight when a cut comes are lost; each re-attach replays from what the other side says
+    it received. The streams that come out are the streams that went in."""
+    front, back = Side(up, buffer), Side(down, buffer)
+    now, rounds = 0.0, 0
+    cuts = sorted(cuts)
+    while (front.delivered != down or back.delivered != up) and rounds < 10_000:
+        rounds += 1
+        now += 0.1
+        to_back = [(back, m) for m in front.outgoing(chunk, now)]
+        to_front = [(front, m) for m in back.outgoing(chunk, now)]
+        # The two directions interleave arbitrarily; each keeps its order (a websocket is a stream).
+        picks = sorted([0] * len(to_back) + [1] * len(to_front), key=lambda _: seed.random())
+        queues = (iter(to_back), iter(to_front))
+        in_flight = [next(queues[pick]) for pick in picks]
+        if cuts and rounds >= cuts[0]:
+            cuts.pop(0)
+            kept = in_flight[:seed.randrange(len(in_flight) + 1)]
+            for receiver, message in kept:  # what made it across before the cut
+                receiver.incoming(message, now)
+            # Re-attach: each side states what it received; the other replays the rest.
+            for sender, receiver in ((front, back), (back, front)):
+                for data in sender.reattach(receiver.receipts.received):
+                    receiver.incoming(data, now)
+            continue
+        for receiver, message in in_flight:
+            for answer in receiver.incoming(message, now):
+                (front if receiver is back else back).incoming(answer, now)
+    assert back.delivered == up
+    assert front.delivered == down
