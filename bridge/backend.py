@@ -73,9 +73,9 @@ class ServerEndpoint(Endpoint):
     """
 
     def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int, *,
-                 binary_consented: bool = False) -> None:
+                 binary_consented: bool = False, resume: bool = False) -> None:
         super().__init__(sock, protocol.FrameParser(max_message_bytes, masked=True), max_message_bytes,
-                         switch_allowed=binary_consented, received=received)
+                         switch_allowed=binary_consented, received=received, resume=resume)
 
     def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
         return protocol.frame_header(opcode, len(payload)) + payload

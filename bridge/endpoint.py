@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bridge import protocol
+from bridge import protocol, resume
 from bridge.protocol import (
     CloseCode,
     EndOfStream,
@@ -67,8 +67,9 @@ class WebSocketDropped(ConnectionError):
     """
 
 
-#: What :meth:`Endpoint.receive` returns: stream bytes, the peer's end-of-stream marker, or its close.
-Received = bytes | EndOfStream | Closed
+#: What :meth:`Endpoint.receive` returns: stream bytes, the peer's end-of-stream marker, its close, or
+#: (on a tunnel that negotiated resume) one of its control messages (:mod:`bridge.resume`).
+Received = bytes | EndOfStream | Closed | resume.Control
 
 
 #: Close codes a peer may send (RFC 6455 section 7.4.1): 1004-1006 and 1015 never appear in a frame.
@@ -85,6 +86,15 @@ def closed(payload: bytes) -> Closed:
     return Closed(code, reason)
 
 
+_CONTROL_PREFIX = resume.PREFIX.encode("ascii")
+
+
+def _is_control(payload: bytes | memoryview) -> bool:
+    """Whether a whole TEXT message is a control message: one frame starting with the prefix (a control
+    message is never fragmented: we write each as one frame)."""
+    return bytes(payload[:len(_CONTROL_PREFIX)]) == _CONTROL_PREFIX
+
+
 class Endpoint:
     """The websocket half of a tunnel: frames in and out of ``sock``.
 
@@ -96,7 +106,7 @@ class Endpoint:
     """
 
     def __init__(self, sock: socket.socket, parser: protocol.FrameParser, max_message_bytes: int, *,
-                 switch_allowed: bool, received: bytes = b"") -> None:
+                 switch_allowed: bool, received: bytes = b"", resume: bool = False) -> None:
         self.sock = self._sock = sock
         self.send_lock = self._send_lock = SendLock()
         self._parser = parser
@@ -114,6 +124,9 @@ class Endpoint:
         self._pending_pong: bytes | None = None
         self._pending_switch = False
         self._pending_close: bytes | None = None
+        self._pending_ack: str | None = None
+        #: Whether the tunnel negotiated resume: control messages may come and go (:mod:`bridge.resume`).
+        self.resume = resume
         #: True once our messages are binary (after our switch marker is on the wire).
         self.binary = False
 
@@ -129,8 +142,9 @@ class Endpoint:
     def _peer_switched(self) -> None:
         """The peer's messages are binary from now on; the decoder already knows."""
 
-    def _queue_control(self, *, pong: bytes | None = None, switch: bool = False) -> None:
-        """Record a pong (replacing an unwritten one) or our switch marker, then try to write it without waiting.
+    def _queue_control(self, *, pong: bytes | None = None, switch: bool = False, ack: str | None = None) -> None:
+        """Record a pong or an acknowledgement (each replacing an unwritten one) or our switch marker, then
+        try to write it without waiting.
 
         Called by the reading thread: it never blocks. Nothing is recorded once our
         close frame is decided.
@@ -140,11 +154,29 @@ class Endpoint:
                 return
             if pong is not None:
                 self._pending_pong = pong
+            if ack is not None:
+                self._pending_ack = ack
             self._pending_switch = self._pending_switch or switch
         self.flush_control()
 
+    def queue_ack(self, ack: resume.Ack) -> None:
+        """Acknowledge received bytes without ever waiting for a writer: it goes now if the send lock and
+        room are free, else with the next frame or the housekeeper's flush; a later ack replaces an
+        unwritten one (only the latest count matters)."""
+        self._queue_control(ack=resume.encode(ack))
+
+    def send_control(self, message: resume.Control) -> None:
+        """Write a control message now, in order with data (blocks like :meth:`send_data`)."""
+        with self._send_lock.held():
+            self._write_pending()
+            if self._close_sent:
+                raise WebSocketDropped("websocket is closing")
+            self._write_frame(protocol.OPCODE_TEXT, resume.encode(message).encode("ascii"))
+        self._after_send()
+
     def _has_pending(self) -> bool:
-        return self._pending_pong is not None or self._pending_switch or self._pending_close is not None
+        return (self._pending_pong is not None or self._pending_switch or self._pending_close is not None
+                or self._pending_ack is not None)
 
     def _take_pending(self) -> tuple[bytes, bool]:
         """The pending control frames as bytes, now no longer pending, and whether the switch marker is among them.
@@ -154,14 +186,16 @@ class Endpoint:
         close frame is decided only that frame is left to write.
         """
         with self._control_lock:
-            pong, switch, close = self._pending_pong, self._pending_switch, self._pending_close
-            self._pending_pong, self._pending_switch, self._pending_close = None, False, None
+            pong, switch, close, ack = self._pending_pong, self._pending_switch, self._pending_close, self._pending_ack
+            self._pending_pong, self._pending_switch, self._pending_close, self._pending_ack = None, False, None, None
             closing = self._close_sent
         frames = b""
         if switch and not closing:
             frames += self._frame_bytes(protocol.OPCODE_BINARY, b"")
         if pong is not None and not closing:
             frames += self._frame_bytes(protocol.OPCODE_PONG, pong)
+        if ack is not None and not closing:
+            frames += self._frame_bytes(protocol.OPCODE_TEXT, ack.encode("ascii"))
         if close is not None:
             frames += self._frame_bytes(protocol.OPCODE_CLOSE, close)
         return frames, switch and not closing
@@ -242,7 +276,7 @@ class Endpoint:
             if not self._close_sent:
                 self._close_sent = True
                 self._pending_close = close_payload(code, reason)
-                self._pending_pong, self._pending_switch = None, False
+                self._pending_pong, self._pending_switch, self._pending_ack = None, False, None
         return self.flush_control(wait)
 
     def send_ping(self) -> bool:
@@ -293,6 +327,8 @@ class Endpoint:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
             else:
                 self._message_binary = opcode == protocol.OPCODE_BINARY
+                if self.resume and not self._message_binary and frame.fin and _is_control(frame.payload):
+                    return resume.decode(bytes(frame.payload).decode("ascii", "replace"))
             self._in_message = not frame.fin
             result = self._decoder.feed(frame.payload, binary=self._message_binary, message_finished=frame.fin)
             if isinstance(result, protocol.SwitchToBinary):

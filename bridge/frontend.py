@@ -71,9 +71,9 @@ class ClientEndpoint(Endpoint):
     """
 
     def __init__(self, sock: socket.socket, max_message_bytes: int, *, binary: bool = False,
-                 received: bytes = b"") -> None:
+                 received: bytes = b"", resume: bool = False) -> None:
         super().__init__(sock, protocol.FrameParser(max_message_bytes), max_message_bytes,
-                         switch_allowed=binary, received=received)
+                         switch_allowed=binary, received=received, resume=resume)
         if binary:
             with self._send_lock.held():
                 self._write_frame(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else

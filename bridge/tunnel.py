@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from bridge import events, protocol
 from bridge.config import TunnelOptions
-from bridge.endpoint import SEND_CLOSE_WAIT, Endpoint
+from bridge.endpoint import SEND_CLOSE_WAIT, Closed, Endpoint
 from bridge.events import Event
 from bridge.lifecycle import Action, Lifecycle, Step
 from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
@@ -394,9 +394,11 @@ class Tunnel:
                 if step.actions:
                     self.last_activity = time.monotonic()
                 self._carry_out(step)
-            else:
+            elif isinstance(event, Closed):
                 self._carry_out(self._decide(Lifecycle.close_received, event.code, event.reason))
                 return
+            # Otherwise a control message (bridge.resume), which only an endpoint made with resume=True
+            # returns; the pump does not negotiate resume yet, and a control message carries no stream bytes.
 
     def _decide(self, event: Callable[..., Step], *args: object) -> Step:
         """Feed one event (a :class:`Lifecycle` method) to the lifecycle under the lock; note when our close

@@ -18,11 +18,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bridge import protocol
+from bridge import protocol, resume
 from bridge.backend import ServerEndpoint
 from bridge.endpoint import Closed, Endpoint, Received, WebSocketDropped
 from bridge.frontend import ClientEndpoint
-from bridge.protocol import OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG, OPCODE_TEXT, FrameParser
+from bridge.protocol import (
+    OPCODE_BINARY,
+    OPCODE_CLOSE,
+    OPCODE_PING,
+    OPCODE_PONG,
+    OPCODE_TEXT,
+    FrameParser,
+    ProtocolViolation,
+)
 from bridge.sockets import writable
 
 MAX = 1 << 20
@@ -120,11 +128,11 @@ class Link:
             assert frame.opcode == OPCODE_TEXT
 
 
-def make_link(kind: str, *, binary_consented: bool = False) -> Link:
+def make_link(kind: str, *, binary_consented: bool = False, resume: bool = False) -> Link:
     ours, theirs = socket.socketpair()
     if kind == "server":
-        return Link(ServerEndpoint(ours, b"", MAX, binary_consented=binary_consented), theirs, True)
-    return Link(ClientEndpoint(ours, MAX), theirs, False)
+        return Link(ServerEndpoint(ours, b"", MAX, binary_consented=binary_consented, resume=resume), theirs, True)
+    return Link(ClientEndpoint(ours, MAX, resume=resume), theirs, False)
 
 
 @pytest.fixture(params=["server", "client"])
@@ -310,3 +318,95 @@ def test_a_marker_and_a_pong_pending_together_go_out_before_the_next_data(switch
     frames = switching.read_frames(3)
     assert [(f.opcode, f.payload) for f in frames] == [
         (OPCODE_BINARY, b""), (OPCODE_PONG, b"p"), (OPCODE_BINARY, b"down")]
+
+
+# ---------------------------------------------------------------------------
+# Control messages of resumable tunnels (bridge.resume)
+
+
+@pytest.fixture(params=["server", "client"])
+def resumable(request: pytest.FixtureRequest) -> Iterator[Link]:
+    yield from closing(make_link(request.param, resume=True))
+
+
+def received_within_bound(link: Link) -> object:
+    result = link.in_thread(link.channel.receive)
+    link.threads[-1].join(BOUND)
+    assert result, "receive() blocked"
+    return result[0]
+
+
+def test_control_messages_are_events_of_a_resumable_tunnel_and_data_stays_data(resumable: Link) -> None:
+    resumable.send(OPCODE_TEXT, text(b"before"))
+    resumable.send(OPCODE_TEXT, b"tcpbridge:ack 6")
+    resumable.send(OPCODE_TEXT, text(b"tcpbridge:ack 1"))  # data that looks like a control message, hex-encoded
+    resumable.send(OPCODE_TEXT, f"tcpbridge:resume {'ab' * 16} 4096".encode())
+    assert received_within_bound(resumable) == b"before"
+    assert received_within_bound(resumable) == resume.Ack(6)
+    assert received_within_bound(resumable) == b"tcpbridge:ack 1"
+    assert received_within_bound(resumable) == resume.Consent("ab" * 16, 4096)
+
+
+def test_control_messages_pass_after_the_binary_switch_too() -> None:
+    for link in closing(make_link("server", binary_consented=True, resume=True)):
+        link.send(OPCODE_BINARY, b"")  # the frontend's switch marker
+        link.send(OPCODE_BINARY, b"raw")
+        link.send(OPCODE_TEXT, b"tcpbridge:resumed 3")
+        assert received_within_bound(link) == b"raw"
+        assert received_within_bound(link) == resume.Resumed(3)
+
+
+def test_without_resume_a_control_message_is_what_a_go_peer_sees_not_hex() -> None:
+    for link in closing(make_link("server")):
+        link.send(OPCODE_TEXT, b"tcpbridge:ack 1")
+        with pytest.raises(ProtocolViolation) as raised:
+            link.channel.receive()
+        assert raised.value.code == 1007
+
+
+def test_a_malformed_control_message_is_invalid_data(resumable: Link) -> None:
+    resumable.send(OPCODE_TEXT, b"tcpbridge:ack one")
+    with pytest.raises(ProtocolViolation) as raised:
+        resumable.channel.receive()
+    assert raised.value.code == 1007
+
+
+def test_a_fragmented_control_message_is_bad_hex() -> None:
+    """We write every control message as one frame; split over two, it is text that is not hex."""
+    for link in closing(make_link("client", resume=True)):  # the peer is a server: unmasked frames
+        first = protocol.frame_header(OPCODE_TEXT, 10)
+        link.peer.sendall(bytes([first[0] & 0x7F]) + first[1:] + b"tcpbridge:")  # FIN off
+        link.peer.sendall(protocol.frame_header(protocol.OPCODE_CONTINUATION, 5) + b"ack 1")
+        with pytest.raises(ProtocolViolation) as raised:
+            link.channel.receive()
+        assert raised.value.code == 1007
+
+
+def test_an_ack_never_waits_for_a_writer_and_only_the_latest_goes(resumable: Link) -> None:
+    with resumable.channel.send_lock.held():
+        done = resumable.in_thread(lambda: [resumable.channel.queue_ack(resume.Ack(n)) for n in (10, 20, 30)])
+        resumable.threads[-1].join(BOUND)
+        assert done, "queue_ack blocked on the send lock"
+        assert resumable.nothing_more()
+    resumable.channel.send_data(b"after")
+    ack, data = resumable.read_frames(2)
+    assert (ack.opcode, bytes(ack.payload)) == (OPCODE_TEXT, b"tcpbridge:ack 30")
+    assert bytes(data.payload) == text(b"after")
+
+
+def test_an_ack_with_the_lock_free_goes_at_once_and_none_after_our_close(resumable: Link) -> None:
+    resumable.channel.queue_ack(resume.Ack(5))
+    (frame,) = resumable.read_frames(1)
+    assert bytes(frame.payload) == b"tcpbridge:ack 5"
+    assert resumable.channel.send_close(1000, "", wait=BOUND)
+    resumable.channel.queue_ack(resume.Ack(9))
+    (close,) = resumable.read_frames(1)
+    assert close.opcode == protocol.OPCODE_CLOSE and resumable.nothing_more()
+
+
+def test_send_control_keeps_its_place_among_data(resumable: Link) -> None:
+    resumable.channel.send_data(b"one")
+    resumable.channel.send_control(resume.Resumed(123))
+    resumable.channel.send_data(b"two")
+    frames = resumable.read_frames(3)
+    assert [bytes(f.payload) for f in frames] == [text(b"one"), b"tcpbridge:resumed 123", text(b"two")]
