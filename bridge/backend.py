@@ -27,7 +27,7 @@ from io import BufferedIOBase
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from bridge import __version__, events, passthrough, protocol
+from bridge import __version__, events, passthrough, protocol, resume
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.endpoint import Endpoint
@@ -36,6 +36,7 @@ from bridge.handshake import accept_token, header_tokens
 from bridge.listen import LISTEN_BACKLOG, Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
+from bridge.session import Session
 from bridge.sockets import RECV_CHUNK, describe_error, shutdown_socket
 from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id
 
@@ -359,17 +360,33 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             sock.close()
             return
         self.server.registry.stats.handshake(f"{listener.name}/{route}", time.monotonic() - self._headers_read)
+        session = self._consent_to_resume(listener)
+        endpoint = ServerEndpoint(self.connection, received, listener.options.max_message_bytes,
+                                  binary_consented=binary, resume=session is not None)
+        if session is not None and session.id is not None:
+            with contextlib.suppress(OSError):  # the client left: the pump's first read ends the tunnel (abort)
+                endpoint.send_control(resume.Consent(session.id, listener.options.resume_buffer))
         pump = Tunnel(
             sock,
-            ServerEndpoint(self.connection, received, listener.options.max_message_bytes, binary_consented=binary),
+            endpoint,
             label=f"{listener.name}/{route}",
             peer=self._peer(),
             destination=str(target),
             options=listener.options,
             tcp_role="target",
             tunnel_id=tunnel_id,
+            session=session,
         )
         self.server.registry.run(pump)
+
+    def _consent_to_resume(self, listener: Listener) -> Session | None:
+        """The session of a tunnel whose frontend offered resume, if this listener allows it (its consent
+        is the tunnel's first message, sent by the caller)."""
+        frontend_buffer = resume.parse_offer(self.headers.get_all(resume.RESUME_HEADER) or [])
+        if not listener.options.resume or frontend_buffer is None:
+            return None
+        return Session(listener.options.resume_buffer, consented=True, session_id=resume.new_session_id(),
+                       peer_buffer=frontend_buffer)
 
     def _not_found(self) -> None:
         listener = self.server.listener

@@ -23,6 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from bridge import protocol
+from bridge.resume import DEFAULT_BUFFER, RESUME_HEADER, SESSION_HEADER
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_FRONTEND_CONFIG = "/etc/tcpbridge/frontend.yaml"
@@ -36,7 +37,11 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 RESERVED_HEADERS = frozenset(
     {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
      "sec-websocket-extensions", "sec-websocket-accept", "content-length", "transfer-encoding"}
-) | protocol.RESERVED_HEADERS
+) | protocol.RESERVED_HEADERS | {RESUME_HEADER.lower(), SESSION_HEADER.lower()}
+#: ``resume_buffer`` bounds: below 64 KiB a sender waits for acknowledgements all the time; the top
+#: keeps one tunnel from taking the machine's memory.
+MIN_RESUME_BUFFER = 64 * 1024
+MAX_RESUME_BUFFER = 1024 * 1024 * 1024
 #: ``frames``: ``auto`` negotiates binary messages with a tcpbridge peer; ``text`` keeps hex always.
 FRAMES = ("auto", "text")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
@@ -86,6 +91,10 @@ class TunnelOptions:
     ping_timeout: float = 30.0
     idle_timeout: float = 0.0
     frames: str = "auto"
+    #: Whether a tunnel outlives a dropped websocket between two tcpbridge ends (:mod:`bridge.resume`).
+    resume: bool = True
+    #: The bytes each side keeps for replay per direction; a full buffer stops reading the TCP side.
+    resume_buffer: int = DEFAULT_BUFFER
 
 
 @dataclass(frozen=True)
@@ -375,7 +384,7 @@ def load_backend(path: str | Path) -> BackendConfig:
 T = TypeVar("T")
 
 _OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
-                "ping_interval", "ping_timeout", "idle_timeout", "frames")
+                "ping_interval", "ping_timeout", "idle_timeout", "frames", "resume", "resume_buffer")
 _DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
 _SERVICE_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity", "log_target")
 _FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_SERVICE_KEYS, *_DIAL_KEYS, *_OPTION_KEYS)
@@ -467,6 +476,15 @@ def _message_bytes(value: object) -> int:
             f"{value} is too small: the Go frontend sends messages of "
             f"{protocol.GO_FRONTEND_MESSAGE_BYTES} bytes (minimum)"
         )
+    return value
+
+
+def _resume_buffer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number of bytes, got {_kind(value)}")
+    if not MIN_RESUME_BUFFER <= value <= MAX_RESUME_BUFFER:
+        raise ValueError(f"{value} is out of range: between {MIN_RESUME_BUFFER} (64 KiB) and "
+                         f"{MAX_RESUME_BUFFER} (1 GiB) bytes per direction and tunnel")
     return value
 
 
@@ -659,6 +677,8 @@ def _options(check: _Checker, where: str, data: Mapping[str, Any], base: TunnelO
         ping_timeout=check.field(where, data, "ping_timeout", _positive_seconds, base.ping_timeout),
         idle_timeout=check.field(where, data, "idle_timeout", _seconds, base.idle_timeout),
         frames=check.field(where, data, "frames", _frames, base.frames),
+        resume=check.field(where, data, "resume", _boolean, base.resume),
+        resume_buffer=check.field(where, data, "resume_buffer", _resume_buffer, base.resume_buffer),
     )
 
 

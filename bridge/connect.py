@@ -46,7 +46,7 @@ from typing import Any
 
 from bridge import config
 from bridge.config import ConfigError, FrontendTunnel, redact_url
-from bridge.frontend import open_endpoint
+from bridge.frontend import offered_session, open_endpoint
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import CloseCode
 from bridge.secrets import SecretResolver
@@ -213,7 +213,7 @@ def connect(tunnel: FrontendTunnel, stdin: int = 0, stdout: int = 1) -> int:
         return 128 + signal.SIGINT
     ours, theirs = socket.socketpair()
     pump = Tunnel(theirs, websocket, label=tunnel.name, peer="stdio", destination=url, options=tunnel.options,
-                  tcp_role="stdio")
+                  tcp_role="stdio", session=offered_session(tunnel))
     return _pump(pump, ours, stdin, stdout, url)
 
 

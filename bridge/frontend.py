@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge import events, handshake, protocol
+from bridge import events, handshake, protocol, resume
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.endpoint import Endpoint
@@ -31,6 +31,7 @@ from bridge.handshake import HandshakeError
 from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
+from bridge.session import Session
 from bridge.sockets import describe_error
 from bridge.transport import (
     NAME_MISMATCH_CODES,
@@ -97,7 +98,14 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str
         raise DialError(f"cannot read a header value: {exc}", DialFailure.SECRET) from None
     if tunnel.options.frames == "auto":
         lines.append(f"{protocol.OFFER_HEADER}: {protocol.OFFER_BINARY}")
+    if tunnel.options.resume:
+        lines.append(f"{resume.RESUME_HEADER}: {tunnel.options.resume_buffer}")
     return lines
+
+
+def offered_session(tunnel: FrontendTunnel) -> Session | None:
+    """The session of a tunnel whose dial offered resume (undecided until the backend's first message)."""
+    return Session(tunnel.options.resume_buffer, consented=False) if tunnel.options.resume else None
 
 
 def open_endpoint(tunnel: FrontendTunnel, secrets: SecretResolver,
@@ -107,7 +115,8 @@ def open_endpoint(tunnel: FrontendTunnel, secrets: SecretResolver,
     consent = tunnel.options.frames == "auto" and protocol.binary_accepted(
         [name for name, _ in tunnel.headers], opened.headers)
     try:
-        return ClientEndpoint(opened.sock, tunnel.options.max_message_bytes, binary=consent, received=opened.received)
+        return ClientEndpoint(opened.sock, tunnel.options.max_message_bytes, binary=consent, received=opened.received,
+                              resume=tunnel.options.resume)
     except OSError as exc:
         _close_quietly(opened.sock)
         raise DialError(f"websocket dropped right after the handshake: {describe_error(exc)}",
@@ -432,6 +441,7 @@ class Frontend:
             tcp_role="client",
             tcp_first=True,  # most clients speak first (ssh, postgres, redis, http)
             tunnel_id=tunnel_id,
+            session=offered_session(tunnel),
         )
         self.registry.run(pump)
 

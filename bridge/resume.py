@@ -4,12 +4,12 @@ A resumable tunnel outlives its websocket: when the websocket drops without a cl
 frontend dials again and both ends replay what the other did not receive. This module holds the
 rules; the daemons do the socket work.
 
-**Negotiation.** The frontend offers with the token ``resume`` in ``X-Tcpbridge-Offer`` (beside
-``binary-frames``). A willing backend consents *in band*, with a control message as the very first
-message of the websocket, because on the inverting proxy's path the frontend never sees the backend's
-101 headers (the shim answers the upgrade itself); and only after the offer, because a Go backend
-echoes request headers and never sends messages of its own before the target's data. A Go peer on
-either side never offers or consents, and sees nothing new.
+**Negotiation.** The frontend offers with the request header ``X-Tcpbridge-Resume: <buffer>``, the
+bytes it keeps for replay (so the backend knows how soon to acknowledge). A willing backend consents
+*in band*, with a control message as the very first message of the websocket, because on the inverting
+proxy's path the frontend never sees the backend's 101 headers (the shim answers the upgrade itself);
+and only after the offer, because a Go backend echoes request headers and never sends messages of its
+own before the target's data. A Go peer on either side never offers or consents, and sees nothing new.
 
 **Control messages** are TEXT messages (the shim relays only text safely) that begin with
 :data:`PREFIX`; a data message in hex holds only hex digits and the end-of-stream marker is empty, so
@@ -43,8 +43,8 @@ from bridge.protocol import CloseCode, ProtocolViolation
 
 #: What starts every control message: never hex, never empty.
 PREFIX: Final = "tcpbridge:"
-#: The token that offers resume in ``X-Tcpbridge-Offer``.
-OFFER_RESUME: Final = "resume"
+#: The request header that offers resume; its value is the frontend's replay buffer in bytes.
+RESUME_HEADER: Final = "X-Tcpbridge-Resume"
 #: The request header that re-attaches a websocket to a session.
 SESSION_HEADER: Final = "X-Tcpbridge-Session"
 #: Default bytes each side keeps for replay per direction (``resume_buffer``).
@@ -56,6 +56,18 @@ MAX_COUNT: Final = (1 << 63) - 1
 
 _SESSION = re.compile(r"[0-9a-f]{32}")
 _COUNT = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+def parse_offer(values: list[str]) -> int | None:
+    """The frontend's replay buffer from the values of a request's :data:`RESUME_HEADER` lines, or None
+    when there is no valid offer (none, several, or not a positive count)."""
+    if len(values) != 1:
+        return None
+    try:
+        buffer = _parse_count(values[0].strip())
+    except ValueError:
+        return None
+    return buffer or None
 
 
 def new_session_id() -> str:
@@ -138,14 +150,23 @@ def _parse_count(text: str) -> int:
     return int(text)
 
 
+class ReplayLost(Exception):
+    """The peer needs bytes this side no longer keeps (they were evicted: see :meth:`ReplayBuffer.append`)."""
+
+
 class ReplayBuffer:
-    """What one side sent and the peer has not acknowledged yet, bounded by ``limit`` bytes.
+    """What one side sent and the peer has not acknowledged yet, at most ``limit`` bytes of it.
 
     Offsets count stream bytes since the tunnel began. :attr:`sent` is the offset after the last
-    byte sent, :attr:`acknowledged` the offset the peer confirmed; the buffer holds the bytes in
+    byte sent, :attr:`acknowledged` the offset the peer confirmed; the buffer keeps the bytes in
     between (the sent objects themselves, never copies). The pump sends at most :meth:`room` bytes
     more: a full buffer stops it reading its TCP side, which is the backpressure that bounds memory
     while the peer is away.
+
+    Where waiting could deadlock (the peer's acknowledgements queue behind data our own side cannot
+    deliver), the pump appends with ``evict=True`` instead: the oldest unacknowledged bytes are
+    forgotten, memory stays bounded, and the buffer is not :attr:`complete` (cannot replay all the
+    peer may need) until the peer acknowledges past them.
     """
 
     def __init__(self, limit: int = DEFAULT_BUFFER) -> None:
@@ -155,24 +176,38 @@ class ReplayBuffer:
         self.sent = 0
         self.acknowledged = 0
         self._chunks: deque[bytes] = deque()
-        self._skip = 0  # bytes of the first chunk already acknowledged
+        self._start = 0  # the offset of the first byte kept (acknowledged, or later after an eviction)
+        self._skip = 0  # bytes of the first chunk before _start
 
     @property
     def held(self) -> int:
-        """Bytes sent and not acknowledged."""
+        """Bytes sent and not acknowledged (more than :attr:`kept` after an eviction)."""
         return self.sent - self.acknowledged
 
+    @property
+    def kept(self) -> int:
+        """Bytes in memory: never more than :attr:`limit`."""
+        return self.sent - self._start
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte sent and not acknowledged is kept, so any resume can be served."""
+        return self._start == self.acknowledged
+
     def room(self) -> int:
-        """How many more bytes may be sent before an acknowledgement."""
+        """How many more bytes may be sent before an acknowledgement (negative after an eviction)."""
         return self.limit - self.held
 
-    def append(self, data: bytes) -> None:
-        """Record ``data`` as sent (the caller sends at most :meth:`room` bytes)."""
-        if len(data) > self.room():
+    def append(self, data: bytes, *, evict: bool = False) -> None:
+        """Record ``data`` as sent. The caller sends at most :meth:`room` bytes, or says ``evict``: then
+        the oldest bytes are forgotten to keep within the limit."""
+        if len(data) > max(0, self.room()) and not evict:
             raise ValueError(f"{len(data)} bytes do not fit the replay buffer ({self.room()} free)")
         if data:
             self._chunks.append(data)
             self.sent += len(data)
+            if self.kept > self.limit:
+                self._forget_to(self.sent - self.limit)
 
     def acknowledge(self, received: int) -> None:
         """The peer has received ``received`` bytes in all: forget them. A count below an earlier one
@@ -180,13 +215,18 @@ class ReplayBuffer:
         if not self.acknowledged <= received <= self.sent:
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"acknowledgement of {received} bytes, but "
                                     f"{self.acknowledged} were acknowledged and {self.sent} sent")
-        drop = received - self.acknowledged
         self.acknowledged = received
+        if received > self._start:
+            self._forget_to(received)
+
+    def _forget_to(self, offset: int) -> None:
+        drop = offset - self._start
+        self._start = offset
         while drop:
             first = len(self._chunks[0]) - self._skip
             if drop < first:
                 self._skip += drop
-                break
+                return
             drop -= first
             self._chunks.popleft()
             self._skip = 0
@@ -194,8 +234,10 @@ class ReplayBuffer:
     def replay(self, received: int) -> list[bytes]:
         """The bytes to send again to a peer that has received ``received`` bytes in all (after which they
         count as acknowledged). ProtocolViolation if the peer claims bytes never sent, or bytes we
-        could only have forgotten after it acknowledged them."""
+        could only have forgotten after it acknowledged them; ReplayLost if some it needs were evicted."""
         self.acknowledge(received)
+        if not self.complete:
+            raise ReplayLost(f"{self._start - received} bytes the peer has not received are no longer kept")
         if not self._chunks:
             return []
         first = self._chunks[0][self._skip:] if self._skip else self._chunks[0]

@@ -35,13 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bridge import events, protocol
+from bridge import events, protocol, resume
 from bridge.config import TunnelOptions
-from bridge.endpoint import SEND_CLOSE_WAIT, Closed, Endpoint
+from bridge.endpoint import SEND_CLOSE_WAIT, Endpoint
 from bridge.events import Event
 from bridge.lifecycle import Action, Lifecycle, Step
 from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
+from bridge.session import Session
 from bridge.sockets import (
     describe_error,
     failed_sockets,
@@ -59,6 +60,8 @@ PUMP_CLOSE_WAIT = 1.0
 #: How long we wait for the peer's close frame after sending ours.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
+#: A TCP write taking longer than this counts as stalled (a peer not reading), not as slow.
+TCP_WRITE_STALL = 1.0
 
 
 #: What :meth:`Tunnel._blocked_sends_moved` compares per socket: its :func:`~bridge.sockets.send_progress`,
@@ -107,7 +110,10 @@ class Tunnel:
     """Pumps bytes between ``tcp`` and ``websocket`` until both directions end.
 
     ``tcp_first``: the TCP side usually sends first (a frontend's client), so
-    the thread that calls :meth:`run` reads it.
+    the thread that calls :meth:`run` reads it. ``session``: the resumable
+    session of a tunnel that offered or consented to resume; its sender keeps
+    what it sends until the peer acknowledges it, and waits while that is
+    ``resume_buffer`` bytes.
 
     How it ends is decided by its :class:`~bridge.lifecycle.Lifecycle`, fed under
     ``_lock`` by both pumps and the housekeeper; the actions it returns are
@@ -126,6 +132,7 @@ class Tunnel:
         tcp_role: str = "TCP peer",
         tcp_first: bool = False,
         tunnel_id: str | None = None,
+        session: Session | None = None,
     ) -> None:
         self.id = tunnel_id or new_tunnel_id()
         self.label = label
@@ -140,6 +147,8 @@ class Tunnel:
         self.last_activity = self.started
         self._tcp = tcp
         self._websocket = websocket
+        #: The resumable session, when this end offered or consented to resume (:mod:`bridge.session`).
+        self._session = session
         self._lock = threading.Lock()
         self._lifecycle = Lifecycle(half_close=options.half_close)
         #: When our close frame was decided (the housekeeper waits for the peer's answer from then on).
@@ -149,6 +158,7 @@ class Tunnel:
         #: The kind of an abort caused by the TCP side.
         self._tcp_failed = Kind.ABORTED_BY_TARGET if self.tcp_is_target else Kind.ABORTED_BY_CLIENT
         self._writing_tcp = False
+        self._tcp_write_started = self.started
         self._reading_since = self.started
         self._ping_sent_at: float | None = None
         self._close_queue: int | None = None
@@ -222,7 +232,10 @@ class Tunnel:
         """
         if self._lifecycle.done:
             return
-        self._websocket.flush_control()
+        if self._session is not None and (ack := self._session.due(now)) is not None:
+            self._websocket.queue_ack(ack)  # also flushes what else is pending
+        else:
+            self._websocket.flush_control()
         if self._lifecycle.close_sent:
             self._await_close_reply(now)
             return
@@ -237,6 +250,11 @@ class Tunnel:
             self._carry_out(self._decide(Lifecycle.close, HALF_CLOSE_TIMEOUT))
         elif options.ping_interval:
             self._keepalive(now)
+
+    def _tcp_write_stalled(self) -> bool:
+        """Whether the websocket reader has been stuck writing one message to the TCP side for a while: it
+        cannot read the peer's acknowledgements, so our sender must not wait for them (:mod:`bridge.session`)."""
+        return self._writing_tcp and time.monotonic() - self._tcp_write_started > TCP_WRITE_STALL
 
     def _blocked_sends_moved(self) -> bool:
         """Whether a write blocked on either socket moved since the housekeeper's last look.
@@ -307,8 +325,8 @@ class Tunnel:
                 self._ping_sent_at = now
             return
         sender = self._websocket.send_lock
-        if self._writing_tcp or sender.sending:
-            return
+        if self._writing_tcp or sender.sending or (self._session is not None and self._session.waiting):
+            return  # a sender waiting for the peer's acknowledgement is backpressure too
         silent_since = max(self._ping_sent_at, self._reading_since, sender.last_send_done)
         if now - silent_since <= self.options.ping_timeout:
             return
@@ -332,10 +350,14 @@ class Tunnel:
             self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: internal error ({exc})"))
 
     def _tcp_to_ws(self) -> None:
-        tcp, websocket = self._tcp, self._websocket
+        tcp, websocket, session = self._tcp, self._websocket, self._session
         while True:
+            size = protocol.READ_CHUNK if session is None else session.send_room(protocol.READ_CHUNK,
+                                                                                   self._tcp_write_stalled)
+            if not size:
+                return  # the session closed: the tunnel ended while we waited for an acknowledgement
             try:
-                data = tcp.recv(protocol.READ_CHUNK)
+                data = tcp.recv(size)
             except OSError as exc:
                 self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset ({describe_error(exc)})"))
                 return
@@ -344,6 +366,8 @@ class Tunnel:
             if not data:
                 break
             self.last_activity = time.monotonic()
+            if session is not None:
+                session.sent(data)  # before the send: a drop during it must find the bytes kept
             try:
                 websocket.send_data(data)
             except OSError as exc:
@@ -361,10 +385,15 @@ class Tunnel:
             self._carry_out(self._decide(Lifecycle.end_of_stream_sent))
 
     def _ws_to_tcp(self) -> None:
-        tcp, websocket = self._tcp, self._websocket
+        tcp, websocket, session = self._tcp, self._websocket, self._session
         while True:
             try:
                 event = websocket.receive()
+                if session is not None and not session.decided and session.first_message(event):
+                    continue  # the backend's consent: the session is resumable
+                if isinstance(event, resume.Control):
+                    self._on_control(event)
+                    continue
             except ProtocolViolation as violation:
                 log.warning("tunnel %s [%s]: bad frame from the websocket peer: %s (closing with %d)",
                             self.id, self.label, violation.reason, violation.code,
@@ -378,7 +407,7 @@ class Tunnel:
             if isinstance(event, bytes):
                 if not event:
                     continue
-                self.last_activity = time.monotonic()
+                self.last_activity = self._tcp_write_started = time.monotonic()
                 self._writing_tcp = True
                 try:
                     tcp.sendall(event)
@@ -389,16 +418,31 @@ class Tunnel:
                     self._writing_tcp = False
                     self._reading_since = self.last_activity = time.monotonic()
                 self.bytes_to_tcp += len(event)
+                if session is not None and (ack := session.received(len(event), self.last_activity)) is not None:
+                    websocket.queue_ack(ack)
             elif isinstance(event, EndOfStream):
                 step = self._decide(Lifecycle.end_of_stream_received)
                 if step.actions:
                     self.last_activity = time.monotonic()
                 self._carry_out(step)
-            elif isinstance(event, Closed):
+            else:
                 self._carry_out(self._decide(Lifecycle.close_received, event.code, event.reason))
                 return
-            # Otherwise a control message (bridge.resume), which only an endpoint made with resume=True
-            # returns; the pump does not negotiate resume yet, and a control message carries no stream bytes.
+
+    def _on_control(self, message: resume.Control) -> None:
+        """A control message from the peer (after the frontend's first message, see :meth:`_ws_to_tcp`).
+        ProtocolViolation for one this tunnel cannot take."""
+        session = self._session
+        if session is None or not session.consented:
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "control message on a tunnel that did not "
+                                    "negotiate resume")
+        if isinstance(message, resume.Ack):
+            session.acknowledged(message)
+            self.last_activity = time.monotonic()  # the peer's target is taking our bytes
+        else:
+            # A consent only ever comes first; resumed only on a re-attached websocket.
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unexpected {type(message).__name__.lower()} "
+                                    "control message")
 
     def _decide(self, event: Callable[..., Step], *args: object) -> Step:
         """Feed one event (a :class:`Lifecycle` method) to the lifecycle under the lock; note when our close
@@ -408,6 +452,9 @@ class Tunnel:
             step = event(self._lifecycle, *args)
             if self._lifecycle.close_sent and not closing:
                 self._close_sent_at = time.monotonic()
+            running = self._lifecycle.running
+        if not running and self._session is not None:
+            self._session.close()  # a sender waiting for an acknowledgement has nothing left to wait for
         return step
 
     def _carry_out(self, step: Step) -> None:

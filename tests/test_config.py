@@ -496,6 +496,7 @@ def test_bad_names(name: object) -> None:
 @pytest.mark.parametrize("header", [
     "Host", "host", "Upgrade", "Connection", "Sec-WebSocket-Key", "sec-websocket-key", "Sec-WebSocket-Version",
     "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept", "Content-Length", "Transfer-Encoding",
+    "X-Tcpbridge-Resume", "x-tcpbridge-session",
 ])
 def test_reserved_headers_rejected(header: str) -> None:
     find(frontend_problems(front(tunnel(headers={header: "x"}))), SRC, "tunnels[0] 't'", "headers", header)
@@ -536,6 +537,26 @@ def test_max_message_bytes_below_go_frontend_size(value: int) -> None:
     find(frontend_problems(front(max_message_bytes=value)), SRC, "max_message_bytes", "65536")
     find(backend_problems(back(listener(max_message_bytes=value))), SRC, "listeners[0] 'main'",
          "max_message_bytes")
+
+
+def test_resume_is_on_with_a_4_mib_buffer_unless_configured() -> None:
+    t = parse_frontend(front(tunnel()), SRC).tunnels[0]
+    assert (t.options.resume, t.options.resume_buffer) == (True, 4 * 1024 * 1024)
+    t = parse_frontend(front(tunnel(resume=False), resume_buffer=65536), SRC).tunnels[0]
+    assert (t.options.resume, t.options.resume_buffer) == (False, 65536)
+    listener_options = parse_backend(back(listener(resume=False, resume_buffer=1 << 30)), SRC).listeners[0].options
+    assert (listener_options.resume, listener_options.resume_buffer) == (False, 1 << 30)
+
+
+@pytest.mark.parametrize("value", [65535, 0, -1, (1 << 30) + 1, "4MiB", 1.5, True])
+def test_resume_buffer_out_of_range_names_the_range(value: object) -> None:
+    expected = "64 KiB" if isinstance(value, int) and not isinstance(value, bool) else "whole number of bytes"
+    find(frontend_problems(front(tunnel(resume_buffer=value))), SRC, "tunnels[0] 't'", "resume_buffer", expected)
+    find(backend_problems(back(listener(resume_buffer=value))), SRC, "listeners[0] 'main'", "resume_buffer")
+
+
+def test_resume_must_be_true_or_false() -> None:
+    find(frontend_problems(front(resume="yes please")), SRC, "resume", "true or false")
 
 
 @pytest.mark.parametrize("key", ["half_close_timeout", "connect_timeout"])

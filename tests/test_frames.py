@@ -313,6 +313,11 @@ class RecordingRelay:
         self.server.close()
 
 
+def is_control(frame: Frame) -> bool:
+    """A resume control message (bridge.resume): TEXT in either mode, never data."""
+    return frame.opcode == OP_TEXT and frame.payload.startswith(b"tcpbridge:")
+
+
 @pytest.mark.parametrize("frames", ["auto", "text"])
 def test_two_tcpbridge_ends_go_binary_unless_told_not_to(tmp_path: Path, frames: str) -> None:
     up, down = pattern(3 * 1024 * 1024 + 7), pattern(2 * 1024 * 1024 + 1)[::-1]
@@ -339,8 +344,12 @@ def test_two_tcpbridge_ends_go_binary_unless_told_not_to(tmp_path: Path, frames:
             assert sha256(bytes(target_got)) == sha256(up)
         request, sent = relay.frames(relay.up)
         response, received = relay.frames(relay.down)
-        sent_data = [f for f in sent if f.opcode in (OP_TEXT, OP_BINARY)]
-        received_data = [f for f in received if f.opcode in (OP_TEXT, OP_BINARY)]
+        sent_data = [f for f in sent if f.opcode in (OP_TEXT, OP_BINARY) and not is_control(f)]
+        received_data = [f for f in received if f.opcode in (OP_TEXT, OP_BINARY) and not is_control(f)]
+        # Resume is negotiated in either mode: the backend's consent comes first, then acks both ways.
+        assert is_control(received[0]) and received[0].payload.startswith(b"tcpbridge:resume ")
+        acks = [f.payload for f in sent if is_control(f)]
+        assert acks and all(ack.startswith(b"tcpbridge:ack ") for ack in acks)
         if frames == "auto":
             assert b"X-Tcpbridge-Offer: binary-frames\r\n" in request
             assert b"X-Tcpbridge-Frames: binary\r\n" in response

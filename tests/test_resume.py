@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bridge import resume
 from bridge.protocol import ProtocolViolation
-from bridge.resume import Ack, Consent, Receipts, ReplayBuffer, Resumed
+from bridge.resume import Ack, Consent, Receipts, ReplayBuffer, ReplayLost, Resumed
 
 SESSION = "0123456789abcdef0123456789abcdef"
 
@@ -102,6 +102,50 @@ def test_replay_is_exactly_the_unacknowledged_stream(steps: list[tuple[str, obje
             buffer.acknowledge(acked)
         assert buffer.held == len(stream) - acked <= 64
         assert b"".join(buffer.replay(acked)) == stream[acked:]
+
+
+def test_an_evicting_append_forgets_the_oldest_bytes_until_the_peer_acknowledges_past_them() -> None:
+    buffer = ReplayBuffer(8)
+    buffer.append(b"abcdef")
+    buffer.append(b"ghij", evict=True)
+    assert (buffer.sent, buffer.kept, buffer.held, buffer.room()) == (10, 8, 10, -2)
+    assert not buffer.complete
+    with pytest.raises(ReplayLost, match="2 bytes"):
+        buffer.replay(0)
+    buffer.acknowledge(2)
+    assert buffer.complete and buffer.replay(2) == [b"cdef", b"ghij"]
+    buffer.append(b"klmnopq", evict=True)  # 15 unacknowledged: the first 7 are forgotten
+    assert not buffer.complete
+    with pytest.raises(ReplayLost):
+        buffer.replay(2)
+    assert buffer.replay(9) == [b"j", b"klmnopq"]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=30).map(lambda b: ("send", b)),
+                          st.binary(min_size=1, max_size=30).map(lambda b: ("evict", b)),
+                          st.floats(0, 1).map(lambda f: ("ack", f))), max_size=60))
+def test_evictions_keep_memory_bounded_and_replay_exact_or_refused(steps: list[tuple[str, object]]) -> None:
+    buffer = ReplayBuffer(64)
+    stream = b""
+    acked = 0
+    for kind, value in steps:
+        if kind in ("send", "evict"):
+            assert isinstance(value, bytes)
+            data = value if kind == "evict" else value[:max(0, buffer.room())]
+            buffer.append(data, evict=kind == "evict")
+            stream += data
+        else:
+            assert isinstance(value, float)
+            acked = acked + int((len(stream) - acked) * value)
+            buffer.acknowledge(acked)
+        assert buffer.kept <= 64 and buffer.held == len(stream) - acked
+        assert buffer.complete or buffer.held > 64  # only an eviction loses bytes, and only past the limit
+        if buffer.complete:
+            assert b"".join(buffer.replay(acked)) == stream[acked:]
+        else:
+            with pytest.raises(ReplayLost):
+                buffer.replay(acked)
 
 
 # -- acknowledgements --------------------------------------------------------------------------

@@ -369,6 +369,32 @@ def test_a_stalled_target_stops_the_upload_instead_of_buffering_it(tmp_path: Pat
         pair.frontend.stop(), pair.backend.stop(), server.close()
 
 
+def test_a_client_that_sends_everything_before_reading_gets_everything(tmp_path: Path) -> None:
+    """Plain TCP carries this; a resumable tunnel must too, although the backend's acknowledgements of
+    the upload queue behind a download the client does not read yet (bridge.session)."""
+    size = 32 << 20  # more than loopback socket buffers hold on every hop
+    uploaded: list[str] = []
+
+    def target(conn: socket.socket) -> None:
+        sender = send_then_shutdown(conn, pattern(size))
+        uploaded.append(sha256(recv_all(conn)))
+        sender.join(30)
+
+    server = TcpServer(target)
+    pair = start_pair(tmp_path, server.address)
+    try:
+        with connect(pair) as client:
+            client.settimeout(60)
+            client.sendall(pattern(size)[::-1])  # reads nothing until all of it is in
+            client.shutdown(socket.SHUT_WR)
+            assert sha256(recv_all(client)) == sha256(pattern(size))
+        assert wait_until(lambda: bool(uploaded), timeout=10)
+        assert uploaded == [sha256(pattern(size)[::-1])]
+        assert pair.frontend.wait_for_log("closed (clean)")
+    finally:
+        pair.frontend.stop(), pair.backend.stop(), server.close()
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
