@@ -85,6 +85,16 @@ def failed_sockets(socks: Iterable[socket.socket]) -> set[int]:
     return {fd for fd, events in poller.poll(0) if events & select.POLLERR}
 
 
+def peer_hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has ended its side of the connection (its FIN arrived, read or not) or reset it."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLRDHUP)
+    except (OSError, ValueError):  # closed
+        return False
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+
+
 def send_queue_bytes(sock: socket.socket) -> int | None:
     """Bytes in the socket's send queue (written, not yet acknowledged by the peer), or None if unknown."""
     try:

@@ -39,13 +39,14 @@ from bridge import events, protocol, resume
 from bridge.config import TunnelOptions
 from bridge.endpoint import SEND_CLOSE_WAIT, Endpoint
 from bridge.events import Event
-from bridge.lifecycle import Action, Lifecycle, Step
+from bridge.lifecycle import Action, Lifecycle, Step, Up
 from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
 from bridge.session import Session
 from bridge.sockets import (
     describe_error,
     failed_sockets,
+    peer_hung_up,
     send_progress,
     send_queue_bytes,
     unacknowledged_segments,
@@ -57,11 +58,15 @@ log = logging.getLogger("tcpbridge.tunnel")
 
 #: How long an abort on a pump thread waits for a frame in progress before resetting the websocket instead.
 PUMP_CLOSE_WAIT = 1.0
+#: How often an aborted tunnel's release looks at whether the peer takes what we queued.
+RELEASE_POLL = 0.02
 #: How long we wait for the peer's close frame after sending ours.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
 #: A TCP write taking longer than this counts as stalled (a peer not reading), not as slow.
 TCP_WRITE_STALL = 1.0
+#: How long a reader stuck on a TCP peer that takes nothing may keep a tunnel whose websocket peer left.
+PEER_GONE_WAIT = 5.0
 
 
 #: What :meth:`Tunnel._blocked_sends_moved` compares per socket: its :func:`~bridge.sockets.send_progress`,
@@ -159,6 +164,8 @@ class Tunnel:
         self._tcp_failed = Kind.ABORTED_BY_TARGET if self.tcp_is_target else Kind.ABORTED_BY_CLIENT
         self._writing_tcp = False
         self._tcp_write_started = self.started
+        self._tcp_mark: tuple[int | None, int | None] | None = None
+        self._tcp_moved_at = self.started
         self._reading_since = self.started
         self._ping_sent_at: float | None = None
         self._close_queue: int | None = None
@@ -241,6 +248,10 @@ class Tunnel:
             return
         if self._blocked_sends_moved():
             self.last_activity = now  # bytes are flowing to a slow peer: busy, not idle
+        if self._peer_gone_behind_a_stalled_write(now):
+            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket peer hung up while the {self.tcp_role} "
+                                                       f"took nothing for {PEER_GONE_WAIT:g} s"))
+            return
         options = self.options
         idle = now - self.last_activity
         if options.idle_timeout and idle > options.idle_timeout:
@@ -255,6 +266,30 @@ class Tunnel:
         """Whether the websocket reader has been stuck writing one message to the TCP side for a while: it
         cannot read the peer's acknowledgements, so our sender must not wait for them (:mod:`bridge.session`)."""
         return self._writing_tcp and time.monotonic() - self._tcp_write_started > TCP_WRITE_STALL
+
+    def _peer_gone_behind_a_stalled_write(self, now: float) -> bool:
+        """Whether the websocket peer hung up while our reader is stuck on a TCP peer that took nothing
+        for PEER_GONE_WAIT: whatever it said last (an abort's close frame) waits behind bytes nobody
+        takes, and we would never read it.
+
+        Only while our TCP side has not ended and with ``half_close``: a peer's clean close then always
+        follows our marker, so this never cuts a clean end short (a target slow to read its last bytes
+        after the peer left gets them all). Without ``half_close`` such a tunnel waits for its target.
+        """
+        if not self.options.half_close or self._lifecycle.up is not Up.OPEN:
+            return False
+        return self._tcp_write_stuck_for(now) > PEER_GONE_WAIT and peer_hung_up(self._websocket.sock)
+
+    def _tcp_write_stuck_for(self, now: float) -> float:
+        """How long the reader's write to the TCP side has moved no byte (0 while not writing, or when the
+        kernel cannot tell)."""
+        if not self._writing_tcp:
+            self._tcp_mark = None
+            return 0.0
+        mark = send_progress(self._tcp)
+        if mark is None or mark != self._tcp_mark:
+            self._tcp_mark, self._tcp_moved_at = mark, now
+        return now - self._tcp_moved_at if mark is not None else 0.0
 
     def _blocked_sends_moved(self) -> bool:
         """Whether a write blocked on either socket moved since the housekeeper's last look.
@@ -480,6 +515,23 @@ class Tunnel:
                 case Action.SHUT_WEBSOCKET:
                     self._websocket.shutdown()
 
+    def _peer_takes_what_we_sent(self) -> bool:
+        """Whether the websocket's send queue empties within CLOSE_HANDSHAKE_TIMEOUT without standing still
+        for PUMP_CLOSE_WAIT (True also when the kernel cannot tell). Waits on the thread that ends the
+        tunnel, never on a pump."""
+        sock = self._websocket.sock
+        mark, moved_at = send_progress(sock), time.monotonic()
+        for _ in range(int(CLOSE_HANDSHAKE_TIMEOUT / RELEASE_POLL)):
+            if send_queue_bytes(sock) in (0, None):
+                return True
+            time.sleep(RELEASE_POLL)
+            now, latest = time.monotonic(), send_progress(sock)
+            if latest != mark:
+                mark, moved_at = latest, now
+            elif now - moved_at > PUMP_CLOSE_WAIT:
+                return False
+        return False
+
     def _send_close(self) -> None:
         # Never blocks (it runs on either pump or the housekeeper): a close frame that cannot
         # go now stays pending, and the housekeeper writes it once there is room.
@@ -514,6 +566,10 @@ class Tunnel:
             _shutdown(self._tcp, socket.SHUT_RDWR if self._writing_tcp else socket.SHUT_RD)
 
     def _release(self) -> None:
+        if self._lifecycle.aborted and not self._peer_takes_what_we_sent():
+            # Our abort's close frame and FIN wait behind bytes the peer does not take (its reader is
+            # stuck on its own TCP peer): they would never arrive. A RST always does.
+            reset_now(self._websocket.sock)
         self._websocket.shutdown()
         self._websocket.close()
         self._tcp.close()

@@ -13,6 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from bridge.backend import ServerEndpoint
+from bridge.config import TunnelOptions
+from bridge.frontend import ClientEndpoint
+from bridge.outcome import Kind
+from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bridge.sockets import failed_sockets
+from bridge.tunnel import PEER_GONE_WAIT, Tunnel, TunnelRegistry
 from bridge.workers import IDLE_SECONDS
 from tests.conftest import Pair, start_pair
 from tests.helpers import (
@@ -24,6 +31,7 @@ from tests.helpers import (
     sha256,
     wait_until,
 )
+from tests.test_session import tcp_pair
 
 SIZES = [1, 64 * 1024 + 1, 8 * 1024 * 1024]
 
@@ -400,3 +408,68 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_peer_that_hangs_up_behind_a_stalled_target_write_ends_the_tunnel() -> None:
+    """The websocket peer sends its abort's close frame and hangs up (a FIN, not a RST) while our reader
+    is stuck writing to a target that reads nothing: the frame is never read, so the hang-up ends it."""
+    back_tcp, target = tcp_pair()  # the target never reads
+    back_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # so that it is stuck soon
+    target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    peer_sock, back_ws = tcp_pair()
+    peer = ClientEndpoint(peer_sock, DEFAULT_MAX_MESSAGE_BYTES)
+    tunnel = Tunnel(back_tcp, ServerEndpoint(back_ws, b"", DEFAULT_MAX_MESSAGE_BYTES), label="t", peer="test",
+                    destination="test", options=TunnelOptions(ping_interval=0), tcp_role="target")
+    registry = TunnelRegistry()
+    registry.start()
+    outcome: list[object] = []
+    runner = threading.Thread(target=lambda: outcome.append(registry.run(tunnel)), daemon=True)
+    runner.start()
+    try:
+        def stuck() -> bool:
+            return tunnel._writing_tcp and time.monotonic() - tunnel._tcp_write_started > 0.05
+
+        for _ in range(2000):  # until our reader is stuck on the target, with room left on the way to us
+            peer.send_data(os.urandom(1 << 14))
+            if wait_until(stuck, timeout=0.1, interval=0.01):
+                break
+        assert tunnel._writing_tcp
+        peer.send_close(1011, "abort: client reset", wait=0)
+        peer_sock.shutdown(socket.SHUT_WR)  # a FIN: nothing of ours is unread, so no RST
+        runner.join(PEER_GONE_WAIT + 10)
+        assert not runner.is_alive(), "the tunnel outlived its hung-up peer"
+        assert outcome[0].kind is Kind.WEBSOCKET_DROPPED  # type: ignore[attr-defined]
+        target.settimeout(5)
+        with pytest.raises(ConnectionResetError):  # the target sees a reset, never a clean end
+            while target.recv(1 << 20):
+                pass
+    finally:
+        registry.stop()
+        for sock in (target, peer_sock):
+            sock.close()
+
+
+def test_an_abort_whose_close_frame_sits_behind_bytes_the_peer_does_not_take_resets_the_websocket() -> None:
+    """Our abort's close frame and FIN were written, but wait behind bytes a stuck peer does not take:
+    they would never arrive, so the websocket is reset (the peer's kernel sees that at once)."""
+    client, front_tcp = tcp_pair()
+    front_ws, peer = tcp_pair()  # the websocket peer reads nothing
+    front_ws.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)  # room: our writes never block
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    tunnel = Tunnel(front_tcp, ClientEndpoint(front_ws, DEFAULT_MAX_MESSAGE_BYTES), label="t", peer="test",
+                    destination="test", options=TunnelOptions(ping_interval=0), tcp_role="client", tcp_first=True)
+    registry = TunnelRegistry()
+    registry.start()
+    runner = threading.Thread(target=lambda: registry.run(tunnel), daemon=True)
+    runner.start()
+    try:
+        client.sendall(os.urandom(512 << 10))  # 1 MiB of hex: more than the peer takes, less than our queue
+        assert wait_until(lambda: tunnel.bytes_to_ws == 512 << 10, timeout=10)
+        reset(client)  # the housekeeper sees it and aborts; the close frame fits in our send queue
+        runner.join(10)
+        assert not runner.is_alive()
+        assert tunnel.outcome is not None and tunnel.outcome.kind is Kind.ABORTED_BY_CLIENT
+        assert wait_until(lambda: bool(failed_sockets([peer])), timeout=5), "the stuck peer never learnt of it"
+    finally:
+        registry.stop()
+        peer.close()
