@@ -9,14 +9,16 @@ end-of-stream marker is being written) or ``ENDED`` (the marker is on the wire);
 direction (the peer towards our TCP side) is ``OPEN`` or ``ENDED`` (its marker came); the
 **phase** is ``RUNNING``, ``CLOSING`` (our close 1000 is decided: we still deliver what the peer
 sent before it saw it) or ``DONE`` (no more bytes move). ``close_sent``: we decided on a close
-frame of ours (a close 1000, or the answer to the peer's). The outcome is set when the end is
-decided and fixed once the phase is ``DONE``.
+frame of ours (a close 1000, or the answer to the peer's). ``detached``: a resumable tunnel's
+websocket dropped and it waits for a new one (:mod:`bridge.resume`). The outcome is set when the end
+is decided and fixed once the phase is ``DONE``.
 
 ==========================  ====================================  =====================================================
 event                       when                                  actions, then state
 ==========================  ====================================  =====================================================
 ``tcp_ended``               phase not RUNNING, or up not OPEN     none
-                            ``half_close`` off                    SEND_CLOSE, SHUT_TCP_READ; CLOSING, outcome clean
+                            ``half_close`` off                    as ``close(clean)``
+                            detached                              none; up ENDING (``attached`` sends the marker)
                             down ENDED (the last marker)          SEND_END_OF_STREAM_AND_CLOSE, SHUT_TCP_READ;
                                                                   up ENDING, CLOSING, outcome clean
                             otherwise                             SEND_END_OF_STREAM; up ENDING
@@ -30,8 +32,16 @@ event                       when                                  actions, then 
                             otherwise                             ANSWER_CLOSE, SHUT_TCP_BOTH; DONE, close sent,
                                                                   outcome clean if up not OPEN, else closed_by_peer
 ``websocket_dropped``       close sent (the end we asked for)     none
+                            resumable, RUNNING, detached          none (the other pump saw the same drop)
+                            resumable, RUNNING                    DETACH; detached
                             otherwise                             as ``abort(websocket_dropped)``
+``attached(peer_has_marker)``  not RUNNING or not detached        none
+                            up OPEN                               none; not detached
+                            up not OPEN, the peer lacks our       SEND_END_OF_STREAM (again; then
+                            marker                                ``end_of_stream_sent``); not detached
+                            up not OPEN, the peer has it          not detached; as ``end_of_stream_sent``
 ``close(outcome)``          DONE, or close sent                   none
+                            detached (no websocket to close)      as ``abort(websocket_dropped)``, outcome's detail
                             otherwise                             SEND_CLOSE, SHUT_TCP_READ; CLOSING, close sent
 ``abort(outcome, code)``    DONE                                  none
                             otherwise                             RESET_TCP, SEND_ABORT_CLOSE (unless a close was
@@ -42,7 +52,8 @@ So a close frame of ours is decided at most once, a clean close never overtakes 
 end-of-stream marker (it waits for ``end_of_stream_sent``, or goes in the same write; a timeout's
 close may be decided while the marker is still being written, and the websocket's send lock then
 puts it on the wire after the marker), the TCP side is never shut cleanly after an abort (it is
-reset), and ``DONE`` is final.
+reset), and ``DONE`` is final. A tunnel that ends while detached ends as an abort: whatever the
+peer had not received is lost with the websocket, so it must never look clean.
 """
 
 from __future__ import annotations
@@ -95,6 +106,8 @@ class Action(enum.Enum):
     RESET_TCP = "reset TCP"
     #: Shut the websocket's connection down, waking threads blocked on it.
     SHUT_WEBSOCKET = "shut websocket"
+    #: The websocket is gone and the tunnel resumable: let go of it and wait for a new one.
+    DETACH = "detach"
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class Lifecycle:
         self.phase = Phase.RUNNING
         self.close_sent = False
         self.aborted = False
+        self.detached = False
         self.outcome: Outcome | None = None
 
     # -- what the pumps and the housekeeper ask --------------------------------
@@ -152,6 +166,8 @@ class Lifecycle:
         if not self.half_close:
             return self.close(CLEAN)
         self.up = Up.ENDING  # before the marker leaves: the peer may answer it at once
+        if self.detached:
+            return NOTHING  # the marker is owed: attached() sends it on the new websocket
         if self.down is Down.ENDED:
             self._start_closing(CLEAN)
             return Step((Action.SEND_END_OF_STREAM_AND_CLOSE, Action.SHUT_TCP_READ))
@@ -186,16 +202,38 @@ class Lifecycle:
         self.outcome = CLEAN if self.up is not Up.OPEN else CLOSED_BY_PEER
         return Step((Action.ANSWER_CLOSE, Action.SHUT_TCP_BOTH))
 
-    def websocket_dropped(self, outcome: Outcome) -> Step:
-        """The websocket failed or ended without a close frame; ``outcome`` says how."""
+    def websocket_dropped(self, outcome: Outcome, *, resumable: bool = False) -> Step:
+        """The websocket failed or ended without a close frame; ``outcome`` says how. ``resumable``: the
+        tunnel's session can take a new websocket, so it detaches instead of aborting."""
         if self.close_sent:
             return NOTHING  # after our close frame, a hang-up is the end we asked for
+        if resumable and self.phase is Phase.RUNNING:
+            if self.detached:
+                return NOTHING
+            self.detached = True
+            return Step((Action.DETACH,))
         return self.abort(outcome)
+
+    def attached(self, peer_has_marker: bool) -> Step:
+        """A new websocket replaced the dropped one; ``peer_has_marker``: the peer's Resumed says our
+        end-of-stream marker reached it. A marker we decided on and the peer lacks goes again."""
+        if self.phase is not Phase.RUNNING or not self.detached:
+            return NOTHING
+        self.detached = False
+        if self.up is Up.OPEN:
+            return NOTHING
+        if not peer_has_marker:
+            self.up = Up.ENDING
+            return Step((Action.SEND_END_OF_STREAM,))
+        return self.end_of_stream_sent()
 
     def close(self, outcome: Outcome) -> Step:
         """End gracefully with ``outcome``: close 1000, stop reading TCP; the peer's data still comes."""
         if self.phase is Phase.DONE or self.close_sent:
             return NOTHING
+        if self.detached:
+            return self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and not resumed "
+                                                              f"before the end ({outcome.detail})"))
         self._start_closing(outcome)
         return Step((Action.SEND_CLOSE, Action.SHUT_TCP_READ))
 

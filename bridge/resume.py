@@ -20,8 +20,10 @@ binary mode alike (after the binary switch, a TEXT message is otherwise a protoc
   digits (128 bits from :mod:`secrets`), ``buffer`` the bytes it keeps for replay;
 * ``tcpbridge:ack <received>``: the sender has received ``received`` stream bytes in all (since the
   tunnel began, across websockets), so the peer may forget them;
-* ``tcpbridge:resumed <received>``: the first message on a re-attached websocket, from each side: how
-  many stream bytes it received in all; the other side replays from there.
+* ``tcpbridge:resumed <received>[ end]``: the first message on a re-attached websocket, from each
+  side: how many stream bytes it received in all, and ``end`` if the peer's end-of-stream marker
+  came after them; the other side replays from there (the marker too, if it had sent one and
+  ``end`` is missing).
 
 Byte counts are of the TCP stream (decoded bytes, whatever the message mode), as decimal digits.
 
@@ -99,9 +101,11 @@ class Ack(NamedTuple):
 
 
 class Resumed(NamedTuple):
-    """First message on a re-attached websocket: the sender has received ``received`` stream bytes in all."""
+    """First message on a re-attached websocket: the sender has received ``received`` stream bytes in all,
+    and (``ended``) the end-of-stream marker after them."""
 
     received: int
+    ended: bool = False
 
 
 Control = Consent | Ack | Resumed
@@ -115,7 +119,7 @@ def encode(message: Control) -> str:
         return f"{PREFIX}resume {message.session} {_count(message.buffer)}"
     if isinstance(message, Ack):
         return f"{PREFIX}ack {_count(message.received)}"
-    return f"{PREFIX}resumed {_count(message.received)}"
+    return f"{PREFIX}resumed {_count(message.received)}{' end' if message.ended else ''}"
 
 
 def is_control(text: str) -> bool:
@@ -131,8 +135,8 @@ def decode(text: str) -> Control:
             return Consent(args[0], _parse_count(args[1]))
         if verb == "ack" and len(args) == 1:
             return Ack(_parse_count(args[0]))
-        if verb == "resumed" and len(args) == 1:
-            return Resumed(_parse_count(args[0]))
+        if verb == "resumed" and (len(args) == 1 or (len(args) == 2 and args[1] == "end")):
+            return Resumed(_parse_count(args[0]), ended=len(args) == 2)
     except ValueError:
         pass
     raise ProtocolViolation(CloseCode.INVALID_DATA, f"malformed control message {text[:60]!r}")

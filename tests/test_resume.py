@@ -24,6 +24,7 @@ SESSION = "0123456789abcdef0123456789abcdef"
     (Ack(0), "tcpbridge:ack 0"),
     (Ack(123456789012), "tcpbridge:ack 123456789012"),
     (Resumed(7), "tcpbridge:resumed 7"),
+    (Resumed(0, ended=True), "tcpbridge:resumed 0 end"),
 ])
 def test_control_messages_encode_and_decode(message: resume.Control, text: str) -> None:
     assert resume.encode(message) == text
@@ -35,7 +36,8 @@ def test_control_messages_encode_and_decode(message: resume.Control, text: str) 
     "tcpbridge:", "tcpbridge:ack", "tcpbridge:ack -1", "tcpbridge:ack 01", "tcpbridge:ack 1 2", "tcpbridge:ack x",
     "tcpbridge:ack 9223372036854775808", "tcpbridge:ACK 1", "tcpbridge:resume 1234 5",
     f"tcpbridge:resume {SESSION.upper()} 5", f"tcpbridge:resume {SESSION}", "tcpbridge:resumed", "tcpbridge:hello 1",
-    "tcpbridge:ack  1", "tcpbridge:ack 1 ",
+    "tcpbridge:ack  1", "tcpbridge:ack 1 ", "tcpbridge:resumed 1 END", "tcpbridge:resumed 1 end end",
+    "tcpbridge:resumed end", "tcpbridge:ack 1 end",
 ])
 def test_malformed_control_messages_are_invalid_data(text: str) -> None:
     with pytest.raises(ProtocolViolation) as raised:
