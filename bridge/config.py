@@ -92,7 +92,8 @@ class TunnelOptions:
     idle_timeout: float = 0.0
     frames: str = "auto"
     #: Whether a tunnel outlives a dropped websocket between two tcpbridge ends (:mod:`bridge.resume`).
-    resume: bool = True
+    #: Off by default until re-attaching exists: keeping what was sent costs bulk throughput today.
+    resume: bool = False
     #: The bytes each side keeps for replay per direction; a full buffer stops reading the TCP side.
     resume_buffer: int = DEFAULT_BUFFER
 

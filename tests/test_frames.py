@@ -332,11 +332,11 @@ def test_two_tcpbridge_ends_go_binary_unless_told_not_to(tmp_path: Path, frames:
     target = TcpServer(target_handler)
     port = free_port()
     config = write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, "listeners": [
-        {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": target.address}}]})
+        {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": target.address}, "resume": True}]})
     relay = RecordingRelay(port)
     try:
         with started(backend(config)), \
-                our_frontend(tmp_path, f"ws://127.0.0.1:{relay.port}", frames=frames) as front, \
+                our_frontend(tmp_path, f"ws://127.0.0.1:{relay.port}", frames=frames, resume=True) as front, \
                 socket.create_connection(("127.0.0.1", front), timeout=10) as client:
             send_then_shutdown(client, up)
             assert sha256(recv_all(client, timeout=30)) == sha256(down)

@@ -360,7 +360,7 @@ def consent_of(frame_payload: bytes) -> Consent:
 
 
 def test_our_backend_consents_first_with_a_fresh_session_and_acknowledges(tmp_path: Path) -> None:
-    with echo_backend(tmp_path, resume_buffer=2 * SMALL) as port:
+    with echo_backend(tmp_path, resume=True, resume_buffer=2 * SMALL) as port:
         sessions = set()
         for _ in range(2):
             ws = dial_backend(port, RESUME_OFFER)
@@ -387,7 +387,7 @@ def test_our_backend_consents_first_with_a_fresh_session_and_acknowledges(tmp_pa
 
 @pytest.mark.parametrize("case", ["no offer", "resume: false", "malformed offer", "two offers"])
 def test_our_backend_without_a_valid_offer_sends_nothing_new(tmp_path: Path, case: str) -> None:
-    options = {"resume": False} if case == "resume: false" else {}
+    options = {"resume": case != "resume: false"}
     headers = {"no offer": [], "resume: false": [RESUME_OFFER], "malformed offer": [f"{resume.RESUME_HEADER}: 4MiB"],
                "two offers": [RESUME_OFFER, RESUME_OFFER]}[case]
     with echo_backend(tmp_path, **options) as port:

@@ -389,7 +389,7 @@ def test_a_client_that_sends_everything_before_reading_gets_everything(tmp_path:
         sender.join(30)
 
     server = TcpServer(target)
-    pair = start_pair(tmp_path, server.address)
+    pair = start_pair(tmp_path, server.address, tunnel_extra={"resume": True}, listener_extra={"resume": True})
     try:
         with connect(pair) as client:
             client.settimeout(60)
