@@ -86,15 +86,6 @@ def closed(payload: bytes) -> Closed:
     return Closed(code, reason)
 
 
-_CONTROL_PREFIX = resume.PREFIX.encode("ascii")
-
-
-def _is_control(payload: bytes | memoryview) -> bool:
-    """Whether a whole TEXT message is a control message: one frame starting with the prefix (a control
-    message is never fragmented: we write each as one frame)."""
-    return bytes(payload[:len(_CONTROL_PREFIX)]) == _CONTROL_PREFIX
-
-
 class Endpoint:
     """The websocket half of a tunnel: frames in and out of ``sock``.
 
@@ -327,7 +318,8 @@ class Endpoint:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
             else:
                 self._message_binary = opcode == protocol.OPCODE_BINARY
-                if self.resume and not self._message_binary and frame.fin and _is_control(frame.payload):
+                # A control message is always one frame: we write each as one.
+                if self.resume and not self._message_binary and frame.fin and resume.is_control(frame.payload):
                     return resume.decode(bytes(frame.payload).decode("ascii", "replace"))
             self._in_message = not frame.fin
             result = self._decoder.feed(frame.payload, binary=self._message_binary, message_finished=frame.fin)

@@ -45,6 +45,7 @@ from bridge.protocol import CloseCode, ProtocolViolation
 
 #: What starts every control message: never hex, never empty.
 PREFIX: Final = "tcpbridge:"
+_PREFIX_BYTES: Final = PREFIX.encode("ascii")
 #: The request header that offers resume; its value is the frontend's replay buffer in bytes.
 RESUME_HEADER: Final = "X-Tcpbridge-Resume"
 #: The request header that re-attaches a websocket to a session.
@@ -122,9 +123,9 @@ def encode(message: Control) -> str:
     return f"{PREFIX}resumed {_count(message.received)}{' end' if message.ended else ''}"
 
 
-def is_control(text: str) -> bool:
+def is_control(payload: bytes | memoryview) -> bool:
     """Whether a received TEXT payload is a control message rather than data (or the end-of-stream marker)."""
-    return text.startswith(PREFIX)
+    return bytes(payload[:len(_PREFIX_BYTES)]) == _PREFIX_BYTES
 
 
 def decode(text: str) -> Control:

@@ -164,7 +164,7 @@ class Tunnel:
         self._tcp_failed = Kind.ABORTED_BY_TARGET if self.tcp_is_target else Kind.ABORTED_BY_CLIENT
         self._writing_tcp = False
         self._tcp_write_started = self.started
-        self._tcp_mark: tuple[int | None, int | None] | None = None
+        #: When the reader's TCP write last moved a byte, as the housekeeper's samples saw it.
         self._tcp_moved_at = self.started
         self._reading_since = self.started
         self._ping_sent_at: float | None = None
@@ -246,7 +246,7 @@ class Tunnel:
         if self._lifecycle.close_sent:
             self._await_close_reply(now)
             return
-        if self._blocked_sends_moved():
+        if self._blocked_sends_moved(now):
             self.last_activity = now  # bytes are flowing to a slow peer: busy, not idle
         if self._peer_gone_behind_a_stalled_write(now):
             self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket peer hung up while the {self.tcp_role} "
@@ -282,16 +282,10 @@ class Tunnel:
 
     def _tcp_write_stuck_for(self, now: float) -> float:
         """How long the reader's write to the TCP side has moved no byte (0 while not writing, or when the
-        kernel cannot tell)."""
-        if not self._writing_tcp:
-            self._tcp_mark = None
-            return 0.0
-        mark = send_progress(self._tcp)
-        if mark is None or mark != self._tcp_mark:
-            self._tcp_mark, self._tcp_moved_at = mark, now
-        return now - self._tcp_moved_at if mark is not None else 0.0
+        kernel cannot tell), from :meth:`_blocked_sends_moved`'s samples."""
+        return now - self._tcp_moved_at if self._writing_tcp else 0.0
 
-    def _blocked_sends_moved(self) -> bool:
+    def _blocked_sends_moved(self, now: float) -> bool:
         """Whether a write blocked on either socket moved since the housekeeper's last look.
 
         A write blocked on a peer that still takes bytes (its kernel acknowledges
@@ -305,6 +299,8 @@ class Tunnel:
             return False
         tcp_mark = send_progress(self._tcp) if writing_tcp else False
         ws_mark = send_progress(self._websocket.sock) if sending else False
+        if tcp_mark is None or self._send_marks is None or tcp_mark != self._send_marks[0]:
+            self._tcp_moved_at = now  # the TCP write moved, started, or cannot be told from a stall
         if tcp_mark is None or ws_mark is None:
             return True
         marks = (tcp_mark, ws_mark)
@@ -522,7 +518,7 @@ class Tunnel:
         sock = self._websocket.sock
         mark, moved_at = send_progress(sock), time.monotonic()
         for _ in range(int(CLOSE_HANDSHAKE_TIMEOUT / RELEASE_POLL)):
-            if send_queue_bytes(sock) in (0, None):
+            if mark is None or mark[1] in (0, None):  # (bytes acknowledged, send queue)
                 return True
             time.sleep(RELEASE_POLL)
             now, latest = time.monotonic(), send_progress(sock)

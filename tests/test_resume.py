@@ -28,7 +28,7 @@ SESSION = "0123456789abcdef0123456789abcdef"
 ])
 def test_control_messages_encode_and_decode(message: resume.Control, text: str) -> None:
     assert resume.encode(message) == text
-    assert resume.is_control(text)
+    assert resume.is_control(text.encode())
     assert resume.decode(text) == message
 
 
@@ -48,7 +48,7 @@ def test_malformed_control_messages_are_invalid_data(text: str) -> None:
 @given(st.binary(max_size=64))
 def test_no_data_message_or_marker_is_a_control_message(data: bytes) -> None:
     for text in (data.hex(), data.hex().upper()):
-        assert not resume.is_control(text)
+        assert not resume.is_control(text.encode())
 
 
 def test_session_ids_are_128_random_bits_compared_in_constant_time() -> None:
