@@ -96,6 +96,8 @@ class TunnelOptions:
     resume: bool = False
     #: The bytes each side keeps for replay per direction; a full buffer stops reading the TCP side.
     resume_buffer: int = DEFAULT_BUFFER
+    #: How long a tunnel whose websocket dropped waits for a new one (the frontend redials meanwhile).
+    resume_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -385,7 +387,8 @@ def load_backend(path: str | Path) -> BackendConfig:
 T = TypeVar("T")
 
 _OPTION_KEYS = ("half_close", "half_close_timeout", "connect_timeout", "max_message_bytes",
-                "ping_interval", "ping_timeout", "idle_timeout", "frames", "resume", "resume_buffer")
+                "ping_interval", "ping_timeout", "idle_timeout", "frames", "resume", "resume_buffer",
+                "resume_timeout")
 _DIAL_KEYS = ("headers", "basic_auth", "tls", "proxy", "max_connections")
 _SERVICE_KEYS = ("metrics", "control_socket", "workers", "cpu_affinity", "log_target")
 _FRONTEND_KEYS = ("backend", "log_level", "drain_timeout", "tunnels", *_SERVICE_KEYS, *_DIAL_KEYS, *_OPTION_KEYS)
@@ -680,6 +683,7 @@ def _options(check: _Checker, where: str, data: Mapping[str, Any], base: TunnelO
         frames=check.field(where, data, "frames", _frames, base.frames),
         resume=check.field(where, data, "resume", _boolean, base.resume),
         resume_buffer=check.field(where, data, "resume_buffer", _resume_buffer, base.resume_buffer),
+        resume_timeout=check.field(where, data, "resume_timeout", _positive_seconds, base.resume_timeout),
     )
 
 

@@ -274,10 +274,16 @@ class Receipts:
     def due(self, now: float) -> Ack | None:
         """The acknowledgement to send now (the housekeeper asks every tick), if any is due by size or time."""
         pending = self.received - self.acknowledged
-        if not pending or self._since is None:
+        if pending <= 0 or self._since is None:
             return None
         if pending < self.threshold and now - self._since < self.interval:
             return None
         self.acknowledged = self.received
         self._since = None
         return Ack(self.received)
+
+    def resumed(self, taken: int) -> None:
+        """A re-attached peer was told ``taken`` bytes (received, some perhaps still being delivered) and
+        forgets them: acknowledge nothing below that, since acknowledgements never go back."""
+        self.acknowledged = max(self.acknowledged, taken)
+        self._since = None

@@ -26,10 +26,15 @@ import threading
 from collections.abc import Callable
 
 from bridge import resume
-from bridge.resume import Ack, Consent, Receipts, ReplayBuffer
+from bridge.resume import Ack, Consent, Receipts, ReplayBuffer, Resumed
 
 #: How often a sender waiting for an acknowledgement asks whether its own reader is stalled.
 STALL_CHECK_INTERVAL = 0.25
+
+
+class ResumeRefused(Exception):
+    """The peer refused to re-attach the session (unknown or expired id, a token that no longer passes):
+    trying again cannot help, and the tunnel ends as an abort with this message as its reason."""
 
 
 class Session:
@@ -52,6 +57,11 @@ class Session:
         self._room = threading.Condition(self._lock)
         #: True while the sender waits for an acknowledgement (backpressure, not a dead peer).
         self.waiting = False
+        #: Stream bytes the reader took from the websocket in all (delivered, or about to be): what a
+        #: re-attached peer is told we received. Only the reader changes it, under the tunnel's take lock.
+        self.taken = 0
+        #: Whether the reader took the peer's end-of-stream marker.
+        self.marker_taken = False
 
     @property
     def active(self) -> bool:
@@ -118,6 +128,24 @@ class Session:
         """The acknowledgement due by time (the housekeeper asks every tick), if any."""
         with self._lock:
             return self.receipts.due(now) if self.consented else None
+
+    def resumed(self) -> Resumed:
+        """What we tell a re-attached peer we received (the first message on the new websocket); from now
+        on no acknowledgement says less. The caller holds the take lock (the count stands still)."""
+        with self._lock:
+            self.receipts.resumed(self.taken)
+            return Resumed(self.taken, ended=self.marker_taken)
+
+    def replay_from(self, received: int) -> list[bytes]:
+        """What to send again to a re-attached peer that received ``received`` bytes in all (they count as
+        acknowledged: a waiting sender wakes). ReplayLost if some were evicted, ProtocolViolation if the
+        count is impossible."""
+        with self._lock:
+            assert self.replay is not None, "only a consented session re-attaches"
+            try:
+                return self.replay.replay(received)
+            finally:
+                self._room.notify_all()
 
     def close(self) -> None:
         """The tunnel is ending: wake a waiting sender for good."""

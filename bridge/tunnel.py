@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import random
 import secrets
 import socket
 import struct
@@ -37,12 +38,12 @@ from dataclasses import dataclass
 
 from bridge import events, protocol, resume
 from bridge.config import TunnelOptions
-from bridge.endpoint import SEND_CLOSE_WAIT, Endpoint
+from bridge.endpoint import SEND_CLOSE_WAIT, Closed, Endpoint
 from bridge.events import Event
 from bridge.lifecycle import Action, Lifecycle, Step, Up
 from bridge.outcome import CLEAN, HALF_CLOSE_TIMEOUT, Kind, Outcome
 from bridge.protocol import CloseCode, EndOfStream, ProtocolViolation
-from bridge.session import Session
+from bridge.session import ResumeRefused, Session
 from bridge.sockets import (
     describe_error,
     failed_sockets,
@@ -67,6 +68,16 @@ HOUSEKEEPING_INTERVAL = 0.25
 TCP_WRITE_STALL = 1.0
 #: How long a reader stuck on a TCP peer that takes nothing may keep a tunnel whose websocket peer left.
 PEER_GONE_WAIT = 5.0
+#: How long a re-attaching side waits for the peer's :class:`~bridge.resume.Resumed`.
+ATTACH_TIMEOUT = 10.0
+#: The frontend's redial backoff after a drop: first wait, doubling up to the last, each with jitter.
+REDIAL_FIRST_DELAY = 0.1
+REDIAL_MAX_DELAY = 5.0
+
+#: Opens a new websocket to a detached tunnel's session (the frontend's dial with the session header).
+#: Raises :class:`~bridge.session.ResumeRefused` when the backend refuses it, OSError (or any other
+#: Exception) when it may work later.
+Redial = Callable[[], Endpoint]
 
 
 #: What :meth:`Tunnel._blocked_sends_moved` compares per socket: its :func:`~bridge.sockets.send_progress`,
@@ -138,6 +149,7 @@ class Tunnel:
         tcp_first: bool = False,
         tunnel_id: str | None = None,
         session: Session | None = None,
+        redial: Redial | None = None,
     ) -> None:
         self.id = tunnel_id or new_tunnel_id()
         self.label = label
@@ -172,6 +184,21 @@ class Tunnel:
         self._close_progress_at = 0.0
         self._send_marks: tuple[_SendMark, _SendMark] | None = None
         self._pump_threads: set[int] = set()
+        # Re-attaching (resumable tunnels only). The websocket in use changes under both locks, and its
+        # generation with it: the reader holds _take_lock while it takes a message (and counts it), the
+        # sender holds _send_gate while it keeps and sends a chunk, so a re-attach sees stable counts
+        # and no byte goes to a websocket that was replaced. Parked pumps wait on _attached.
+        self._generation = 0
+        self._take_lock = threading.Lock()
+        self._send_gate = threading.Lock()
+        self._attach_lock = threading.Lock()  # one re-attach at a time
+        self._attached = threading.Condition(self._lock)
+        self._detached_at = self.started
+        self._redial = redial
+        self._workers: WorkerPool | None = None
+        #: Re-attachments so far, and the stream bytes they sent again.
+        self.resumes = 0
+        self.bytes_replayed = 0
 
     # -- public -------------------------------------------------------------
 
@@ -201,6 +228,7 @@ class Tunnel:
         (see ``tcp_first``), at once; the other direction runs on a thread from
         ``workers``, which takes a wake-up to start.
         """
+        self._workers = workers
         pooled_done = threading.Lock()
         pooled_done.acquire()
         if self.tcp_first:
@@ -239,6 +267,9 @@ class Tunnel:
         """
         if self._lifecycle.done:
             return
+        if self._lifecycle.detached:
+            self._check_resume_deadline(now)
+            return
         if self._session is not None and (ack := self._session.due(now)) is not None:
             self._websocket.queue_ack(ack)  # also flushes what else is pending
         else:
@@ -261,6 +292,12 @@ class Tunnel:
             self._carry_out(self._decide(Lifecycle.close, HALF_CLOSE_TIMEOUT))
         elif options.ping_interval:
             self._keepalive(now)
+
+    def _check_resume_deadline(self, now: float) -> None:
+        waited = now - self._detached_at
+        if waited > self.options.resume_timeout:
+            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and not resumed within "
+                                                       f"{self.options.resume_timeout:g} s"))
 
     def _tcp_write_stalled(self) -> bool:
         """Whether the websocket reader has been stuck writing one message to the TCP side for a while: it
@@ -325,9 +362,10 @@ class Tunnel:
             log.debug("tunnel %s: no close frame from the peer in %.0f s", self.id, waited)
             self._websocket.shutdown()
 
-    def watched_sockets(self) -> tuple[socket.socket, socket.socket]:
-        """The TCP and websocket sockets, for the housekeeper's check for failed connections."""
-        return self._tcp, self._websocket.sock
+    def watched_sockets(self) -> tuple[socket.socket, ...]:
+        """The TCP and websocket sockets, for the housekeeper's check for failed connections (only the TCP
+        socket while detached: the websocket's is the dropped one)."""
+        return (self._tcp,) if self._lifecycle.detached else (self._tcp, self._websocket.sock)
 
     def socket_failed(self, sock: socket.socket) -> None:
         """Called by the housekeeper when ``sock`` (one of :meth:`watched_sockets`) has failed.
@@ -338,8 +376,8 @@ class Tunnel:
         """
         if sock is self._tcp:
             self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset"))
-        else:
-            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket connection reset"))
+        elif sock is self._websocket.sock:
+            self._report_lost(self._generation, Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket connection reset"))
 
     def _keepalive(self, now: float) -> None:
         """Ping a quiet peer; abort if it stays silent for ping_timeout while we were able to read.
@@ -367,8 +405,9 @@ class Tunnel:
         # is dead.
         if unacknowledged_segments(self._websocket.sock) == 0:
             return
-        self.abort(Outcome(Kind.PEER_UNRESPONSIVE, f"abort: websocket peer unresponsive (nothing received or "
-                                                   f"acknowledged for {now - last_received:.0f} s after a ping)"))
+        self._report_lost(self._generation, Outcome(
+            Kind.PEER_UNRESPONSIVE, f"abort: websocket peer unresponsive (nothing received or acknowledged for "
+                                    f"{now - last_received:.0f} s after a ping)"))
 
     # -- directions -----------------------------------------------------------
 
@@ -381,7 +420,7 @@ class Tunnel:
             self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: internal error ({exc})"))
 
     def _tcp_to_ws(self) -> None:
-        tcp, websocket, session = self._tcp, self._websocket, self._session
+        tcp, session = self._tcp, self._session
         while True:
             size = protocol.READ_CHUNK if session is None else session.send_room(protocol.READ_CHUNK,
                                                                                    self._tcp_write_stalled)
@@ -397,34 +436,61 @@ class Tunnel:
             if not data:
                 break
             self.last_activity = time.monotonic()
-            if session is not None:
-                session.sent(data)  # before the send: a drop during it must find the bytes kept
-            try:
-                websocket.send_data(data)
-            except OSError as exc:
-                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({describe_error(exc)})"))
+            if not self._send(data):
                 return
             self.bytes_to_ws += len(data)
-        step = self._decide(Lifecycle.tcp_ended)
-        try:
-            self._carry_out(step)
-        except OSError as exc:  # only the marker's write raises
-            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({describe_error(exc)})"))
+        self._send_end_of_stream()
+
+    def _send(self, data: bytes) -> bool:
+        """Send ``data`` on the websocket; False if the tunnel ended. A resumable tunnel keeps it first
+        (a drop during the send must find it kept) and, if the websocket drops, waits for a new one,
+        which gets it again from the replay."""
+        session = self._session
+        if session is None:
+            try:
+                self._websocket.send_data(data)
+            except OSError as exc:
+                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({describe_error(exc)})"))
+                return False
+            return True
+        with self._send_gate:
+            generation, websocket = self._generation, self._websocket
+            session.sent(data)
+            try:
+                websocket.send_data(data)
+                return True
+            except OSError as exc:
+                failure = exc
+        lost = Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket send failed ({describe_error(failure)})")
+        return self._report_lost(generation, lost) and self._await_attach(generation)
+
+    def _send_end_of_stream(self) -> None:
+        """Our TCP side ended: what the lifecycle decides (our marker, perhaps with our close). Under the
+        send gate, so a re-attach either sees the marker sent or owes it (:meth:`attach`)."""
+        with self._send_gate:
+            generation = self._generation
+            step = self._decide(Lifecycle.tcp_ended)
+            try:
+                self._carry_out(step)
+                failure = None
+            except OSError as exc:  # only the marker's write raises
+                failure = exc
+        if failure is not None:
+            # A resumable tunnel owes the marker now; the re-attach sends it again.
+            self._report_lost(generation, Outcome(Kind.WEBSOCKET_DROPPED,
+                                                  f"abort: websocket send failed ({describe_error(failure)})"))
             return
         if Action.SEND_END_OF_STREAM in step:
             self.last_activity = time.monotonic()
             self._carry_out(self._decide(Lifecycle.end_of_stream_sent))
 
     def _ws_to_tcp(self) -> None:
-        tcp, websocket, session = self._tcp, self._websocket, self._session
+        tcp, session = self._tcp, self._session
         while True:
             try:
-                event = websocket.receive()
-                if session is not None and not session.decided and session.first_message(event):
-                    continue  # the backend's consent: the session is resumable
-                if isinstance(event, resume.Control):
-                    self._on_control(event)
-                    continue
+                with self._take_lock:
+                    generation, websocket = self._generation, self._websocket
+                    event = self._take(websocket)
             except ProtocolViolation as violation:
                 log.warning("tunnel %s [%s]: bad frame from the websocket peer: %s (closing with %d)",
                             self.id, self.label, violation.reason, violation.code,
@@ -433,8 +499,11 @@ class Tunnel:
                 return
             except OSError as exc:  # WebSocketDropped included
                 dropped = Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped ({describe_error(exc)})")
-                self._carry_out(self._decide(Lifecycle.websocket_dropped, dropped))
+                if self._report_lost(generation, dropped) and self._await_attach(generation):
+                    continue
                 return
+            if event is None:
+                continue
             if isinstance(event, bytes):
                 if not event:
                     continue
@@ -450,7 +519,7 @@ class Tunnel:
                     self._reading_since = self.last_activity = time.monotonic()
                 self.bytes_to_tcp += len(event)
                 if session is not None and (ack := session.received(len(event), self.last_activity)) is not None:
-                    websocket.queue_ack(ack)
+                    self._websocket.queue_ack(ack)
             elif isinstance(event, EndOfStream):
                 step = self._decide(Lifecycle.end_of_stream_received)
                 if step.actions:
@@ -459,6 +528,27 @@ class Tunnel:
             else:
                 self._carry_out(self._decide(Lifecycle.close_received, event.code, event.reason))
                 return
+
+    def _take(self, websocket: Endpoint) -> bytes | EndOfStream | Closed | None:
+        """The next message from ``websocket`` for the TCP side, counted; None for one the session consumed
+        (the backend's consent, an acknowledgement). The caller holds the take lock."""
+        event = websocket.receive()
+        session = self._session
+        if session is None:
+            if isinstance(event, resume.Control):  # the endpoint only returns these with resume on
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "control message on a tunnel that did not "
+                                        "negotiate resume")
+            return event
+        if not session.decided and session.first_message(event):
+            return None  # the backend's consent: the session is resumable
+        if isinstance(event, resume.Control):
+            self._on_control(event)
+            return None
+        if isinstance(event, bytes):
+            session.taken += len(event)
+        elif isinstance(event, EndOfStream):
+            session.marker_taken = True
+        return event
 
     def _on_control(self, message: resume.Control) -> None:
         """A control message from the peer (after the frontend's first message, see :meth:`_ws_to_tcp`).
@@ -484,9 +574,158 @@ class Tunnel:
             if self._lifecycle.close_sent and not closing:
                 self._close_sent_at = time.monotonic()
             running = self._lifecycle.running
+            if not running:
+                self._attached.notify_all()  # pumps parked for a new websocket: the tunnel ended
         if not running and self._session is not None:
             self._session.close()  # a sender waiting for an acknowledgement has nothing left to wait for
         return step
+
+    # -- detaching and re-attaching (resumable tunnels) -------------------------
+
+    def _report_lost(self, generation: int, outcome: Outcome) -> bool:
+        """The websocket of ``generation`` failed (``outcome`` says how, should the tunnel end of it).
+
+        A resumable tunnel detaches; any other ends. True if the tunnel goes on: detached (it waits
+        for a new websocket), or the failed one was already replaced. Never blocks.
+        """
+        resumable = self._session is not None and self._session.replayable
+        with self._lock:
+            if generation != self._generation:
+                return True  # a stale failure: that websocket was replaced already
+        step = self._decide(lambda lifecycle: lifecycle.websocket_dropped(outcome, resumable=resumable))
+        self._carry_out(step)
+        return self._lifecycle.detached and not self._lifecycle.done
+
+    def _await_attach(self, generation: int) -> bool:
+        """Park a pump while the tunnel is detached from the websocket of ``generation``; True once a new
+        websocket is attached, False if the tunnel ended (resume_timeout, an abort)."""
+        with self._attached:
+            while self._lifecycle.detached and self._generation == generation and not self._lifecycle.done:
+                self._attached.wait(HOUSEKEEPING_INTERVAL * 4)
+            return self._generation != generation and not self._lifecycle.done
+
+    def _detach(self) -> None:
+        """The DETACH action: let the dropped websocket go, and (the frontend) start dialling again."""
+        self._detached_at = time.monotonic()
+        self._websocket.shutdown()  # wakes a pump still blocked on it
+        log.info("tunnel %s [%s]: websocket dropped, resuming (waiting up to %g s)", self.id, self.label,
+                 self.options.resume_timeout, extra=events.mark(None, self.facts()))
+        if self._redial is not None and self._workers is not None:
+            try:
+                self._workers.submit(self._reattach, name=f"tunnel-{self.id}-redial")
+            except RuntimeError as exc:
+                self.abort(Outcome(Kind.INTERNAL_ERROR, f"abort: cannot start the redial thread ({exc})"))
+
+    def _reattach(self) -> None:
+        """Dial a new websocket for the session until one attaches, the backend refuses, or resume_timeout
+        passes (the housekeeper then ends the tunnel); backing off with jitter between attempts."""
+        assert self._redial is not None
+        delay = REDIAL_FIRST_DELAY
+        while self._lifecycle.detached and not self._lifecycle.done:
+            if time.monotonic() - self._detached_at > self.options.resume_timeout:
+                return
+            try:
+                endpoint = self._redial()
+            except ResumeRefused as refusal:
+                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and resuming was refused "
+                                                           f"({refusal})"))
+                return
+            except Exception as exc:  # a dial failure of any kind: the backend may be back soon
+                log.debug("tunnel %s: redial failed: %s", self.id, exc)
+            else:
+                if self.attach(endpoint):
+                    return
+                endpoint.close()
+            with self._attached:
+                self._attached.wait(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, REDIAL_MAX_DELAY)
+
+    def attach(self, endpoint: Endpoint) -> bool:
+        """Go on over ``endpoint``, a new websocket for this tunnel's session. True if it was taken.
+
+        Each side first says what it received (:class:`~bridge.resume.Resumed`, the first message
+        both ways) and then sends again what the other lacks, and our marker if the peer lacks it.
+        Runs on the thread that holds the new websocket (the backend's upgrade, the frontend's
+        redial), never on a pump. A websocket that still looks alive is replaced: whoever calls
+        this has proven the session is theirs. False, with ``endpoint`` left to the caller, if the
+        tunnel ended or the new websocket failed before it was attached (the tunnel stays detached);
+        a peer that cannot be resumed (bytes no longer kept, a bad Resumed) ends the tunnel.
+        """
+        session = self._session
+        if session is None or not session.consented:
+            return False
+        with self._attach_lock:
+            if not self._lifecycle.detached:
+                self._report_lost(self._generation, Outcome(Kind.WEBSOCKET_DROPPED,
+                                                            "abort: websocket replaced by a new one"))
+            if not self._lifecycle.detached or self._lifecycle.done:
+                return False
+            with self._send_gate:
+                with self._take_lock:
+                    try:
+                        chunks, step, old = self._swap(session, endpoint)
+                    except OSError as exc:
+                        log.info("tunnel %s [%s]: a new websocket failed before it was attached: %s", self.id,
+                                 self.label, describe_error(exc), extra=events.mark(None, self.facts()))
+                        return False
+                    except ProtocolViolation as violation:
+                        self.abort(Outcome(Kind.BAD_FRAME, f"bad frame while resuming: {violation.reason}"))
+                        return False
+                    except resume.ReplayLost as lost:
+                        self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and cannot be "
+                                                                   f"resumed ({lost})"))
+                        return False
+                old.close()
+                self._replay(chunks, step)
+        return True
+
+    def _swap(self, session: Session, endpoint: Endpoint) -> tuple[list[bytes], Step, Endpoint]:
+        """Trade Resumed messages over ``endpoint`` and make it the tunnel's websocket; the bytes to send
+        again, the lifecycle's step, and the old websocket. The caller holds both pump locks."""
+        endpoint.send_control(session.resumed())
+        theirs = self._receive_resumed(endpoint)
+        chunks = session.replay_from(theirs.received)
+        with self._attached:
+            old, self._websocket = self._websocket, endpoint
+            self._generation += 1
+            step = self._lifecycle.attached(theirs.ended)
+            self._attached.notify_all()
+        waited = time.monotonic() - self._detached_at
+        replayed = sum(map(len, chunks))
+        self.resumes += 1
+        self.bytes_replayed += replayed
+        self.last_activity = time.monotonic()
+        log.info("tunnel %s [%s]: resumed after %.1f s, replayed %d B", self.id, self.label, waited, replayed,
+                 extra=events.mark(None, self.facts()))
+        return chunks, step, old
+
+    @staticmethod
+    def _receive_resumed(endpoint: Endpoint) -> resume.Resumed:
+        """The peer's first message on a new websocket: its Resumed, within ATTACH_TIMEOUT."""
+        endpoint.sock.settimeout(ATTACH_TIMEOUT)
+        try:
+            message = endpoint.receive()
+        finally:
+            endpoint.sock.settimeout(None)
+        if not isinstance(message, resume.Resumed):
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "a re-attached websocket did not start with "
+                                    "the peer's resumed message")
+        return message
+
+    def _replay(self, chunks: list[bytes], step: Step) -> None:
+        """Send again what the peer lacks, then what the lifecycle decided on re-attaching (our marker).
+        The caller holds the send gate; the reader already reads the new websocket."""
+        generation = self._generation
+        try:
+            for chunk in chunks:
+                self._websocket.send_data(chunk)
+            self._carry_out(step)
+        except OSError as exc:
+            self._report_lost(generation, Outcome(Kind.WEBSOCKET_DROPPED,
+                                                  f"abort: websocket send failed ({describe_error(exc)})"))
+            return
+        if Action.SEND_END_OF_STREAM in step:
+            self._carry_out(self._decide(Lifecycle.end_of_stream_sent))
 
     def _carry_out(self, step: Step) -> None:
         """Do what the lifecycle decided, in its order. Only sending our marker raises (OSError)."""
@@ -510,6 +749,8 @@ class Tunnel:
                     _shutdown(self._tcp, socket.SHUT_RDWR)  # wakes our reader, which then sees the tunnel done
                 case Action.SHUT_WEBSOCKET:
                     self._websocket.shutdown()
+                case Action.DETACH:
+                    self._detach()
 
     def _peer_takes_what_we_sent(self) -> bool:
         """Whether the websocket's send queue empties within CLOSE_HANDSHAKE_TIMEOUT without standing still

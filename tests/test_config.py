@@ -546,8 +546,10 @@ def test_resume_is_off_with_a_4_mib_buffer_unless_configured() -> None:
     assert (t.options.resume, t.options.resume_buffer) == (True, 65536)
     t = parse_frontend(front(tunnel(resume=False), resume=True), SRC).tunnels[0]
     assert not t.options.resume  # the tunnel's own setting wins
-    listener_options = parse_backend(back(listener(resume=True, resume_buffer=1 << 30)), SRC).listeners[0].options
+    listener_options = parse_backend(back(listener(resume=True, resume_buffer=1 << 30, resume_timeout=5)),
+                                     SRC).listeners[0].options
     assert (listener_options.resume, listener_options.resume_buffer) == (True, 1 << 30)
+    assert listener_options.resume_timeout == 5.0 and t.options.resume_timeout == 60.0
 
 
 @pytest.mark.parametrize("value", [65535, 0, -1, (1 << 30) + 1, "4MiB", 1.5, True])
@@ -1007,3 +1009,9 @@ def test_log_target_defaults_to_auto_and_is_a_top_level_start_time_key() -> None
 def test_bad_log_target(value: object, kind: str) -> None:
     for problems in both_problems(log_target=value):
         assert problems == [f"{SRC}: log_target: {LOG_TARGET_RULE}, got {kind}"]
+
+
+@pytest.mark.parametrize("value", [0, -1, "a minute"])
+def test_resume_timeout_must_be_seconds_above_zero(value: object) -> None:
+    find(frontend_problems(front(tunnel(resume_timeout=value))), SRC, "tunnels[0] 't'", "resume_timeout", "seconds")
+    find(backend_problems(back(listener(resume_timeout=value))), SRC, "listeners[0] 'main'", "resume_timeout")

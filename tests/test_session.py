@@ -1,9 +1,9 @@
 """The resumable session (bridge.session): its rules alone, then two in-process pumps that use it over
 real loopback sockets, then our backend's consent as a real process sees it.
 
-Detaching and re-attaching are not here yet: these tests prove what every resumable tunnel does while
-its websocket lives (keep, acknowledge, wait at a full buffer) and that a peer that is not ours never
-sees any of it.
+The pumps prove what every resumable tunnel does while its websocket lives (keep, acknowledge, wait
+at a full buffer) and that a peer that is not ours never sees any of it; then what it does when the
+websocket is cut: detach, dial again, trade what each side received, replay exactly the rest.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation
 from bridge.resume import Ack, Consent
-from bridge.session import Session
-from bridge.tunnel import Tunnel, TunnelRegistry
+from bridge.session import ResumeRefused, Session
+from bridge.tunnel import Redial, Tunnel, TunnelRegistry, reset_now
 from tests.gopeer import OP_TEXT
 from tests.helpers import pattern, recv_all, recv_exactly, send_then_shutdown, sha256, wait_until
 from tests.test_frames import dial_backend, echo_backend, next_data_frame
@@ -173,10 +173,44 @@ class Bridge:
             assert not thread.is_alive(), "a tunnel did not end"
 
 
-def _tunnel(tcp: socket.socket, websocket: Endpoint, role: str, buffer: int, session: Session | None) -> Tunnel:
-    options = TunnelOptions(resume_buffer=buffer, ping_interval=0)
+def _tunnel(tcp: socket.socket, websocket: Endpoint, role: str, buffer: int, session: Session | None,
+            redial: Redial | None = None, resume_timeout: float = 60.0) -> Tunnel:
+    options = TunnelOptions(resume_buffer=buffer, ping_interval=0, resume_timeout=resume_timeout)
     return Tunnel(tcp, websocket, label=role, peer="test", destination="test", options=options,
-                  tcp_role=role, tcp_first=role == "client", session=session)
+                  tcp_role=role, tcp_first=role == "client", session=session, redial=redial)
+
+
+class Rewire:
+    """The frontend's redial for an in-process bridge: a new loopback websocket whose backend end
+    attaches to the backend tunnel on its own thread, as the backend daemon's upgrade would.
+    ``refuse``: answer with ResumeRefused instead; ``fail``: this many dials fail first."""
+
+    def __init__(self) -> None:
+        self.back: Tunnel | None = None
+        self.refuse = False
+        self.fail = 0
+        self.dials = 0
+        self.attached: list[bool] = []
+
+    def __call__(self) -> Endpoint:
+        self.dials += 1
+        if self.refuse:
+            raise ResumeRefused("the backend does not know this session")
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionRefusedError("connection refused")
+        front_ws, back_ws = tcp_pair()
+        back_end = ServerEndpoint(back_ws, b"", DEFAULT_MAX_MESSAGE_BYTES, resume=True)
+        back = self.back
+        assert back is not None
+
+        def attach() -> None:
+            taken = back.attach(back_end)
+            self.attached.append(taken)
+            if not taken:
+                back_end.close()
+        in_thread(attach)
+        return ClientEndpoint(front_ws, DEFAULT_MAX_MESSAGE_BYTES, resume=True)
 
 
 @pytest.fixture
@@ -188,7 +222,7 @@ def registry() -> Iterator[TunnelRegistry]:
 
 
 def start_bridge(registry: TunnelRegistry, *, buffer: int = SMALL, backend_resumes: bool = True,
-                 backend_first: bytes = b"") -> Bridge:
+                 backend_first: bytes = b"", rewire: Rewire | None = None, resume_timeout: float = 60.0) -> Bridge:
     """``backend_resumes=False``: the backend end is not ours (or has ``resume: false``): it neither
     consents nor accepts control messages; ``backend_first`` is data it sends before anything else."""
     client, front_tcp = tcp_pair()
@@ -202,8 +236,11 @@ def start_bridge(registry: TunnelRegistry, *, buffer: int = SMALL, backend_resum
         back_end.send_control(Consent(SESSION_ID, buffer))
     if backend_first:
         back_end.send_data(backend_first)
-    front = _tunnel(front_tcp, front_end, "client", buffer, Session(buffer, consented=False))
-    back = _tunnel(back_tcp, back_end, "target", buffer, back_session)
+    front = _tunnel(front_tcp, front_end, "client", buffer, Session(buffer, consented=False), rewire,
+                    resume_timeout)
+    back = _tunnel(back_tcp, back_end, "target", buffer, back_session, resume_timeout=resume_timeout)
+    if rewire is not None:
+        rewire.back = back
     outcomes: dict[str, Outcome] = {}
 
     def run(name: str, tunnel: Tunnel) -> threading.Thread:
@@ -344,6 +381,220 @@ def test_a_consent_after_data_is_a_protocol_error(registry: TunnelRegistry) -> N
     runner.join(10)
     assert outcome[0].kind is Kind.BAD_FRAME
     client.close(), back_ws.close()
+
+
+# ---------------------------------------------------------------------------
+# Cut websockets: detach, dial again, replay exactly the rest
+
+
+def cut(tunnel: Tunnel, how: str = "reset") -> None:
+    """Cut the tunnel's websocket under it: a RST, or a FIN both ways (what a dying proxy sends)."""
+    sock = tunnel._websocket.sock
+    if how == "reset":
+        reset_now(sock)
+    else:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def reader_of(sock: socket.socket) -> tuple[threading.Thread, list[bytes]]:
+    got: list[bytes] = []
+    return in_thread(lambda: got.append(recv_all(sock, timeout=60))), got
+
+
+def test_both_directions_arrive_whole_through_five_cuts(registry: TunnelRegistry) -> None:
+    """8 MiB each way while the websocket is cut five times, by RST and by FIN, from either end: every
+    byte arrives exactly once and in order, and the tunnel still ends clean."""
+    rewire = Rewire()
+    bridge = start_bridge(registry, rewire=rewire)
+    up, down = os.urandom(8 << 20), os.urandom(8 << 20)
+    download = send_then_shutdown(bridge.target, down)
+    target_reader, uploaded = reader_of(bridge.target)
+    client_reader, downloaded = reader_of(bridge.client)
+    piece = len(up) // 8
+    for index in range(8):
+        bridge.client.sendall(up[index * piece:(index + 1) * piece])
+        if index < 5:
+            cut(bridge.front if index % 2 else bridge.back, "reset" if index < 3 else "shutdown")
+            resumed = index + 1
+            assert wait_until(lambda n=resumed: bridge.front.resumes == n == bridge.back.resumes, timeout=20), \
+                f"cut {index + 1} was not resumed"
+    bridge.client.shutdown(socket.SHUT_WR)
+    target_reader.join(60), client_reader.join(60), download.join(5)
+    assert sha256(uploaded[0]) == sha256(up)
+    assert sha256(downloaded[0]) == sha256(down)
+    bridge.join()
+    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+    assert rewire.attached == [True] * 5
+
+
+def test_a_cut_while_the_target_stalls_replays_what_the_backend_had_not_taken(registry: TunnelRegistry) -> None:
+    """The target reads nothing: the frontend stops at its buffer, perhaps part of it still in flight. A
+    cut loses the bytes in flight; the replay sends exactly those, and memory stays bounded."""
+    rewire = Rewire()
+    bridge = start_bridge(registry, rewire=rewire)
+    data = pattern(8 << 20)
+    upload = send_then_shutdown(bridge.client, data)
+    front, back = session_of(bridge.front), session_of(bridge.back)
+    assert wait_until(lambda: front.waiting and bridge.back._tcp_write_stalled(), timeout=10), \
+        "the sender never waited for the stalled target"
+    assert front.replay is not None and front.replay.held <= SMALL
+    in_flight = front.replay.sent - back.taken  # 0 when the message the backend delivers was the last sent
+    cut(bridge.front)
+    assert wait_until(lambda: bridge.front.resumes == 1, timeout=20)
+    assert bridge.front.bytes_replayed == in_flight
+    assert front.replay.held <= SMALL
+    assert sha256(recv_all(bridge.target)) == sha256(data)
+    upload.join(5)
+    bridge.target.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.client) == b""
+    bridge.join()
+    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+
+
+@pytest.mark.parametrize("how", ["reset", "shutdown"])
+def test_a_cut_after_the_client_half_closed_keeps_the_half_close(registry: TunnelRegistry, how: str) -> None:
+    """The client sent everything and its FIN; the target answers after the cut. The marker is not sent
+    twice, nor lost: the target sees the end once, and the answer arrives whole."""
+    rewire = Rewire()
+    bridge = start_bridge(registry, rewire=rewire)
+    bridge.client.sendall(b"request")
+    bridge.client.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.target) == b"request"  # the target saw the end
+    cut(bridge.back, how)
+    assert wait_until(lambda: bridge.front.resumes == 1 == bridge.back.resumes, timeout=20)
+    answer = pattern(1 << 20)
+    bridge.target.sendall(answer)
+    bridge.target.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.client) == answer
+    bridge.join()
+    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+
+
+def test_a_cut_in_the_middle_of_the_last_answer_after_the_targets_marker(registry: TunnelRegistry) -> None:
+    """The target answered and closed while the client was still sending; the websocket is cut before
+    the client's end. Both markers go through the re-attached websocket exactly once."""
+    rewire = Rewire()
+    bridge = start_bridge(registry, rewire=rewire)
+    bridge.target.sendall(b"banner")
+    bridge.target.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.client) == b"banner"
+    cut(bridge.front, "shutdown")
+    assert wait_until(lambda: bridge.front.resumes == 1 == bridge.back.resumes, timeout=20)
+    bridge.client.sendall(b"late words")
+    bridge.client.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.target) == b"late words"
+    bridge.join()
+    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+
+
+def test_a_websocket_that_still_looks_alive_is_replaced_by_a_proven_one(registry: TunnelRegistry) -> None:
+    """The frontend saw the path die first and dialled again; to the backend the old websocket still
+    looks fine. The new one replaces it, and bytes on both keep their order."""
+    bridge = start_bridge(registry)  # no redial: this test attaches by hand, both ends still attached
+    bridge.client.sendall(b"before ")
+    assert recv_exactly(bridge.target, 7) == b"before "
+    front_ws, back_ws = tcp_pair()
+    back_end = ServerEndpoint(back_ws, b"", DEFAULT_MAX_MESSAGE_BYTES, resume=True)
+    attached: list[bool] = []
+    backend_attach = in_thread(lambda: attached.append(bridge.back.attach(back_end)))
+    assert bridge.front.attach(ClientEndpoint(front_ws, DEFAULT_MAX_MESSAGE_BYTES, resume=True))
+    backend_attach.join(10)
+    assert attached == [True]
+    bridge.client.sendall(b"after")
+    bridge.client.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.target) == b"after"
+    bridge.target.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.client) == b""
+    bridge.join()
+    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+
+
+def assert_reset(sock: socket.socket) -> None:
+    with pytest.raises(ConnectionResetError):
+        recv_all(sock, timeout=20)
+
+
+def test_a_tunnel_not_resumed_within_resume_timeout_ends_as_an_abort(registry: TunnelRegistry) -> None:
+    rewire = Rewire()
+    rewire.fail = 1000  # the backend stays unreachable
+    bridge = start_bridge(registry, rewire=rewire, resume_timeout=1.0)
+    assert wait_until(lambda: session_of(bridge.front).replayable, timeout=5)
+    bridge.client.sendall(b"hello")
+    assert recv_exactly(bridge.target, 5) == b"hello"
+    cut(bridge.front)
+    assert_reset(bridge.client)
+    assert_reset(bridge.target)
+    bridge.join()
+    for name in ("front", "back"):
+        outcome = bridge.outcomes[name]
+        assert outcome.kind is Kind.WEBSOCKET_DROPPED and "not resumed within 1 s" in outcome.detail
+    assert 2 <= rewire.dials <= 20  # backing off, not spinning
+
+
+def test_a_refused_resume_ends_the_frontend_at_once(registry: TunnelRegistry) -> None:
+    rewire = Rewire()
+    rewire.refuse = True
+    bridge = start_bridge(registry, rewire=rewire, resume_timeout=30.0)
+    assert wait_until(lambda: session_of(bridge.front).replayable, timeout=5)  # the consent came
+    cut(bridge.front)
+    assert_reset(bridge.client)
+    assert wait_until(lambda: "front" in bridge.outcomes, timeout=5)
+    outcome = bridge.outcomes["front"]
+    assert outcome.kind is Kind.WEBSOCKET_DROPPED and "refused" in outcome.detail
+    assert rewire.dials == 1  # a refusal is final: no dial after it
+    bridge.back.abort(Outcome(Kind.SHUTDOWN, "abort: test over"))
+    bridge.join()
+
+
+def detached_backend(registry: TunnelRegistry, target_sends: bytes) -> tuple[Tunnel, socket.socket, list[Outcome]]:
+    """A backend tunnel whose target sent ``target_sends`` to a websocket peer that read none of it and
+    dropped; the tunnel waits for a new websocket. Returns it, its target's socket, its outcome."""
+    back_tcp, target = tcp_pair()
+    front_ws, back_ws = tcp_pair()
+    back_end = ServerEndpoint(back_ws, b"", DEFAULT_MAX_MESSAGE_BYTES, resume=True)
+    back = _tunnel(back_tcp, back_end, "target", SMALL, Session(SMALL, consented=True, session_id=SESSION_ID))
+    outcome: list[Outcome] = []
+    in_thread(lambda: outcome.append(registry.run(back)))
+    target.sendall(target_sends)
+    assert wait_until(lambda: back.bytes_to_ws == len(target_sends), timeout=10)
+    front_ws.close()  # the first websocket drops, its bytes unread
+    assert wait_until(lambda: back._lifecycle.detached, timeout=10)
+    return back, target, outcome
+
+
+def reattach_by_hand(back: Tunnel, said: resume.Resumed) -> tuple[ClientEndpoint, threading.Thread, list[bool]]:
+    """Attach a new websocket to ``back`` from a hand-driven frontend end that says ``said`` first."""
+    ours, theirs = tcp_pair()
+    peer = ClientEndpoint(ours, DEFAULT_MAX_MESSAGE_BYTES, resume=True)
+    peer.send_control(said)
+    attached: list[bool] = []
+    attach = in_thread(lambda: attached.append(back.attach(ServerEndpoint(theirs, b"", DEFAULT_MAX_MESSAGE_BYTES,
+                                                                           resume=True))))
+    return peer, attach, attached
+
+
+def test_a_reattached_peer_is_told_what_we_took_and_gets_exactly_what_it_lacked(registry: TunnelRegistry) -> None:
+    back, target, _ = detached_backend(registry, b"0123456789")
+    peer, attach, attached = reattach_by_hand(back, resume.Resumed(4))  # "I had 4 of your bytes"
+    assert peer.receive() == resume.Resumed(0)  # the backend had taken nothing from us
+    assert peer.receive() == b"456789"
+    attach.join(10)
+    assert attached == [True] and back.bytes_replayed == 6 and back.resumes == 1
+    peer.send_data(b"up")
+    assert recv_exactly(target, 2) == b"up"
+    target.close()
+    peer.sock.close()
+
+
+def test_a_resumed_message_claiming_bytes_never_sent_ends_the_tunnel(registry: TunnelRegistry) -> None:
+    back, target, outcome = detached_backend(registry, b"twelve bytes")
+    peer, attach, attached = reattach_by_hand(back, resume.Resumed(13))
+    attach.join(10)
+    assert attached == [False]
+    assert wait_until(lambda: bool(outcome), timeout=10)
+    assert outcome[0].kind is Kind.BAD_FRAME and "resuming" in outcome[0].detail
+    target.close()
+    peer.sock.close()
 
 
 # ---------------------------------------------------------------------------
