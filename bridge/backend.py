@@ -328,6 +328,10 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             key = self._check_upgrade()
             self._check_origin(listener)
             self._check_token(listener, route)
+            resumed = self._resumed_tunnel(listener, route)
+            if resumed is not None:
+                self._reattach(listener, resumed, key)
+                return
             target = self._target(listener, route)
             release = self._admit(listener, route)
         except UpgradeRefused as refused:
@@ -378,6 +382,38 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             session=session,
         )
         self.server.registry.run(pump)
+
+    def _resumed_tunnel(self, listener: Listener, route: str) -> Tunnel | None:
+        """The tunnel a re-attaching request names (:data:`~bridge.resume.SESSION_HEADER`), None when it
+        names none; UpgradeRefused 404 when no live resumable tunnel of this listener and route has that
+        id (unknown, ended, expired: the answer never says which, nor repeats the id)."""
+        values = self.headers.get_all(resume.SESSION_HEADER) or []
+        if not values:
+            return None
+        tunnel = None
+        if len(values) == 1 and listener.options.resume and resume.is_session_id(values[0].strip()):
+            tunnel = self.server.registry.resumable(values[0].strip())
+        if tunnel is None or tunnel.label != f"{listener.name}/{route}":
+            raise UpgradeRefused(HTTPStatus.NOT_FOUND, "no resumable tunnel has that session (unknown, ended or "
+                                 "past resume_timeout)")
+        return tunnel
+
+    def _reattach(self, listener: Listener, tunnel: Tunnel, key: str) -> None:
+        """Answer the upgrade and hand the new websocket to ``tunnel``; hold the connection while it is the
+        tunnel's (this thread's return would let the server close it)."""
+        self.close_connection = True
+        binary = listener.options.frames == "auto" and \
+            protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER) or [])
+        try:
+            received = self._upgrade(key, binary)
+        except OSError as exc:
+            log.info("tunnel %s [%s]: client %s left while re-attaching: %s", tunnel.id, tunnel.label, self._peer(),
+                     exc, extra=events.mark(None, tunnel.facts()))
+            return
+        endpoint = ServerEndpoint(self.connection, received, listener.options.max_message_bytes,
+                                  binary_consented=binary, resume=True)
+        if tunnel.attach(endpoint):
+            tunnel.hold(endpoint)
 
     def _consent_to_resume(self, listener: Listener) -> Session | None:
         """The session of a tunnel whose frontend offered resume, if this listener allows it (its consent

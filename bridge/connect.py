@@ -46,7 +46,7 @@ from typing import Any
 
 from bridge import config
 from bridge.config import ConfigError, FrontendTunnel, redact_url
-from bridge.frontend import offered_session, open_endpoint
+from bridge.frontend import offered_session, open_endpoint, redial_for
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import CloseCode
 from bridge.secrets import SecretResolver
@@ -212,8 +212,10 @@ def connect(tunnel: FrontendTunnel, stdin: int = 0, stdout: int = 1) -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     ours, theirs = socket.socketpair()
+    session = offered_session(tunnel)
+    redial = redial_for(tunnel, session, SecretResolver()) if session is not None else None
     pump = Tunnel(theirs, websocket, label=tunnel.name, peer="stdio", destination=url, options=tunnel.options,
-                  tcp_role="stdio", session=offered_session(tunnel))
+                  tcp_role="stdio", session=session, redial=redial)
     return _pump(pump, ours, stdin, stdout, url)
 
 

@@ -31,7 +31,7 @@ from bridge.handshake import HandshakeError
 from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
-from bridge.session import Session
+from bridge.session import ResumeRefused, Session
 from bridge.sockets import describe_error
 from bridge.transport import (
     NAME_MISMATCH_CODES,
@@ -43,7 +43,7 @@ from bridge.transport import (
     time_left,
     tls_context,
 )
-from bridge.tunnel import Opening, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
+from bridge.tunnel import Opening, Redial, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
 
@@ -88,8 +88,9 @@ class ClientEndpoint(Endpoint):
 # ---------------------------------------------------------------------------
 # Dialing: the websocket handshake over a transport from bridge.transport
 
-def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str]:
-    """The extra upgrade-request header lines of ``tunnel``, secrets read now, and the offer of binary messages."""
+def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver, session_id: str | None = None) -> list[str]:
+    """The extra upgrade-request header lines of ``tunnel``, secrets read now, and the offer of binary messages;
+    with ``session_id``, the header that re-attaches to that session."""
     try:
         lines = [f"{name}: {secrets.resolve(value)}" for name, value in tunnel.headers]
         if tunnel.basic_auth:
@@ -100,6 +101,8 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver) -> list[str
         lines.append(f"{protocol.OFFER_HEADER}: {protocol.OFFER_BINARY}")
     if tunnel.options.resume:
         lines.append(f"{resume.RESUME_HEADER}: {tunnel.options.resume_buffer}")
+    if session_id is not None:
+        lines.append(f"{resume.SESSION_HEADER}: {session_id}")
     return lines
 
 
@@ -108,10 +111,31 @@ def offered_session(tunnel: FrontendTunnel) -> Session | None:
     return Session(tunnel.options.resume_buffer, consented=False) if tunnel.options.resume else None
 
 
+#: Refusals of a re-attaching dial that trying again cannot change: the session is unknown or expired
+#: (404), or the token or Origin no longer passes (401, 403).
+RESUME_REFUSALS = frozenset({401, 403, 404})
+
+
+def redial_for(tunnel: FrontendTunnel, session: Session, secrets: SecretResolver) -> Redial:
+    """The :data:`~bridge.tunnel.Redial` of a resumable tunnel: the same dial, headers (secrets read again),
+    token and TLS checks, plus the session header."""
+    def redial() -> Endpoint:
+        if session.id is None:
+            raise ResumeRefused("the backend never consented to resume")
+        try:
+            return open_endpoint(tunnel, secrets, session_id=session.id)
+        except DialError as exc:
+            if exc.status in RESUME_REFUSALS:
+                raise ResumeRefused(str(exc)) from None
+            raise
+    return redial
+
+
 def open_endpoint(tunnel: FrontendTunnel, secrets: SecretResolver,
-                 environ: Mapping[str, str] = os.environ) -> ClientEndpoint:
-    """Dial one websocket of ``tunnel`` (see :func:`dial`) and wrap it, binary if the backend consented."""
-    opened = dial(tunnel, secrets, environ)
+                 environ: Mapping[str, str] = os.environ, *, session_id: str | None = None) -> ClientEndpoint:
+    """Dial one websocket of ``tunnel`` (see :func:`dial`) and wrap it, binary if the backend consented;
+    ``session_id``: re-attach to that session."""
+    opened = dial(tunnel, secrets, environ, session_id=session_id)
     consent = tunnel.options.frames == "auto" and protocol.binary_accepted(
         [name for name, _ in tunnel.headers], opened.headers)
     try:
@@ -132,7 +156,8 @@ class Opened:
     received: bytes
 
 
-def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, str] = os.environ) -> Opened:
+def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, str] = os.environ, *,
+         session_id: str | None = None) -> Opened:
     """Open the websocket for one connection of ``tunnel``; raise DialError saying why not.
 
     No Origin header and no extension offer are sent (the Go backend refuses
@@ -145,7 +170,7 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
     url = tunnel.url
     timeout = tunnel.options.connect_timeout
     deadline = time.monotonic() + timeout
-    header = request_headers(tunnel, secrets)
+    header = request_headers(tunnel, secrets, session_id)
     proxy = choose_proxy(url, tunnel.proxy, environ)
     via = f" via proxy {proxy}" if proxy else ""
     sock: socket.socket | None = None
@@ -431,6 +456,7 @@ class Frontend:
             client.close()
             return
         self.registry.stats.handshake(tunnel.name, time.monotonic() - accepted)
+        session = offered_session(tunnel)
         pump = Tunnel(
             client,
             websocket,
@@ -441,7 +467,8 @@ class Frontend:
             tcp_role="client",
             tcp_first=True,  # most clients speak first (ssh, postgres, redis, http)
             tunnel_id=tunnel_id,
-            session=offered_session(tunnel),
+            session=session,
+            redial=redial_for(tunnel, session, self.secrets) if session is not None else None,
         )
         self.registry.run(pump)
 

@@ -31,11 +31,16 @@ event                       when                                  actions, then 
                             close sent (the peer's answer)        SHUT_TCP_BOTH; DONE
                             otherwise                             ANSWER_CLOSE, SHUT_TCP_BOTH; DONE, close sent,
                                                                   outcome clean if up not OPEN, else closed_by_peer
-``websocket_dropped``       close sent (the end we asked for)     none
-                            resumable, RUNNING, detached          none (the other pump saw the same drop)
-                            resumable, RUNNING                    DETACH; detached
+``websocket_dropped``       DONE                                  none
+                            resumable, detached                   none (the other pump saw the same drop)
+                            resumable (RUNNING or CLOSING)        DETACH; detached
+                            close sent (the end we asked for)     none
                             otherwise                             as ``abort(websocket_dropped)``
-``attached(peer_has_marker)``  not RUNNING or not detached        none
+``attached(peer_has_marker)``  DONE, or not detached              none
+                            CLOSING, up not OPEN, the peer        SEND_END_OF_STREAM_AND_CLOSE; not detached
+                            lacks our marker
+                            CLOSING otherwise                     SEND_CLOSE (again); not detached, up ENDED
+                                                                  unless OPEN
                             up OPEN                               none; not detached
                             up not OPEN, the peer lacks our       SEND_END_OF_STREAM (again; then
                             marker                                ``end_of_stream_sent``); not detached
@@ -48,7 +53,11 @@ event                       when                                  actions, then 
                                                                   sent), SHUT_WEBSOCKET; DONE, aborted
 ==========================  ====================================  =====================================================
 
-So a close frame of ours is decided at most once, a clean close never overtakes our own
+``resumable`` is the caller's: the session can take a new websocket, and the peer may lack something
+(the tunnel says no once the peer acknowledged our marker and our close is sent, since nothing of ours
+can be missing then). A close of ours that went down with its websocket goes again on the next one.
+
+So a close frame of ours is decided at most once per websocket, a clean close never overtakes our own
 end-of-stream marker (it waits for ``end_of_stream_sent``, or goes in the same write; a timeout's
 close may be decided while the marker is still being written, and the websocket's send lock then
 puts it on the wire after the marker), the TCP side is never shut cleanly after an abort (it is
@@ -204,22 +213,32 @@ class Lifecycle:
 
     def websocket_dropped(self, outcome: Outcome, *, resumable: bool = False) -> Step:
         """The websocket failed or ended without a close frame; ``outcome`` says how. ``resumable``: the
-        tunnel's session can take a new websocket, so it detaches instead of aborting."""
-        if self.close_sent:
-            return NOTHING  # after our close frame, a hang-up is the end we asked for
-        if resumable and self.phase is Phase.RUNNING:
+        tunnel's session can take a new websocket and the peer may lack something, so it detaches
+        instead of ending (even after our close: the close goes again on the new websocket)."""
+        if self.phase is Phase.DONE:
+            return NOTHING
+        if resumable:
             if self.detached:
                 return NOTHING
             self.detached = True
             return Step((Action.DETACH,))
+        if self.close_sent:
+            return NOTHING  # after our close frame, a hang-up is the end we asked for
         return self.abort(outcome)
 
     def attached(self, peer_has_marker: bool) -> Step:
         """A new websocket replaced the dropped one; ``peer_has_marker``: the peer's Resumed says our
-        end-of-stream marker reached it. A marker we decided on and the peer lacks goes again."""
-        if self.phase is not Phase.RUNNING or not self.detached:
+        end-of-stream marker reached it. A marker we decided on and the peer lacks goes again, and so
+        does our close if we were closing."""
+        if self.phase is Phase.DONE or not self.detached:
             return NOTHING
         self.detached = False
+        if self.phase is Phase.CLOSING:
+            if self.up is not Up.OPEN and not peer_has_marker:
+                return Step((Action.SEND_END_OF_STREAM_AND_CLOSE,))
+            if self.up is Up.ENDING:
+                self.up = Up.ENDED
+            return Step((Action.SEND_CLOSE,))
         if self.up is Up.OPEN:
             return NOTHING
         if not peer_has_marker:

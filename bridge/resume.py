@@ -18,8 +18,10 @@ binary mode alike (after the binary switch, a TEXT message is otherwise a protoc
 
 * ``tcpbridge:resume <session> <buffer>``: the backend's consent; ``session`` is 32 lowercase hex
   digits (128 bits from :mod:`secrets`), ``buffer`` the bytes it keeps for replay;
-* ``tcpbridge:ack <received>``: the sender has received ``received`` stream bytes in all (since the
-  tunnel began, across websockets), so the peer may forget them;
+* ``tcpbridge:ack <received>[ end]``: the sender has received ``received`` stream bytes in all (since
+  the tunnel began, across websockets), so the peer may forget them; ``end``: and the peer's
+  end-of-stream marker after them (sent at once when the marker comes, so a drop after a close
+  need not be resumed when the peer has everything);
 * ``tcpbridge:resumed <received>[ end]``: the first message on a re-attached websocket, from each
   side: how many stream bytes it received in all, and ``end`` if the peer's end-of-stream marker
   came after them; the other side replays from there (the marker too, if it had sent one and
@@ -96,9 +98,10 @@ class Consent(NamedTuple):
 
 
 class Ack(NamedTuple):
-    """The sender has received ``received`` stream bytes in all."""
+    """The sender has received ``received`` stream bytes in all, and (``ended``) the end-of-stream marker."""
 
     received: int
+    ended: bool = False
 
 
 class Resumed(NamedTuple):
@@ -119,7 +122,7 @@ def encode(message: Control) -> str:
             raise ValueError("not a session id")
         return f"{PREFIX}resume {message.session} {_count(message.buffer)}"
     if isinstance(message, Ack):
-        return f"{PREFIX}ack {_count(message.received)}"
+        return f"{PREFIX}ack {_count(message.received)}{' end' if message.ended else ''}"
     return f"{PREFIX}resumed {_count(message.received)}{' end' if message.ended else ''}"
 
 
@@ -134,8 +137,8 @@ def decode(text: str) -> Control:
     try:
         if verb == "resume" and len(args) == 2 and is_session_id(args[0]):
             return Consent(args[0], _parse_count(args[1]))
-        if verb == "ack" and len(args) == 1:
-            return Ack(_parse_count(args[0]))
+        if verb == "ack" and (len(args) == 1 or (len(args) == 2 and args[1] == "end")):
+            return Ack(_parse_count(args[0]), ended=len(args) == 2)
         if verb == "resumed" and (len(args) == 1 or (len(args) == 2 and args[1] == "end")):
             return Resumed(_parse_count(args[0]), ended=len(args) == 2)
     except ValueError:
@@ -281,6 +284,13 @@ class Receipts:
         self.acknowledged = self.received
         self._since = None
         return Ack(self.received)
+
+    def ended(self) -> Ack:
+        """The acknowledgement to send at once when the peer's end-of-stream marker came: everything
+        received so far, and the marker."""
+        self.acknowledged = self.received
+        self._since = None
+        return Ack(self.received, ended=True)
 
     def resumed(self, taken: int) -> None:
         """A re-attached peer was told ``taken`` bytes (received, some perhaps still being delivered) and

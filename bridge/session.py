@@ -62,6 +62,8 @@ class Session:
         self.taken = 0
         #: Whether the reader took the peer's end-of-stream marker.
         self.marker_taken = False
+        #: Whether the peer said it has our end-of-stream marker (and so every byte before it).
+        self.peer_has_marker = False
 
     @property
     def active(self) -> bool:
@@ -117,12 +119,20 @@ class Session:
         with self._lock:
             if self.replay is not None:
                 self.replay.acknowledge(ack.received)
+            if ack.ended:
+                self.peer_has_marker = True
             self._room.notify_all()
 
     def received(self, count: int, now: float) -> Ack | None:
         """``count`` stream bytes were delivered to our TCP side; the acknowledgement due now, if any."""
         with self._lock:
             return self.receipts.add(count, now) if self.consented else None
+
+    def marker_delivered(self) -> Ack | None:
+        """The peer's marker came after everything before it was delivered: the acknowledgement to send
+        now, saying so (None on a session that is not consented)."""
+        with self._lock:
+            return self.receipts.ended() if self.consented else None
 
     def due(self, now: float) -> Ack | None:
         """The acknowledgement due by time (the housekeeper asks every tick), if any."""
@@ -146,6 +156,11 @@ class Session:
                 return self.replay.replay(received)
             finally:
                 self._room.notify_all()
+
+    def peer_resumed(self, peer_has_marker: bool) -> None:
+        """The re-attached peer's Resumed said whether it has our marker."""
+        with self._lock:
+            self.peer_has_marker = self.peer_has_marker or peer_has_marker
 
     def close(self) -> None:
         """The tunnel is ending: wake a waiting sender for good."""

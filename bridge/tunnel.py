@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import random
 import secrets
@@ -196,6 +197,7 @@ class Tunnel:
         self._detached_at = self.started
         self._redial = redial
         self._workers: WorkerPool | None = None
+        self._released = False
         #: Re-attachments so far, and the stream bytes they sent again.
         self.resumes = 0
         self.bytes_replayed = 0
@@ -220,6 +222,20 @@ class Tunnel:
     def outcome(self) -> Outcome | None:
         """Why the tunnel ended, or None while it runs."""
         return self._lifecycle.outcome
+
+    @property
+    def session_id(self) -> str | None:
+        """The id of the resumable session this end gave out (the backend's), else None. Never logged."""
+        session = self._session
+        return session.id if session is not None and session.consented else None
+
+    def hold(self, endpoint: Endpoint) -> None:
+        """Block while ``endpoint`` (attached by :meth:`attach`) carries this tunnel: until it is replaced,
+        or the tunnel ended and let go of its sockets. For the thread whose connection it is (the
+        backend's upgrade), which must not let its server close the connection earlier."""
+        with self._attached:
+            while self._websocket is endpoint and not self._released:
+                self._attached.wait(HOUSEKEEPING_INTERVAL * 4)
 
     def run(self, workers: WorkerPool) -> Outcome:
         """Pump until both directions end, close both sockets, and return the outcome.
@@ -524,6 +540,8 @@ class Tunnel:
                 step = self._decide(Lifecycle.end_of_stream_received)
                 if step.actions:
                     self.last_activity = time.monotonic()
+                if session is not None and (ack := session.marker_delivered()) is not None:
+                    self._websocket.queue_ack(ack)  # before our close: the peer need not resume after it
                 self._carry_out(step)
             else:
                 self._carry_out(self._decide(Lifecycle.close_received, event.code, event.reason))
@@ -588,11 +606,18 @@ class Tunnel:
         A resumable tunnel detaches; any other ends. True if the tunnel goes on: detached (it waits
         for a new websocket), or the failed one was already replaced. Never blocks.
         """
-        resumable = self._session is not None and self._session.replayable
+        session = self._session
+        replayable = session is not None and session.replayable
+        peer_has_all = session is not None and session.peer_has_marker
         with self._lock:
             if generation != self._generation:
                 return True  # a stale failure: that websocket was replaced already
-        step = self._decide(lambda lifecycle: lifecycle.websocket_dropped(outcome, resumable=resumable))
+
+        def dropped(lifecycle: Lifecycle) -> Step:
+            # After our close, a peer that has our marker has everything of ours: the drop is the end.
+            resumable = replayable and not (lifecycle.close_sent and peer_has_all)
+            return lifecycle.websocket_dropped(outcome, resumable=resumable)
+        step = self._decide(dropped)
         self._carry_out(step)
         return self._lifecycle.detached and not self._lifecycle.done
 
@@ -685,10 +710,13 @@ class Tunnel:
         endpoint.send_control(session.resumed())
         theirs = self._receive_resumed(endpoint)
         chunks = session.replay_from(theirs.received)
+        session.peer_resumed(theirs.ended)
         with self._attached:
             old, self._websocket = self._websocket, endpoint
             self._generation += 1
             step = self._lifecycle.attached(theirs.ended)
+            if self._lifecycle.close_sent:
+                self._close_sent_at, self._close_queue = time.monotonic(), None  # the close goes again
             self._attached.notify_all()
         waited = time.monotonic() - self._detached_at
         replayed = sum(map(len, chunks))
@@ -810,6 +838,13 @@ class Tunnel:
         self._websocket.shutdown()
         self._websocket.close()
         self._tcp.close()
+        with self._attached:
+            self._released = True
+            self._attached.notify_all()
+
+
+def _session_key(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode("ascii", "replace")).digest()
 
 
 @dataclass
@@ -860,6 +895,8 @@ class TunnelRegistry:
 
     def __init__(self) -> None:
         self._tunnels: dict[str, Tunnel] = {}
+        #: Resumable tunnels by the SHA-256 of their session id: a lookup's timing says nothing of the id.
+        self._sessions: dict[bytes, Tunnel] = {}
         self._opening: set[Opening] = set()
         self._aborted = False  # abort_all ran: the daemon is going away
         self._local = threading.local()  # .opening: the Opening entered on this thread
@@ -896,6 +933,8 @@ class TunnelRegistry:
                 self._changed.notify_all()
                 return False
             self._tunnels[tunnel.id] = tunnel
+            if (session_id := tunnel.session_id) is not None:
+                self._sessions[_session_key(session_id)] = tunnel
             self.total_opened += 1
             self.stats.tunnel_opened(tunnel.label)
         return True
@@ -935,6 +974,8 @@ class TunnelRegistry:
         """Forget ``tunnel``; with its ``outcome``, count it as ended (atomically, so byte totals never dip)."""
         with self._changed:
             self._tunnels.pop(tunnel.id, None)
+            if (session_id := tunnel.session_id) is not None:
+                self._sessions.pop(_session_key(session_id), None)
             if outcome is not None:
                 self.stats.tunnel_ended(tunnel.label, outcome, tunnel.bytes_to_ws, tunnel.bytes_to_tcp)
             self._changed.notify_all()
@@ -942,6 +983,13 @@ class TunnelRegistry:
     def active(self) -> list[Tunnel]:
         with self._lock:
             return list(self._tunnels.values())
+
+    def resumable(self, session_id: str) -> Tunnel | None:
+        """The live tunnel whose session id is ``session_id`` (compared in constant time), if any."""
+        with self._lock:
+            tunnel = self._sessions.get(_session_key(session_id))
+        found = tunnel.session_id if tunnel is not None else None
+        return tunnel if found is not None and resume.same_session(session_id, found) else None
 
     def snapshot(self) -> Snapshot:
         """Live tunnels and counters at one instant: a tunnel is either live or counted as ended, never both."""

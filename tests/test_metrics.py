@@ -238,7 +238,8 @@ def test_scrape_with_1000_live_tunnels_is_fast() -> None:
     for index in range(1000):
         label = f"t{index % 10}"
         registry.add(SimpleNamespace(id=f"{index:06x}", label=label, peer="127.0.0.1:1", destination="d",  # type: ignore[arg-type]
-                                     started=time.monotonic(), bytes_to_ws=index, bytes_to_tcp=2 * index))
+                                     started=time.monotonic(), bytes_to_ws=index, bytes_to_tcp=2 * index,
+                                     session_id=None))
         registry.stats.handshake(label, 0.002)
     metrics = build_registry(BridgeCollector("tcpbridge-frontend", registry.snapshot, lambda: []))
     prometheus_client.generate_latest(metrics)

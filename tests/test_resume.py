@@ -23,6 +23,7 @@ SESSION = "0123456789abcdef0123456789abcdef"
     (Consent(SESSION, 4194304), f"tcpbridge:resume {SESSION} 4194304"),
     (Ack(0), "tcpbridge:ack 0"),
     (Ack(123456789012), "tcpbridge:ack 123456789012"),
+    (Ack(7, ended=True), "tcpbridge:ack 7 end"),
     (Resumed(7), "tcpbridge:resumed 7"),
     (Resumed(0, ended=True), "tcpbridge:resumed 0 end"),
 ])
@@ -37,7 +38,7 @@ def test_control_messages_encode_and_decode(message: resume.Control, text: str) 
     "tcpbridge:ack 9223372036854775808", "tcpbridge:ACK 1", "tcpbridge:resume 1234 5",
     f"tcpbridge:resume {SESSION.upper()} 5", f"tcpbridge:resume {SESSION}", "tcpbridge:resumed", "tcpbridge:hello 1",
     "tcpbridge:ack  1", "tcpbridge:ack 1 ", "tcpbridge:resumed 1 END", "tcpbridge:resumed 1 end end",
-    "tcpbridge:resumed end", "tcpbridge:ack 1 end",
+    "tcpbridge:resumed end", "tcpbridge:ack 1 END", "tcpbridge:ack end",
 ])
 def test_malformed_control_messages_are_invalid_data(text: str) -> None:
     with pytest.raises(ProtocolViolation) as raised:

@@ -265,6 +265,7 @@ class _FakeTunnel:
         self.id = tunnel_id
         self.label = "t"
         self.bytes_to_ws = self.bytes_to_tcp = 0
+        self.session_id = None
 
 
 def test_wait_idle_counts_openings_until_their_tunnel_registers() -> None:

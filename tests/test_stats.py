@@ -91,7 +91,7 @@ def test_stats_counts_per_label_and_copies() -> None:
 
 def fake_tunnel(tunnel_id: str, label: str) -> Any:
     return SimpleNamespace(id=tunnel_id, label=label, peer="127.0.0.1:1", destination="d", started=0.0,
-                           bytes_to_ws=0, bytes_to_tcp=0)
+                           bytes_to_ws=0, bytes_to_tcp=0, session_id=None)
 
 
 def test_snapshot_bytes_never_dip_while_tunnels_end() -> None:

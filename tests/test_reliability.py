@@ -1,0 +1,233 @@
+"""Resume through real daemons: a frontend and a backend process joined through a relay that cuts the
+websocket's connection (tests/cutter.py), on loopback.
+
+What a user of a resumable tunnel relies on: a cut costs a pause, never a byte (none lost, none
+repeated, sha256-checked); the end keeps its meaning; a tunnel that cannot be resumed (the backend
+forgot it, or the time ran out) ends as the abort it is, with the client reset; and a re-attaching
+request gets no more than any other: it needs the listener's token, and a session it names that is
+not live gets the same 404 whatever the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bridge import resume
+from tests.cutter import CuttingRelay
+from tests.gopeer import go_frontend_request, read_http_head
+from tests.helpers import (
+    Daemon,
+    TcpServer,
+    backend,
+    echo_handler,
+    free_port,
+    frontend,
+    recv_all,
+    recv_exactly,
+    wait_until,
+    write_yaml,
+)
+from tests.test_frames import dial_backend, next_data_frame
+
+TOKEN = "resume-test-token"
+
+
+@dataclass
+class Pair:
+    """A resumable frontend+backend pair whose websockets pass through ``relay``; ``port`` is the
+    frontend tunnel's local port, the target an echo server."""
+
+    frontend: Daemon
+    backend: Daemon
+    backend_port: int
+    relay: CuttingRelay
+    port: int
+
+
+@contextlib.contextmanager
+def resumable_pair(tmp_path: Path, *, resume_timeout: float = 30.0) -> Iterator[Pair]:
+    echo = TcpServer(echo_handler)
+    backend_port, port = free_port(), free_port()
+    options = {"resume": True, "resume_timeout": resume_timeout}
+    back = backend(write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, "listeners": [
+        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address},
+         "token": TOKEN, **options}]}))
+    relay = CuttingRelay(backend_port)
+    front = frontend(write_yaml(tmp_path, "frontend.yaml", {"drain_timeout": 1, "tunnels": [
+        {"name": "t", "listen": f"127.0.0.1:{port}", "backend": relay.url,
+         "headers": {"X-Tcpbridge-Token": TOKEN}, **options}]}))
+    try:
+        back.wait_ready(), front.wait_ready()
+        yield Pair(front, back, backend_port, relay, port)
+    finally:
+        front.stop(), back.stop()
+        relay.close(), echo.close()
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def consented(pair: Pair, count: int = 1) -> bool:
+    """Whether ``count`` websockets are up through the relay and their consent had time to arrive."""
+    return wait_until(lambda: pair.relay.live() == count, timeout=10)
+
+
+def test_64_mib_each_way_arrive_whole_through_five_cuts(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path) as pair, connect(pair.port) as client:
+        total, block = 64 << 20, os.urandom(1 << 20)
+        sent, got = hashlib.sha256(), hashlib.sha256()
+        received = [0]
+
+        def read() -> None:
+            client.settimeout(60)
+            while data := client.recv(1 << 20):
+                got.update(data)
+                received[0] += len(data)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert consented(pair)
+        cuts = 0
+        for index in range(total // len(block)):
+            client.sendall(block)
+            sent.update(block)
+            if index and index % 10 == 0 and cuts < 5:
+                assert pair.relay.cut("reset" if cuts % 2 else "close") == 1
+                cuts += 1
+                assert wait_until(lambda: pair.relay.live() == 1, timeout=20), "the frontend did not dial again"
+        client.shutdown(socket.SHUT_WR)
+        reader.join(90)
+        assert received[0] == total and got.hexdigest() == sent.hexdigest()
+        assert pair.frontend.wait_for_log("closed (clean)") and pair.backend.wait_for_log("closed (clean)")
+    assert cuts == 5
+    assert pair.frontend.log.count("websocket dropped, resuming") >= 5
+    assert pair.backend.log.count("resumed after") == 5
+
+
+def test_an_interactive_session_cut_every_2_s_for_20_s_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """Like an ssh session: a line out, its echo back, ten times a second, while the path is cut
+    every 2 s. Every answer is the line sent, in order."""
+    with resumable_pair(tmp_path) as pair, connect(pair.port) as client:
+        assert consented(pair)
+        started, next_cut, number, cuts = time.monotonic(), time.monotonic() + 2, 0, 0
+        while time.monotonic() - started < 20:
+            line = f"line {number:06d}\n".encode()
+            client.sendall(line)
+            assert recv_exactly(client, len(line), timeout=20) == line
+            number += 1
+            if time.monotonic() >= next_cut:
+                pair.relay.cut("reset" if cuts % 2 else "close")
+                cuts, next_cut = cuts + 1, time.monotonic() + 2
+            time.sleep(0.1)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    assert cuts >= 9 and number >= 100
+    assert pair.backend.log.count("resumed after") == cuts
+
+
+def test_a_cut_after_the_client_half_closed_keeps_the_half_close(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path) as pair, connect(pair.port) as client:
+        assert consented(pair)
+        data = os.urandom(1 << 20)
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_exactly(client, 1 << 19) == data[:1 << 19]
+        pair.relay.cut("reset")
+        assert recv_all(client) == data[1 << 19:]  # the rest, then the echo server's end
+    assert pair.frontend.wait_for_log("closed (clean)")
+
+
+def test_a_backend_that_restarted_refuses_and_the_client_is_reset_at_once(tmp_path: Path) -> None:
+    """The backend was killed and started again, its sessions lost: the redial's 404 is final, not
+    retried until resume_timeout. (A backend that stops gracefully closes its tunnels with 1001: an
+    end, not a drop.)"""
+    with resumable_pair(tmp_path, resume_timeout=60) as pair, connect(pair.port) as client:
+        assert consented(pair)
+        client.sendall(b"hello")
+        assert recv_exactly(client, 5) == b"hello"
+        pair.backend.stop(signal.SIGKILL)
+        restarted = backend(Path(pair.backend.args[pair.backend.args.index("--config") + 1]))
+        try:
+            restarted.wait_ready()
+            started = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                recv_all(client, timeout=30)
+            assert time.monotonic() - started < 15
+            assert pair.frontend.wait_for_log("resuming was refused")
+        finally:
+            restarted.stop()
+
+
+def test_a_tunnel_not_resumed_within_resume_timeout_resets_the_client(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path, resume_timeout=2) as pair, connect(pair.port) as client:
+        assert consented(pair)
+        pair.relay.refusing = True  # the path stays down
+        pair.relay.cut("reset")
+        with pytest.raises(ConnectionResetError):
+            recv_all(client, timeout=30)
+        assert pair.frontend.wait_for_log("not resumed within 2 s")
+        assert pair.backend.wait_for_log("not resumed within 2 s")
+
+
+# ---------------------------------------------------------------------------
+# Re-attaching requests as the backend sees them
+
+
+def upgrade_status(port: int, *headers: str) -> int:
+    """The status of a raw upgrade request with ``headers`` on our backend."""
+    request = go_frontend_request(f"127.0.0.1:{port}", "dGhlIHNhbXBsZSBub25jZQ==")
+    request = request[:-2] + "".join(f"{line}\r\n" for line in headers).encode() + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        head = read_http_head(sock, bytearray())
+    return int(head.status)
+
+
+def raw_session(port: int) -> tuple[object, str]:
+    """A raw resumable tunnel on our backend: its websocket and the session id of the consent."""
+    ws = dial_backend(port, f"X-Tcpbridge-Token: {TOKEN}", f"{resume.RESUME_HEADER}: {64 * 1024}")
+    consent = resume.decode(next_data_frame(ws).payload.decode())
+    assert isinstance(consent, resume.Consent)
+    return ws, consent.session
+
+
+def test_resume_is_refused_for_an_unknown_id_a_wrong_token_and_after_resume_timeout(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path, resume_timeout=2) as pair:
+        port = pair.backend_port
+        ws, session = raw_session(port)
+        with_token = f"X-Tcpbridge-Token: {TOKEN}"
+        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: {resume.new_session_id()}") == 404
+        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: not-an-id") == 404
+        assert upgrade_status(port, f"{resume.SESSION_HEADER}: {session}") == 401  # the token comes first
+        assert upgrade_status(port, "X-Tcpbridge-Token: wrong", f"{resume.SESSION_HEADER}: {session}") in (401, 403)
+        ws.drop()
+        assert pair.backend.wait_for_log("not resumed within 2 s", timeout=10)
+        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: {session}") == 404
+    assert session not in pair.backend.log  # the id is never logged
+
+
+def test_a_raw_peer_re_attaches_and_is_told_what_the_backend_took(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path) as pair:
+        port = pair.backend_port
+        ws, session = raw_session(port)
+        ws.write(b"echo me")  # hex: the raw client never switched to binary
+        frame = next_data_frame(ws)
+        assert bytes.fromhex(frame.payload.decode()) == b"echo me"
+        ws.drop()
+        again = dial_backend(port, f"X-Tcpbridge-Token: {TOKEN}", f"{resume.SESSION_HEADER}: {session}")
+        again.send_frame(0x1, resume.encode(resume.Resumed(0)).encode())  # "I lost your echo"
+        assert resume.decode(next_data_frame(again).payload.decode()) == resume.Resumed(7)
+        assert bytes.fromhex(next_data_frame(again).payload.decode()) == b"echo me"  # replayed
+        again.drop()
