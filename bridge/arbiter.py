@@ -50,6 +50,7 @@ from bridge import events
 from bridge.caps import Counts, SharedCounts
 from bridge.config import Address, Config, ConfigError
 from bridge.events import Event
+from bridge.handoff import Handoff, TakesHandoff, socket_pairs
 from bridge.listen import Binder, ListenError, bind_slots
 from bridge.service import (
     DRAIN_POLL,
@@ -203,6 +204,8 @@ class Arbiter:
         self.workers = [Worker(slot, cpu) for slot, cpu in enumerate(cpus)]
         self.counts = SharedCounts(len(cpus))  # the caps' counts, one column per worker slot
         self.signals = SignalQueue()
+        #: One handoff socket pair per worker slot (made in run): see bridge.handoff.
+        self._handoffs: list[tuple[socket.socket, socket.socket]] = []
         self.slots: dict[str, list[socket.socket]] = {}  # listener name -> one socket per worker slot
         self.addresses: dict[str, Address] = {}  # what each slot set is bound to
         self.config: Config | None = None
@@ -225,6 +228,7 @@ class Arbiter:
         self.config = config
         self._bind_slots(config)
         self._bind_endpoints(config)
+        self._handoffs = socket_pairs(len(self.workers))
         self.signals.install(self.SIGNALS)
         try:
             for worker in self.workers:
@@ -305,6 +309,9 @@ class Arbiter:
             registry = TunnelRegistry()
             self.counts.use_slot(worker.slot)
             daemon = self.daemon_class(config, registry, binder, self.counts)
+            if isinstance(daemon, TakesHandoff):
+                receiver = self._handoffs[worker.slot][0]
+                daemon.use_handoff(Handoff(worker.slot, receiver, [sender for _, sender in self._handoffs]))
             reloads = _Reloads(binder)
             service = Service(daemon, registry, name=self.name, load=reloads.take, log_level_flag=self.log_level_flag,
                               on_ready=lambda: link.send(("ready",)), on_reloaded=reloads.finished)
@@ -327,6 +334,9 @@ class Arbiter:
             for slot, sock in enumerate(sockets):
                 if slot != worker.slot:
                     sock.close()
+        for slot, (receiver, _) in enumerate(self._handoffs):
+            if slot != worker.slot:
+                receiver.close()
         for other in self.workers:
             if other.link is not None:
                 other.link.close()

@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import hmac
 import logging
+import os
 import socket
 import sys
 import threading
@@ -32,6 +33,7 @@ from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.endpoint import Endpoint
 from bridge.events import Event
+from bridge.handoff import Handoff, Reattach
 from bridge.handshake import accept_token, header_tokens
 from bridge.listen import LISTEN_BACKLOG, Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
@@ -48,6 +50,8 @@ HANDSHAKE_TIMEOUT = 30.0
 #: The header carrying a listener's or route's shared secret. Not ``Authorization``:
 #: the inverting proxy's agent uses that one for its own OAuth.
 TOKEN_HEADER = "X-Tcpbridge-Token"
+#: The one answer to a re-attach no live resumable tunnel takes: it never says why, nor repeats the id.
+NO_SUCH_SESSION = "no resumable tunnel has that session (unknown, ended or past resume_timeout)"
 #: Largest request header block (the lines after the request line) accepted: 431 beyond.
 #: http.server alone would take 100 header lines of 64 KiB each.
 MAX_HEADER_BYTES = 16 * 1024
@@ -116,6 +120,34 @@ def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
 
 # ---------------------------------------------------------------------------
 # The HTTP front door
+
+
+def upgrade_response(key: str, binary: bool) -> bytes:
+    """The 101 that accepts a bridge upgrade (consenting to binary messages if ``binary``)."""
+    consent = f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}\r\n" if binary else ""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_token(key)}\r\n{consent}\r\n"
+    ).encode("ascii")
+
+
+def plain_response(status: HTTPStatus, detail: str) -> bytes:
+    """A refusal written without the request handler (a connection handed over by another worker)."""
+    body = f"{status} {status.phrase}: {detail}\n".encode()
+    head = (f"HTTP/1.1 {status} {status.phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def reattach(tunnel: Tunnel, endpoint: ServerEndpoint) -> None:
+    """Give ``endpoint`` (upgraded) to ``tunnel`` and hold its connection while it is the tunnel's: the
+    calling thread's return would let its server close it. Closed here if the tunnel cannot take it."""
+    if tunnel.attach(endpoint):
+        tunnel.hold(endpoint)
+    else:
+        endpoint.close()
 
 
 class UpgradeRefused(Exception):
@@ -211,7 +243,8 @@ class ListenerServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, listener: Listener, registry: TunnelRegistry, sock: socket.socket, *,
-                 secrets: SecretResolver | None = None, counters: TunnelCounters | None = None) -> None:
+                 secrets: SecretResolver | None = None, counters: TunnelCounters | None = None,
+                 handoff: Handoff | None = None) -> None:
         self.address_family = sock.family
         super().__init__((listener.listen.host, listener.listen.port), BridgeRequestHandler,
                          bind_and_activate=False)
@@ -224,6 +257,7 @@ class ListenerServer(ThreadingHTTPServer):
         self.counters = counters or TunnelCounters()
         #: Idle keep-alive connections to the listener's passthrough origin.
         self.origin_pool = passthrough.OriginPool()
+        self.handoff = handoff
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the connection to a pooled thread (ThreadingMixIn starts a new thread for each).
@@ -328,9 +362,9 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             key = self._check_upgrade()
             self._check_origin(listener)
             self._check_token(listener, route)
-            resumed = self._resumed_tunnel(listener, route)
-            if resumed is not None:
-                self._reattach(listener, resumed, key)
+            session_id = self._session_to_resume(listener)
+            if session_id is not None:
+                self._resume(listener, route, key, session_id)
                 return
             target = self._target(listener, route)
             release = self._admit(listener, route)
@@ -383,37 +417,50 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         )
         self.server.registry.run(pump)
 
-    def _resumed_tunnel(self, listener: Listener, route: str) -> Tunnel | None:
-        """The tunnel a re-attaching request names (:data:`~bridge.resume.SESSION_HEADER`), None when it
-        names none; UpgradeRefused 404 when no live resumable tunnel of this listener and route has that
-        id (unknown, ended, expired: the answer never says which, nor repeats the id)."""
+    def _session_to_resume(self, listener: Listener) -> str | None:
+        """The session id a re-attaching request names (:data:`~bridge.resume.SESSION_HEADER`), None when it
+        names none; UpgradeRefused 404 for one this listener cannot resume."""
         values = self.headers.get_all(resume.SESSION_HEADER) or []
         if not values:
             return None
-        tunnel = None
         if len(values) == 1 and listener.options.resume and resume.is_session_id(values[0].strip()):
-            tunnel = self.server.registry.resumable(values[0].strip())
-        if tunnel is None or tunnel.label != f"{listener.name}/{route}":
-            raise UpgradeRefused(HTTPStatus.NOT_FOUND, "no resumable tunnel has that session (unknown, ended or "
-                                 "past resume_timeout)")
-        return tunnel
+            return values[0].strip()
+        raise UpgradeRefused(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION)
 
-    def _reattach(self, listener: Listener, tunnel: Tunnel, key: str) -> None:
-        """Answer the upgrade and hand the new websocket to ``tunnel``; hold the connection while it is the
-        tunnel's (this thread's return would let the server close it)."""
-        self.close_connection = True
+    def _resume(self, listener: Listener, route: str, key: str, session_id: str) -> None:
+        """Re-attach the live tunnel of ``session_id`` here, or hand the connection to the worker that holds
+        it; UpgradeRefused 404 when no live resumable tunnel of this listener and route has that id
+        (unknown, ended, expired: the answer never says which, nor repeats the id)."""
         binary = listener.options.frames == "auto" and \
             protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER) or [])
+        tunnel = self.server.registry.resumable(session_id)
+        handoff = self.server.handoff
+        if tunnel is None and handoff is not None and handoff.owner(session_id) != handoff.slot:
+            self._hand_off(handoff, Reattach(listener.name, route, key, binary, session_id, self._peer()))
+            return
+        if tunnel is None or tunnel.label != f"{listener.name}/{route}":
+            raise UpgradeRefused(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION)
+        self.close_connection = True
         try:
             received = self._upgrade(key, binary)
         except OSError as exc:
             log.info("tunnel %s [%s]: client %s left while re-attaching: %s", tunnel.id, tunnel.label, self._peer(),
                      exc, extra=events.mark(None, tunnel.facts()))
             return
-        endpoint = ServerEndpoint(self.connection, received, listener.options.max_message_bytes,
-                                  binary_consented=binary, resume=True)
-        if tunnel.attach(endpoint):
-            tunnel.hold(endpoint)
+        reattach(tunnel, ServerEndpoint(self.connection, received, listener.options.max_message_bytes,
+                                        binary_consented=binary, resume=True))
+
+    def _hand_off(self, handoff: Handoff, record: Reattach) -> None:
+        """Pass this connection to the worker that holds its session, and let go of it without closing it."""
+        try:
+            handoff.send(record, self.connection)
+        except OSError as exc:
+            raise UpgradeRefused(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot reach the worker that holds this "
+                                 f"session: {exc}", {"Retry-After": "1"}) from None
+        log.debug("listener %s: %s re-attaches to a session of worker %d: handed over", record.listener,
+                  record.peer, handoff.owner(record.session_id))
+        self.close_connection = True
+        os.close(self.connection.detach())  # the server's shutdown and close after this handler touch nothing
 
     def _consent_to_resume(self, listener: Listener) -> Session | None:
         """The session of a tunnel whose frontend offered resume, if this listener allows it (its consent
@@ -421,7 +468,9 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         frontend_buffer = resume.parse_offer(self.headers.get_all(resume.RESUME_HEADER) or [])
         if not listener.options.resume or frontend_buffer is None:
             return None
-        return Session(listener.options.resume_buffer, consented=True, session_id=resume.new_session_id(),
+        handoff = self.server.handoff
+        session_id = handoff.new_session_id() if handoff is not None else resume.new_session_id()
+        return Session(listener.options.resume_buffer, consented=True, session_id=session_id,
                        peer_buffer=frontend_buffer)
 
     def _not_found(self) -> None:
@@ -556,14 +605,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 
     def _upgrade(self, key: str, binary: bool) -> bytes:
         """Send the 101 (consenting to binary messages if ``binary``); return the bytes the client sent after it."""
-        consent = f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}\r\n" if binary else ""
-        response = (
-            "HTTP/1.1 101 Switching Protocols\r\n"
-            "Upgrade: websocket\r\n"
-            "Connection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_token(key)}\r\n{consent}\r\n"
-        )
-        self.connection.sendall(response.encode("ascii"))
+        self.connection.sendall(upgrade_response(key, binary))
         received = self._buffered_request_bytes()
         self.connection.settimeout(None)  # the handshake timeout must not end an idle tunnel
         return received
@@ -656,6 +698,12 @@ class Backend:
         self.secrets = SecretResolver()
         self.counters = TunnelCounters(counts)  # kept across reloads: live tunnels still count
         self._servers: dict[str, ListenerServer] = {}
+        #: With workers: how re-attaching connections reach the worker that holds their session.
+        self.handoff: Handoff | None = None
+
+    def use_handoff(self, handoff: Handoff) -> None:
+        """Take this worker's side of the handoff (before :meth:`bind`); see :mod:`bridge.handoff`."""
+        self.handoff = handoff
 
     def bind(self) -> None:
         """Bind every listener, or none: raise ListenError on the first that fails."""
@@ -664,6 +712,42 @@ class Backend:
     def start(self) -> None:
         for server in self._servers.values():
             self._start(server)
+        if self.handoff is not None:
+            threading.Thread(target=self._take_handoffs, args=(self.handoff,), name="handoff", daemon=True).start()
+
+    def _take_handoffs(self, handoff: Handoff) -> None:
+        """Answer, each on a pooled thread, the connections other workers hand to this one."""
+        while True:
+            try:
+                record, sock = handoff.receive()
+            except OSError:
+                return
+            try:
+                self.registry.workers.submit(self._serve_handoff, record, sock, name="handoff")
+            except RuntimeError:
+                sock.close()
+
+    def _serve_handoff(self, record: Reattach, sock: socket.socket) -> None:
+        """A re-attach another worker accepted and checked: attach it here, or refuse it with the 404 any
+        unknown session gets."""
+        server = self._servers.get(record.listener)
+        tunnel = self.registry.resumable(record.session_id)
+        try:
+            if server is None or tunnel is None or tunnel.label != f"{record.listener}/{record.route}":
+                log.info("listener %s: refused %s: %d %s", record.listener, record.peer, HTTPStatus.NOT_FOUND,
+                         NO_SUCH_SESSION)
+                sock.sendall(plain_response(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION))
+                sock.shutdown(socket.SHUT_WR)
+                return
+            sock.sendall(upgrade_response(record.key, record.binary))
+            sock.settimeout(None)
+            endpoint = ServerEndpoint(sock, b"", server.listener.options.max_message_bytes,
+                                      binary_consented=record.binary, resume=True)
+        except OSError as exc:
+            log.debug("listener %s: %s left while re-attaching: %s", record.listener, record.peer, exc)
+            sock.close()
+            return
+        reattach(tunnel, endpoint)
 
     def apply(self, config: BackendConfig) -> list[str]:
         """Switch to ``config`` (a reload); return one line per change.
@@ -710,7 +794,7 @@ class Backend:
             for name, listener in listeners.items():
                 sock = self.binder(name, listener.listen, f"listener {name!r}")
                 bound[name] = ListenerServer(listener, self.registry, sock, secrets=self.secrets,
-                                             counters=self.counters)
+                                             counters=self.counters, handoff=self.handoff)
         except ListenError:
             for server in bound.values():
                 server.server_close()

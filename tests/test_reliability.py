@@ -56,11 +56,11 @@ class Pair:
 
 
 @contextlib.contextmanager
-def resumable_pair(tmp_path: Path, *, resume_timeout: float = 30.0) -> Iterator[Pair]:
+def resumable_pair(tmp_path: Path, *, resume_timeout: float = 30.0, **backend_settings: object) -> Iterator[Pair]:
     echo = TcpServer(echo_handler)
     backend_port, port = free_port(), free_port()
     options = {"resume": True, "resume_timeout": resume_timeout}
-    back = backend(write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, "listeners": [
+    back = backend(write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, **backend_settings, "listeners": [
         {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address},
          "token": TOKEN, **options}]}))
     relay = CuttingRelay(backend_port)
@@ -114,6 +114,32 @@ def test_64_mib_each_way_arrive_whole_through_five_cuts(tmp_path: Path) -> None:
     assert cuts == 5
     assert pair.frontend.log.count("websocket dropped, resuming") >= 5
     assert pair.backend.log.count("resumed after") == 5
+
+
+def test_with_workers_a_re_attach_reaches_the_worker_that_holds_its_session(tmp_path: Path) -> None:
+    """Two backend workers: a redial lands on either (the kernel picks), so about half the re-attaches
+    of 4 tunnels cut 5 times are handed to the other worker; all of them resume, every byte arrives."""
+    with resumable_pair(tmp_path, workers=2, log_level="debug") as pair:
+        clients = [connect(pair.port) for _ in range(4)]
+        try:
+            assert wait_until(lambda: pair.relay.live() == 4, timeout=10)
+            for cut in range(5):
+                for number, client in enumerate(clients):
+                    line = f"client {number} before cut {cut}\n".encode()
+                    client.sendall(line)
+                    assert recv_exactly(client, len(line), timeout=20) == line
+                pair.relay.cut("reset" if cut % 2 else "close")
+                assert wait_until(lambda: pair.relay.live() == 4, timeout=20), "not every tunnel dialled again"
+            for client in clients:
+                client.sendall(b"the end")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b"the end"
+        finally:
+            for client in clients:
+                client.close()
+        assert pair.backend.wait_for_log("handed over")
+        assert wait_until(lambda: pair.backend.log.count("resumed after") == 20, timeout=10)
+    assert "refused" not in pair.backend.log and "refused" not in pair.frontend.log
 
 
 def test_an_interactive_session_cut_every_2_s_for_20_s_loses_and_repeats_nothing(tmp_path: Path) -> None:
