@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from bridge import protocol
-from bridge.resume import DEFAULT_BUFFER, RESUME_HEADER, SESSION_HEADER
+from bridge.resume import AFFINITY_HEADER, DEFAULT_BUFFER, RESUME_HEADER, SESSION_HEADER
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_FRONTEND_CONFIG = "/etc/tcpbridge/frontend.yaml"
@@ -37,7 +37,7 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 RESERVED_HEADERS = frozenset(
     {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
      "sec-websocket-extensions", "sec-websocket-accept", "content-length", "transfer-encoding"}
-) | protocol.RESERVED_HEADERS | {RESUME_HEADER.lower(), SESSION_HEADER.lower()}
+) | protocol.RESERVED_HEADERS | {RESUME_HEADER.lower(), SESSION_HEADER.lower(), AFFINITY_HEADER.lower()}
 #: ``resume_buffer`` bounds: below 64 KiB a sender waits for acknowledgements all the time; the top
 #: keeps one tunnel from taking the machine's memory.
 MIN_RESUME_BUFFER = 64 * 1024

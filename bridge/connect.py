@@ -204,15 +204,15 @@ def connect(tunnel: FrontendTunnel, stdin: int = 0, stdout: int = 1) -> int:
     process exits without waiting for it.
     """
     url = redact_url(tunnel.url)
+    session = offered_session(tunnel)
     try:
-        websocket = open_endpoint(tunnel, SecretResolver())
+        websocket = open_endpoint(tunnel, SecretResolver(), session=session)
     except DialError as exc:
         print(f"{PROG}: cannot open {url}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     ours, theirs = socket.socketpair()
-    session = offered_session(tunnel)
     redial = redial_for(tunnel, session, SecretResolver()) if session is not None else None
     pump = Tunnel(theirs, websocket, label=tunnel.name, peer="stdio", destination=url, options=tunnel.options,
                   tcp_role="stdio", session=session, redial=redial)

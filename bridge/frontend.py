@@ -88,9 +88,10 @@ class ClientEndpoint(Endpoint):
 # ---------------------------------------------------------------------------
 # Dialing: the websocket handshake over a transport from bridge.transport
 
-def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver, session_id: str | None = None) -> list[str]:
+def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver, session: Session | None = None, *,
+                    reattach: bool = False) -> list[str]:
     """The extra upgrade-request header lines of ``tunnel``, secrets read now, and the offer of binary messages;
-    with ``session_id``, the header that re-attaches to that session."""
+    with the tunnel's ``session``, its routing key, and (``reattach``) the header that re-attaches to it."""
     try:
         lines = [f"{name}: {secrets.resolve(value)}" for name, value in tunnel.headers]
         if tunnel.basic_auth:
@@ -101,14 +102,18 @@ def request_headers(tunnel: FrontendTunnel, secrets: SecretResolver, session_id:
         lines.append(f"{protocol.OFFER_HEADER}: {protocol.OFFER_BINARY}")
     if tunnel.options.resume:
         lines.append(f"{resume.RESUME_HEADER}: {tunnel.options.resume_buffer}")
-    if session_id is not None:
-        lines.append(f"{resume.SESSION_HEADER}: {session_id}")
+    if session is not None and session.affinity is not None:
+        lines.append(f"{resume.AFFINITY_HEADER}: {session.affinity}")
+    if reattach and session is not None and session.id is not None:
+        lines.append(f"{resume.SESSION_HEADER}: {session.id}")
     return lines
 
 
 def offered_session(tunnel: FrontendTunnel) -> Session | None:
     """The session of a tunnel whose dial offered resume (undecided until the backend's first message)."""
-    return Session(tunnel.options.resume_buffer, consented=False) if tunnel.options.resume else None
+    if not tunnel.options.resume:
+        return None
+    return Session(tunnel.options.resume_buffer, consented=False, affinity=resume.new_affinity())
 
 
 #: Refusals of a re-attaching dial that trying again cannot change: the session is unknown or expired
@@ -123,7 +128,7 @@ def redial_for(tunnel: FrontendTunnel, session: Session, secrets: SecretResolver
         if session.id is None:
             raise ResumeRefused("the backend never consented to resume")
         try:
-            return open_endpoint(tunnel, secrets, session_id=session.id)
+            return open_endpoint(tunnel, secrets, session=session, reattach=True)
         except DialError as exc:
             if exc.status in RESUME_REFUSALS:
                 raise ResumeRefused(str(exc)) from None
@@ -132,10 +137,11 @@ def redial_for(tunnel: FrontendTunnel, session: Session, secrets: SecretResolver
 
 
 def open_endpoint(tunnel: FrontendTunnel, secrets: SecretResolver,
-                 environ: Mapping[str, str] = os.environ, *, session_id: str | None = None) -> ClientEndpoint:
+                 environ: Mapping[str, str] = os.environ, *, session: Session | None = None,
+                 reattach: bool = False) -> ClientEndpoint:
     """Dial one websocket of ``tunnel`` (see :func:`dial`) and wrap it, binary if the backend consented;
-    ``session_id``: re-attach to that session."""
-    opened = dial(tunnel, secrets, environ, session_id=session_id)
+    ``session``: the tunnel's resumable session (``reattach``: re-attach to it)."""
+    opened = dial(tunnel, secrets, environ, session=session, reattach=reattach)
     consent = tunnel.options.frames == "auto" and protocol.binary_accepted(
         [name for name, _ in tunnel.headers], opened.headers)
     try:
@@ -157,7 +163,7 @@ class Opened:
 
 
 def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, str] = os.environ, *,
-         session_id: str | None = None) -> Opened:
+         session: Session | None = None, reattach: bool = False) -> Opened:
     """Open the websocket for one connection of ``tunnel``; raise DialError saying why not.
 
     No Origin header and no extension offer are sent (the Go backend refuses
@@ -170,7 +176,7 @@ def dial(tunnel: FrontendTunnel, secrets: SecretResolver, environ: Mapping[str, 
     url = tunnel.url
     timeout = tunnel.options.connect_timeout
     deadline = time.monotonic() + timeout
-    header = request_headers(tunnel, secrets, session_id)
+    header = request_headers(tunnel, secrets, session, reattach=reattach)
     proxy = choose_proxy(url, tunnel.proxy, environ)
     via = f" via proxy {proxy}" if proxy else ""
     sock: socket.socket | None = None
@@ -444,8 +450,9 @@ class Frontend:
         with contextlib.suppress(OSError):  # a client already gone fails later, in the pump
             client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = offered_session(tunnel)
         try:
-            websocket = open_endpoint(tunnel, self.secrets)
+            websocket = open_endpoint(tunnel, self.secrets, session=session)
         except DialError as exc:
             facts = events.tunnel_facts(tunnel.name, tunnel_id, _peer(peer), redact_url(tunnel.url))
             log.warning("tunnel %s [%s]: cannot open %s for %s: %s",
@@ -456,7 +463,6 @@ class Frontend:
             client.close()
             return
         self.registry.stats.handshake(tunnel.name, time.monotonic() - accepted)
-        session = offered_session(tunnel)
         pump = Tunnel(
             client,
             websocket,

@@ -30,8 +30,10 @@ binary mode alike (after the binary switch, a TEXT message is otherwise a protoc
 Byte counts are of the TCP stream (decoded bytes, whatever the message mode), as decimal digits.
 
 **Re-attaching.** The frontend dials the same URL with the same headers, token and TLS checks, plus
-``X-Tcpbridge-Session: <session>`` (a header, so a load balancer can route on it: nginx
-``hash $http_x_tcpbridge_session consistent``). The session id is compared in constant time and never
+``X-Tcpbridge-Session: <session>``. The offer and every re-attach carry the same random
+``X-Tcpbridge-Affinity: <key>``, so a load balancer in front of several backends can send both to the
+one that holds the session (nginx ``hash $http_x_tcpbridge_affinity consistent``; requests without it,
+from Go frontends, are spread as before). The session id is compared in constant time and never
 logged.
 """
 
@@ -52,6 +54,9 @@ _PREFIX_BYTES: Final = PREFIX.encode("ascii")
 RESUME_HEADER: Final = "X-Tcpbridge-Resume"
 #: The request header that re-attaches a websocket to a session.
 SESSION_HEADER: Final = "X-Tcpbridge-Session"
+#: The request header with a resumable tunnel's routing key: random, sent with the offer and with every
+#: re-attach, so a load balancer hashing on it sends both to the same backend. Not a secret.
+AFFINITY_HEADER: Final = "X-Tcpbridge-Affinity"
 #: Default bytes each side keeps for replay per direction (``resume_buffer``).
 DEFAULT_BUFFER: Final = 4 * 1024 * 1024
 #: Acknowledge at the latest after this many seconds with unacknowledged bytes.
@@ -73,6 +78,11 @@ def parse_offer(values: list[str]) -> int | None:
     except ValueError:
         return None
     return buffer or None
+
+
+def new_affinity() -> str:
+    """A fresh routing key for :data:`AFFINITY_HEADER`: 64 random bits as 16 hex digits."""
+    return secrets.token_hex(8)
 
 
 def new_session_id() -> str:

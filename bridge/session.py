@@ -45,8 +45,10 @@ class Session:
     """
 
     def __init__(self, buffer: int, *, consented: bool, session_id: str | None = None,
-                 peer_buffer: int = resume.DEFAULT_BUFFER) -> None:
+                 peer_buffer: int = resume.DEFAULT_BUFFER, affinity: str | None = None) -> None:
         self.id = session_id
+        #: The frontend's routing key, sent with the offer and every re-attach (:data:`~bridge.resume.AFFINITY_HEADER`).
+        self.affinity = affinity
         self.consented = consented
         self.replay: ReplayBuffer | None = ReplayBuffer(buffer)
         self.receipts = Receipts(peer_buffer)

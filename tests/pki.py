@@ -184,8 +184,10 @@ class NginxSite:
     client_ca: Path | None = None
 
 
-def nginx(directory: Path, backends: list[int], cert: Issued, sites: list[NginxSite]) -> Server:
-    """A private nginx terminating TLS on each site and load-balancing to ``backends`` (round robin)."""
+def nginx(directory: Path, backends: list[int], cert: Issued, sites: list[NginxSite], *,
+          hash_key: str | None = None) -> Server:
+    """A private nginx terminating TLS on each site and load-balancing to ``backends``: round robin, or
+    by the consistent hash of ``hash_key`` (an nginx variable; requests where it is empty go round robin)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tmp").mkdir(exist_ok=True)
     servers = "".join(NGINX_SERVER.format(
@@ -194,6 +196,8 @@ def nginx(directory: Path, backends: list[int], cert: Issued, sites: list[NginxS
                      if site.client_ca else ""),
     ) for site in sites)
     upstream = "".join(f"        server 127.0.0.1:{port};\n" for port in backends)
+    if hash_key is not None:
+        upstream = f"        hash {hash_key} consistent;\n{upstream}"
     temp = " ".join(f"{kind}_temp_path {directory}/tmp/{kind};"
                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     config = directory / "nginx.conf"

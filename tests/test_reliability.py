@@ -38,6 +38,7 @@ from tests.helpers import (
     wait_until,
     write_yaml,
 )
+from tests.pki import NginxSite, Pki, nginx, require_tools, stopping
 from tests.test_frames import dial_backend, next_data_frame
 
 TOKEN = "resume-test-token"
@@ -140,6 +141,58 @@ def test_with_workers_a_re_attach_reaches_the_worker_that_holds_its_session(tmp_
         assert pair.backend.wait_for_log("handed over")
         assert wait_until(lambda: pair.backend.log.count("resumed after") == 20, timeout=10)
     assert "refused" not in pair.backend.log and "refused" not in pair.frontend.log
+
+
+def test_behind_nginx_a_re_attach_reaches_the_backend_that_holds_its_session(tmp_path: Path) -> None:
+    """Two backends behind nginx, which hashes on X-Tcpbridge-Affinity (README, *Several backends*):
+    16 tunnels spread over both, the path to nginx cut 3 times, every re-attach lands where its
+    session lives."""
+    require_tools("openssl", "nginx")
+    ca = Pki(tmp_path / "ca")
+    cert = ca.issue("server", dns=["localhost"])
+    echo = TcpServer(echo_handler)
+    backends, ports = [], [free_port(), free_port()]
+    for index, backend_port in enumerate(ports):
+        backends.append(backend(write_yaml(tmp_path, f"backend{index}.yaml", {"drain_timeout": 1, "listeners": [
+            {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address},
+             "resume": True}]})))
+    nginx_port, port = free_port(), free_port()
+    relay: CuttingRelay | None = None
+    front: Daemon | None = None
+    clients: list[socket.socket] = []
+    try:
+        for daemon in backends:
+            daemon.wait_ready()
+        with stopping(nginx(tmp_path / "nginx", ports, cert, [NginxSite(nginx_port)],
+                            hash_key="$http_x_tcpbridge_affinity")):
+            relay = CuttingRelay(nginx_port)
+            front = frontend(write_yaml(tmp_path, "frontend.yaml", {"drain_timeout": 1, "tunnels": [
+                {"name": "t", "listen": f"127.0.0.1:{port}", "backend": f"wss://localhost:{relay.port}/",
+                 "tls": {"ca_file": str(ca.ca_cert)}, "resume": True}]})).wait_ready()
+            clients = [connect(port) for _ in range(16)]
+            for cut in range(4):
+                assert wait_until(lambda: relay is not None and relay.live() == 16, timeout=20)
+                for number, client in enumerate(clients):
+                    line = f"client {number} before cut {cut}\n".encode()
+                    client.sendall(line)
+                    assert recv_exactly(client, len(line), timeout=20) == line
+                if cut < 3:
+                    relay.cut("reset" if cut % 2 else "close")
+            for client in clients:
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b""
+            resumed = [daemon.log.count("resumed after") for daemon in backends]
+            assert sum(resumed) == 48, resumed
+            assert all(" open: " in daemon.log for daemon in backends)  # both took tunnels (P(not) = 2**-15)
+            assert not any("refused" in daemon.log for daemon in [*backends, front])
+    finally:
+        for client in clients:
+            client.close()
+        for daemon in [*backends, *([front] if front else [])]:
+            daemon.stop()
+        if relay is not None:
+            relay.close()
+        echo.close()
 
 
 def test_an_interactive_session_cut_every_2_s_for_20_s_loses_and_repeats_nothing(tmp_path: Path) -> None:
