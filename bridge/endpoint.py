@@ -118,6 +118,9 @@ class Endpoint:
         self._pending_ack: str | None = None
         #: Whether the tunnel negotiated resume: control messages may come and go (:mod:`bridge.resume`).
         self.resume = resume
+        #: Whether our close frames are announced (``tcpbridge:closing <code>`` right before each): set by
+        #: the tunnel once resume is agreed, never towards a peer that is not ours.
+        self.announce_close = False
         #: True once our messages are binary (after our switch marker is on the wire).
         self.binary = False
 
@@ -188,8 +191,17 @@ class Endpoint:
         if ack is not None and not closing:
             frames += self._frame_bytes(protocol.OPCODE_TEXT, ack.encode("ascii"))
         if close is not None:
-            frames += self._frame_bytes(protocol.OPCODE_CLOSE, close)
+            frames += self._close_frames(close)
         return frames, switch and not closing
+
+    def _close_frames(self, payload: bytes) -> bytes:
+        """Our close frame, announced first if :attr:`announce_close` (see :mod:`bridge.resume`)."""
+        frame = self._frame_bytes(protocol.OPCODE_CLOSE, payload)
+        if not self.announce_close:
+            return frame
+        code = parse_close_payload(payload)[0]
+        announcement = resume.encode(resume.Closing(code)).encode("ascii")
+        return self._frame_bytes(protocol.OPCODE_TEXT, announcement) + frame
 
     def _write_pending(self) -> bool:
         """Write the pending control frames (the caller holds the send lock); return whether there were any.
@@ -250,7 +262,7 @@ class Endpoint:
                 raise WebSocketDropped("websocket is closing")
             marker = self._frame_bytes(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
             if then_close:
-                marker += self._frame_bytes(protocol.OPCODE_CLOSE, close_payload(CloseCode.NORMAL, ""))
+                marker += self._close_frames(close_payload(CloseCode.NORMAL, ""))
             self._sock.sendall(marker)
         self._after_send()
 

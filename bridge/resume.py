@@ -25,7 +25,11 @@ binary mode alike (after the binary switch, a TEXT message is otherwise a protoc
 * ``tcpbridge:resumed <received>[ end]``: the first message on a re-attached websocket, from each
   side: how many stream bytes it received in all, and ``end`` if the peer's end-of-stream marker
   came after them; the other side replays from there (the marker too, if it had sent one and
-  ``end`` is missing).
+  ``end`` is missing);
+* ``tcpbridge:closing <code>``: written right before each close frame of a resumable tunnel, with
+  its code. The inverting proxy's shim turns a dropped websocket on either leg into a close 1000
+  towards the other, and loses every close code; so a close frame *not* announced is a relay's, and
+  counts as a drop (the tunnel resumes), while an announced one counts with the announced code.
 
 Byte counts are of the TCP stream (decoded bytes, whatever the message mode), as decimal digits.
 
@@ -114,6 +118,12 @@ class Ack(NamedTuple):
     ended: bool = False
 
 
+class Closing(NamedTuple):
+    """The sender's next frame is its close frame, with ``code`` (whatever code reaches the receiver)."""
+
+    code: int
+
+
 class Resumed(NamedTuple):
     """First message on a re-attached websocket: the sender has received ``received`` stream bytes in all,
     and (``ended``) the end-of-stream marker after them."""
@@ -122,7 +132,7 @@ class Resumed(NamedTuple):
     ended: bool = False
 
 
-Control = Consent | Ack | Resumed
+Control = Consent | Ack | Resumed | Closing
 
 
 def encode(message: Control) -> str:
@@ -133,6 +143,10 @@ def encode(message: Control) -> str:
         return f"{PREFIX}resume {message.session} {_count(message.buffer)}"
     if isinstance(message, Ack):
         return f"{PREFIX}ack {_count(message.received)}{' end' if message.ended else ''}"
+    if isinstance(message, Closing):
+        if not 1000 <= message.code <= 4999:
+            raise ValueError(f"not a close code: {message.code}")
+        return f"{PREFIX}closing {message.code}"
     return f"{PREFIX}resumed {_count(message.received)}{' end' if message.ended else ''}"
 
 
@@ -151,6 +165,8 @@ def decode(text: str) -> Control:
             return Ack(_parse_count(args[0]), ended=len(args) == 2)
         if verb == "resumed" and (len(args) == 1 or (len(args) == 2 and args[1] == "end")):
             return Resumed(_parse_count(args[0]), ended=len(args) == 2)
+        if verb == "closing" and len(args) == 1 and 1000 <= (code := _parse_count(args[0])) <= 4999:
+            return Closing(code)
     except ValueError:
         pass
     raise ProtocolViolation(CloseCode.INVALID_DATA, f"malformed control message {text[:60]!r}")

@@ -201,6 +201,10 @@ class Tunnel:
         #: Re-attachments so far, and the stream bytes they sent again.
         self.resumes = 0
         self.bytes_replayed = 0
+        #: The close code the peer announced on the current websocket (:class:`~bridge.resume.Closing`).
+        self._peer_closing: int | None = None
+        if session is not None and session.consented:
+            websocket.announce_close = True
 
     # -- public -------------------------------------------------------------
 
@@ -543,9 +547,23 @@ class Tunnel:
                 if session is not None and (ack := session.marker_delivered()) is not None:
                     self._websocket.queue_ack(ack)  # before our close: the peer need not resume after it
                 self._carry_out(step)
-            else:
-                self._carry_out(self._decide(Lifecycle.close_received, event.code, event.reason))
+            elif self._closed_by_a_relay():
+                # The shim turns a dropped websocket into a close 1000: for a resumable tunnel, a drop.
+                lost = Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket closed ({event.code}) by a relay, "
+                                                       "not by the peer")
+                if self._report_lost(generation, lost) and self._await_attach(generation):
+                    continue
                 return
+            else:
+                code = event.code if self._peer_closing is None else self._peer_closing
+                self._carry_out(self._decide(Lifecycle.close_received, code, event.reason))
+                return
+
+    def _closed_by_a_relay(self) -> bool:
+        """Whether a close frame on a resumable tunnel came without the peer's announcement: a relay made it
+        (:class:`~bridge.resume.Closing`)."""
+        session = self._session
+        return session is not None and session.consented and self._peer_closing is None
 
     def _take(self, websocket: Endpoint) -> bytes | EndOfStream | Closed | None:
         """The next message from ``websocket`` for the TCP side, counted; None for one the session consumed
@@ -558,6 +576,7 @@ class Tunnel:
                                         "negotiate resume")
             return event
         if not session.decided and session.first_message(event):
+            websocket.announce_close = True
             return None  # the backend's consent: the session is resumable
         if isinstance(event, resume.Control):
             self._on_control(event)
@@ -578,6 +597,8 @@ class Tunnel:
         if isinstance(message, resume.Ack):
             session.acknowledged(message)
             self.last_activity = time.monotonic()  # the peer's target is taking our bytes
+        elif isinstance(message, resume.Closing):
+            self._peer_closing = message.code
         else:
             # A consent only ever comes first; resumed only on a re-attached websocket.
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, f"unexpected {type(message).__name__.lower()} "
@@ -711,9 +732,11 @@ class Tunnel:
         theirs = self._receive_resumed(endpoint)
         chunks = session.replay_from(theirs.received)
         session.peer_resumed(theirs.ended)
+        endpoint.announce_close = True
         with self._attached:
             old, self._websocket = self._websocket, endpoint
             self._generation += 1
+            self._peer_closing = None
             step = self._lifecycle.attached(theirs.ended)
             if self._lifecycle.close_sent:
                 self._close_sent_at, self._close_queue = time.monotonic(), None  # the close goes again

@@ -348,8 +348,13 @@ def test_two_tcpbridge_ends_go_binary_unless_told_not_to(tmp_path: Path, frames:
         received_data = [f for f in received if f.opcode in (OP_TEXT, OP_BINARY) and not is_control(f)]
         # Resume is negotiated in either mode: the backend's consent comes first, then acks both ways.
         assert is_control(received[0]) and received[0].payload.startswith(b"tcpbridge:resume ")
-        acks = [f.payload for f in sent if is_control(f)]
+        controls = [f.payload for f in sent if is_control(f)]
+        acks = [payload for payload in controls if not payload.startswith(b"tcpbridge:closing ")]
         assert acks and all(ack.startswith(b"tcpbridge:ack ") for ack in acks)
+        # Each close frame of a resumable tunnel is announced right before it (the shim loses codes).
+        for frames_seen in (sent, received):
+            closes = [i for i, f in enumerate(frames_seen) if f.opcode == OP_CLOSE]
+            assert closes and all(frames_seen[i - 1].payload.startswith(b"tcpbridge:closing ") for i in closes)
         if frames == "auto":
             assert b"X-Tcpbridge-Offer: binary-frames\r\n" in request
             assert b"X-Tcpbridge-Frames: binary\r\n" in response

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from bridge import resume
+from bridge.tunnel import reset_now
 from tests.cutter import CuttingRelay
 from tests.gopeer import go_frontend_request, read_http_head
 from tests.helpers import (
@@ -39,6 +40,7 @@ from tests.helpers import (
     write_yaml,
 )
 from tests.pki import NginxSite, Pki, nginx, require_tools, stopping
+from tests.shim import ShimAgent, ShimProxy
 from tests.test_frames import dial_backend, next_data_frame
 
 TOKEN = "resume-test-token"
@@ -193,6 +195,68 @@ def test_behind_nginx_a_re_attach_reaches_the_backend_that_holds_its_session(tmp
         if relay is not None:
             relay.close()
         echo.close()
+
+
+@dataclass
+class ShimPath:
+    """frontend -> relay -> ShimProxy --HTTP--> ShimAgent -> backend: the inverting proxy's shim (tests/shim.py)."""
+
+    agent: ShimAgent
+    relay: CuttingRelay
+    frontend: Daemon
+    backend: Daemon
+    port: int
+
+    def kill_backend_legs(self) -> int:
+        """Reset the agent's websockets to the backend (an agent restart): the shim closes the frontend's
+        websockets with a bare 1000 in turn."""
+        sessions = list(self.agent._sessions.values())
+        for session in sessions:
+            reset_now(session.ws.sock)
+        return len(sessions)
+
+
+@contextlib.contextmanager
+def through_the_shim(tmp_path: Path) -> Iterator[ShimPath]:
+    echo = TcpServer(echo_handler)
+    backend_port, port = free_port(), free_port()
+    back = backend(write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, "resume": True, "listeners": [
+        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address}}]}))
+    agent = ShimAgent(f"127.0.0.1:{backend_port}", "websocket-shim", shim_timeout=2.0).start()
+    proxy = ShimProxy.for_agent(agent).start()
+    relay = CuttingRelay(proxy.port)
+    front = frontend(write_yaml(tmp_path, "frontend.yaml", {"drain_timeout": 1, "resume": True, "tunnels": [
+        {"name": "t", "listen": f"127.0.0.1:{port}", "backend": relay.url}]}))
+    try:
+        back.wait_ready(), front.wait_ready()
+        yield ShimPath(agent, relay, front, back, port)
+    finally:
+        front.stop(), back.stop()
+        relay.close(), proxy.close(), agent.close(), echo.close()
+
+
+@pytest.mark.parametrize("leg", ["frontend to proxy", "agent to backend"])
+def test_through_the_shim_a_dropped_leg_is_resumed_over_a_new_shim_session(tmp_path: Path, leg: str) -> None:
+    """The shim turns a drop on either leg into a bare close 1000 on the other; the tunnel tells it from
+    the peer's own close (announced in band) and resumes over a new shim session: text only, the
+    session header passed by the agent, the backend's old websocket replaced or re-attached."""
+    with through_the_shim(tmp_path) as path, connect(path.port) as client:
+        assert wait_until(lambda: path.relay.live() == 1, timeout=10)
+        data = os.urandom(256 * 1024)
+        for cut in range(3):
+            client.sendall(data)
+            assert recv_exactly(client, len(data), timeout=30) == data
+            if leg == "frontend to proxy":
+                assert path.relay.cut("reset" if cut % 2 else "close") == 1
+            else:
+                assert path.kill_backend_legs() >= 1
+            assert wait_until(lambda n=cut + 1: path.backend.log.count("resumed after") == n, timeout=30), \
+                path.frontend.log
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == data
+        assert path.frontend.wait_for_log("closed (clean)"), path.frontend.log
+    assert "refused" not in path.backend.log
 
 
 def test_an_interactive_session_cut_every_2_s_for_20_s_loses_and_repeats_nothing(tmp_path: Path) -> None:

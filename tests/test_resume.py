@@ -24,6 +24,7 @@ SESSION = "0123456789abcdef0123456789abcdef"
     (Ack(0), "tcpbridge:ack 0"),
     (Ack(123456789012), "tcpbridge:ack 123456789012"),
     (Ack(7, ended=True), "tcpbridge:ack 7 end"),
+    (resume.Closing(1011), "tcpbridge:closing 1011"),
     (Resumed(7), "tcpbridge:resumed 7"),
     (Resumed(0, ended=True), "tcpbridge:resumed 0 end"),
 ])
@@ -39,6 +40,7 @@ def test_control_messages_encode_and_decode(message: resume.Control, text: str) 
     f"tcpbridge:resume {SESSION.upper()} 5", f"tcpbridge:resume {SESSION}", "tcpbridge:resumed", "tcpbridge:hello 1",
     "tcpbridge:ack  1", "tcpbridge:ack 1 ", "tcpbridge:resumed 1 END", "tcpbridge:resumed 1 end end",
     "tcpbridge:resumed end", "tcpbridge:ack 1 END", "tcpbridge:ack end",
+    "tcpbridge:closing 999", "tcpbridge:closing 5000", "tcpbridge:closing", "tcpbridge:closing 1000 x",
 ])
 def test_malformed_control_messages_are_invalid_data(text: str) -> None:
     with pytest.raises(ProtocolViolation) as raised:

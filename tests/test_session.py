@@ -25,7 +25,7 @@ from bridge.config import TunnelOptions
 from bridge.endpoint import Closed, Endpoint
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
-from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation
+from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation, close_payload
 from bridge.resume import Ack, Consent
 from bridge.session import ResumeRefused, Session
 from bridge.tunnel import Redial, Tunnel, TunnelRegistry, reset_now
@@ -356,6 +356,7 @@ def test_an_acknowledgement_of_bytes_never_sent_ends_the_tunnel_as_a_bad_frame(r
     runner = in_thread(lambda: outcome.append(registry.run(back)))
     assert liar.receive() == Consent(SESSION_ID, SMALL)
     liar.send_control(Ack(1000))
+    assert liar.receive() == resume.Closing(1002)  # a resumable tunnel announces its close frames
     closed = liar.receive()
     assert isinstance(closed, Closed) and closed.code == 1002
     runner.join(10)
@@ -507,6 +508,43 @@ def test_a_websocket_that_still_looks_alive_is_replaced_by_a_proven_one(registry
     assert recv_all(bridge.client) == b""
     bridge.join()
     assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+
+
+def inject(tunnel: Tunnel, *frames: tuple[int, bytes]) -> None:
+    """Write whole frames into ``tunnel``'s websocket as a relay on the path would (the tunnel is idle)."""
+    websocket = tunnel._websocket
+    websocket.sock.sendall(b"".join(websocket._frame_bytes(opcode, payload) for opcode, payload in frames))
+
+
+def test_a_close_the_peer_did_not_announce_is_a_relays_and_is_resumed(registry: TunnelRegistry) -> None:
+    """Through the shim, a drop becomes a bare close 1000: not the peer's end, so the tunnel resumes."""
+    rewire = Rewire()
+    bridge = start_bridge(registry, rewire=rewire)
+    assert wait_until(lambda: session_of(bridge.front).replayable, timeout=5)
+    bridge.client.sendall(b"before")
+    assert recv_exactly(bridge.target, 6) == b"before"
+    inject(bridge.back, (0x8, close_payload(1000, "")))
+    assert wait_until(lambda: bridge.front.resumes == 1 == bridge.back.resumes, timeout=20)
+    bridge.client.sendall(b"after")
+    bridge.client.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.target) == b"after"
+    bridge.target.shutdown(socket.SHUT_WR)
+    assert recv_all(bridge.client) == b""
+    bridge.join()
+    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+
+
+def test_an_announced_code_wins_over_the_one_a_relay_delivers(registry: TunnelRegistry) -> None:
+    """The shim delivers every close as 1000: the peer's announced 1011 still makes it an abort."""
+    bridge = start_bridge(registry)
+    assert wait_until(lambda: session_of(bridge.front).replayable, timeout=5)
+    inject(bridge.back, (0x1, resume.encode(resume.Closing(1011)).encode()), (0x8, close_payload(1000, "")))
+    assert_reset(bridge.client)
+    assert wait_until(lambda: "front" in bridge.outcomes, timeout=10)
+    outcome = bridge.outcomes["front"]
+    assert outcome.kind is Kind.ABORTED_BY_PEER and "1011" in outcome.detail
+    bridge.back.abort(Outcome(Kind.SHUTDOWN, "abort: test over"))
+    bridge.join()
 
 
 def assert_reset(sock: socket.socket) -> None:
