@@ -229,17 +229,27 @@ def format_status(doc: Mapping[str, Any]) -> str:
                     [[item["name"], item["listen"], item["to"]] for item in listeners]) or ["no listeners"]
     lines.append("")
     tunnels = doc.get("tunnels", [])
-    lines += _table(["TUNNEL", "NAME", "PEER", "DESTINATION", "AGE", "TO WEBSOCKET", "TO TCP"],
+    lines += _table(["TUNNEL", "NAME", "PEER", "DESTINATION", "AGE", "TO WEBSOCKET", "TO TCP", "RESUME"],
                     [[t["id"], t["label"], t["peer"], _short(t["destination"]), _duration(t["age_seconds"]),
-                      human_bytes(t["bytes_to_websocket"]), human_bytes(t["bytes_to_tcp"])] for t in tunnels]) \
+                      human_bytes(t["bytes_to_websocket"]), human_bytes(t["bytes_to_tcp"]), _resume(t)]
+                     for t in tunnels]) \
         or ["no active tunnels"]
     totals = doc.get("totals", {})
     closed = ", ".join(f"{kind} {count}" for kind, count in totals.get("closed", {}).items() if count)
     failures = ", ".join(f"{reason} {count}" for reason, count in totals.get("open_failures_by_reason", {}).items())
     reloads = doc.get("reloads", {})
+    resumes = ", ".join(f"{result} {count}" for result, count in totals.get("resumes", {}).items() if count)
     lines += ["", f"ended: {closed or 'none'}; failed to open: {failures or 'none'}; "
-                  f"reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"]
+                  f"reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"
+                  + (f"; resumes: {resumes}" if resumes else "")]
     return "\n".join(lines)
+
+
+def _resume(tunnel: Mapping[str, Any]) -> str:
+    """``-`` (not resumable), ``on``, ``detached``, with the re-attaches so far: ``on, 2 resumes``."""
+    state = {"resumable": "on", "detached": "detached"}.get(tunnel.get("resume", ""), "-")
+    count = tunnel.get("resumes", 0)
+    return state + (f", {count} resume{'s' if count != 1 else ''}" if count else "")
 
 
 def _workers_line(workers: list[dict[str, Any]] | None) -> list[str]:

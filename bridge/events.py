@@ -30,6 +30,10 @@ class Event(enum.Enum):
     OPEN_FAILED = "dfa895b00b7d4f6f9245eefc5cd1d5b6"
     RELOAD_APPLIED = "08700012ce1c41de89196455d2091924"
     RELOAD_REJECTED = "98c0559298c94f76bd8523dc57777578"
+    #: A resumable tunnel's websocket dropped: it waits for a new one (``resume_timeout``).
+    TUNNEL_DETACHED = "1346a024aeeb454c94487054b3d6ccf7"
+    #: A new websocket took over a detached tunnel (facts: ``waited_s``, ``bytes_replayed``).
+    TUNNEL_RESUMED = "213519d5b06445a6baa69854d5770342"
 
 
 def mark(event: Event | None, facts: Facts | None = None) -> dict[str, object]:

@@ -16,6 +16,9 @@ on the backend (``listener/-`` for refusals of an unknown route).
 * ``tcpbridge_bytes_total{tunnel,direction}``: to_websocket, to_tcp; ended and live tunnels
 * ``tcpbridge_open_failures_total{tunnel,reason}``: http_404, timeout, tls, max_connections, ...
 * ``tcpbridge_handshake_seconds{tunnel}`` (histogram)
+* ``tcpbridge_resumes_total{tunnel,result}``: resumed, refused, timeout, lost (resumable tunnels'
+  re-attaches, :data:`bridge.stats.RESUME_RESULTS`)
+* ``tcpbridge_tunnels_detached{tunnel}``: resumable tunnels waiting for a new websocket now
 * ``tcpbridge_reloads_total{result}``: ok, failed
 * ``process_*`` (prometheus-client's process collector: CPU, memory, open file descriptors); with
   worker processes, :class:`SummedProcessCollector`: CPU, memory and descriptors of the main
@@ -35,7 +38,7 @@ from bridge import __version__
 from bridge.config import Address
 from bridge.listen import LISTEN_BACKLOG, bind_listener
 from bridge.outcome import CLASSES
-from bridge.stats import RELOAD_RESULTS, Snapshot
+from bridge.stats import RELOAD_RESULTS, RESUME_RESULTS, Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -77,10 +80,18 @@ class BridgeCollector:
             "tcpbridge_handshake_seconds",
             "Frontend: accepted connection to the backend's 101; backend: request headers read to 101 sent",
             labels=["tunnel"])
+        resumes = CounterMetricFamily("tcpbridge_resumes", "Re-attaches of resumable tunnels, by result",
+                                      labels=["tunnel", "result"])
+        detached = GaugeMetricFamily("tcpbridge_tunnels_detached",
+                                     "Resumable tunnels waiting for a new websocket now", labels=["tunnel"])
         live_count: dict[str, int] = {}
         live_ws: dict[str, int] = {}
         live_tcp: dict[str, int] = {}
+        live_resumes: dict[str, int] = {}
+        live_detached: dict[str, int] = {}
         for tunnel in snap.live:
+            live_resumes[tunnel.label] = live_resumes.get(tunnel.label, 0) + tunnel.resumes
+            live_detached[tunnel.label] = live_detached.get(tunnel.label, 0) + (tunnel.resume == "detached")
             live_count[tunnel.label] = live_count.get(tunnel.label, 0) + 1
             live_ws[tunnel.label] = live_ws.get(tunnel.label, 0) + tunnel.bytes_to_ws
             live_tcp[tunnel.label] = live_tcp.get(tunnel.label, 0) + tunnel.bytes_to_tcp
@@ -92,12 +103,16 @@ class BridgeCollector:
                 closed.add_metric([label, outcome], stats.closed.get(outcome, 0) if stats else 0)
             moved.add_metric([label, "to_websocket"], (stats.bytes_to_ws if stats else 0) + live_ws.get(label, 0))
             moved.add_metric([label, "to_tcp"], (stats.bytes_to_tcp if stats else 0) + live_tcp.get(label, 0))
+            detached.add_metric([label], live_detached.get(label, 0))
+            for result in RESUME_RESULTS:
+                ended = stats.resumes.get(result, 0) if stats else 0
+                resumes.add_metric([label, result], ended + (live_resumes.get(label, 0) if result == "resumed" else 0))
             if stats:
                 for reason, count in sorted(stats.failures.items()):
                     failures.add_metric([label, reason], count)
                 histogram = stats.handshake
                 handshake.add_metric([label], histogram.cumulative(), histogram.total)
-        yield from (active, opened, closed, moved, failures, handshake)
+        yield from (active, opened, closed, moved, failures, handshake, resumes, detached)
 
         reloads = CounterMetricFamily("tcpbridge_reloads", "Configuration reloads (SIGHUP), by result",
                                       labels=["result"])

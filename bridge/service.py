@@ -282,9 +282,9 @@ class StatusView:
             "listeners": self.listeners(),
             "tunnels": [{"id": t.id, "label": t.label, "peer": t.peer, "destination": t.destination,
                          "age_seconds": round(t.age, 3), "bytes_to_websocket": t.bytes_to_ws,
-                         "bytes_to_tcp": t.bytes_to_tcp} for t in live],
+                         "bytes_to_tcp": t.bytes_to_tcp, "resume": t.resume, "resumes": t.resumes} for t in live],
             "totals": {**snap.totals(), "closed": dict(sorted(closed.items())),
-                       "open_failures_by_reason": dict(sorted(failures.items()))},
+                       "open_failures_by_reason": dict(sorted(failures.items())), "resumes": snap.resumes()},
             "reloads": snap.reloads,
             **(extra() if extra else {}),
         }

@@ -36,6 +36,10 @@ from bridge.outcome import Outcome
 #: Upper bounds (seconds) of the handshake histogram's buckets; +Inf is implied.
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RELOAD_RESULTS = ("ok", "failed")
+#: How a resumable tunnel's re-attach went: ``resumed``, or why it could not be: the backend refused
+#: it (``refused``: unknown session, token), ``resume_timeout`` passed (``timeout``), or bytes the
+#: peer needed were no longer kept or it broke the exchange (``lost``).
+RESUME_RESULTS = ("resumed", "refused", "timeout", "lost")
 
 
 @dataclass
@@ -77,10 +81,11 @@ class LabelStats:
     bytes_to_tcp: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # reason class -> connections
     handshake: Histogram = field(default_factory=Histogram)
+    resumes: dict[str, int] = field(default_factory=dict)  # RESUME_RESULTS -> re-attaches (ended tunnels)
 
     def copy(self) -> LabelStats:
         return LabelStats(self.opened, dict(self.closed), self.bytes_to_ws, self.bytes_to_tcp,
-                          dict(self.failures), self.handshake.copy())
+                          dict(self.failures), self.handshake.copy(), dict(self.resumes))
 
     def add(self, other: LabelStats) -> None:
         """Add ``other``'s counters to these (another worker's, or a dead one's)."""
@@ -89,6 +94,7 @@ class LabelStats:
         self.bytes_to_ws += other.bytes_to_ws
         self.bytes_to_tcp += other.bytes_to_tcp
         _add_counts(self.failures, other.failures)
+        _add_counts(self.resumes, other.resumes)
         self.handshake.counts = [a + b for a, b in zip(self.handshake.counts, other.handshake.counts, strict=True)]
         self.handshake.total += other.handshake.total
         self.handshake.count += other.handshake.count
@@ -129,13 +135,19 @@ class Stats:
         with self._lock:
             self._label(label).opened += 1
 
-    def tunnel_ended(self, label: str, outcome: Outcome, bytes_to_ws: int, bytes_to_tcp: int) -> None:
+    def tunnel_ended(self, label: str, outcome: Outcome, bytes_to_ws: int, bytes_to_tcp: int, *,
+                     resumed: int = 0, resume_failure: str | None = None) -> None:
+        """``resumed``: the tunnel's re-attaches; ``resume_failure``: why its last one failed (RESUME_RESULTS)."""
         kind = outcome.kind.metric_class
         with self._lock:
             stats = self._label(label)
             stats.closed[kind] = stats.closed.get(kind, 0) + 1
             stats.bytes_to_ws += bytes_to_ws
             stats.bytes_to_tcp += bytes_to_tcp
+            if resumed:
+                stats.resumes["resumed"] = stats.resumes.get("resumed", 0) + resumed
+            if resume_failure is not None:
+                stats.resumes[resume_failure] = stats.resumes.get(resume_failure, 0) + 1
 
     def open_failed(self, label: str, reason: str) -> None:
         with self._lock:
@@ -171,6 +183,9 @@ class LiveTunnel:
     age: float
     bytes_to_ws: int
     bytes_to_tcp: int
+    #: ``resumable``, ``detached`` (waiting for a new websocket) or empty (resume not agreed).
+    resume: str = ""
+    resumes: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,14 @@ class Snapshot:
             + sum(t.bytes_to_ws for t in self.live),
             "bytes_to_tcp": sum(s.bytes_to_tcp for s in self.labels.values()) + sum(t.bytes_to_tcp for t in self.live),
         }
+
+    def resumes(self) -> dict[str, int]:
+        """Re-attaches by result (RESUME_RESULTS), of ended and live tunnels."""
+        counts = dict.fromkeys(RESUME_RESULTS, 0)
+        for stats in self.labels.values():
+            _add_counts(counts, stats.resumes)
+        counts["resumed"] += sum(t.resumes for t in self.live)
+        return counts
 
 
 def merge(parts: list[Snapshot], retired: dict[str, LabelStats], reloads: dict[str, int],
@@ -215,6 +238,8 @@ def retire(retired: dict[str, LabelStats], last: Snapshot) -> None:
         stats.closed["abort"] = stats.closed.get("abort", 0) + 1
         stats.bytes_to_ws += tunnel.bytes_to_ws
         stats.bytes_to_tcp += tunnel.bytes_to_tcp
+        if tunnel.resumes:
+            stats.resumes["resumed"] = stats.resumes.get("resumed", 0) + tunnel.resumes
 
 
 def human_bytes(count: int) -> str:

@@ -53,7 +53,7 @@ from bridge.sockets import (
     send_queue_bytes,
     unacknowledged_segments,
 )
-from bridge.stats import LiveTunnel, Snapshot, Stats
+from bridge.stats import LiveTunnel, Snapshot, Stats, human_bytes
 from bridge.workers import WorkerPool
 
 log = logging.getLogger("tcpbridge.tunnel")
@@ -201,6 +201,8 @@ class Tunnel:
         #: Re-attachments so far, and the stream bytes they sent again.
         self.resumes = 0
         self.bytes_replayed = 0
+        #: Why the tunnel could not be resumed (stats.RESUME_RESULTS), if that is how it ended.
+        self.resume_failure: str | None = None
         #: The close code the peer announced on the current websocket (:class:`~bridge.resume.Closing`).
         self._peer_closing: int | None = None
         if session is not None and session.consented:
@@ -226,6 +228,14 @@ class Tunnel:
     def outcome(self) -> Outcome | None:
         """Why the tunnel ended, or None while it runs."""
         return self._lifecycle.outcome
+
+    @property
+    def resume_state(self) -> str:
+        """``detached`` (waiting for a new websocket), ``resumable``, or empty (resume not agreed)."""
+        if self._lifecycle.detached and not self._lifecycle.done:
+            return "detached"
+        session = self._session
+        return "resumable" if session is not None and session.consented else ""
 
     @property
     def session_id(self) -> str | None:
@@ -316,8 +326,14 @@ class Tunnel:
     def _check_resume_deadline(self, now: float) -> None:
         waited = now - self._detached_at
         if waited > self.options.resume_timeout:
-            self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and not resumed within "
-                                                       f"{self.options.resume_timeout:g} s"))
+            self._resume_failed("timeout", f"abort: websocket dropped and not resumed within "
+                                           f"{self.options.resume_timeout:g} s")
+
+    def _resume_failed(self, result: str, detail: str) -> None:
+        """End a tunnel that cannot be resumed: ``result`` is its stats.RESUME_RESULTS entry."""
+        if not self._lifecycle.done:
+            self.resume_failure = result
+        self.abort(Outcome(Kind.WEBSOCKET_DROPPED, detail))
 
     def _tcp_write_stalled(self) -> bool:
         """Whether the websocket reader has been stuck writing one message to the TCP side for a while: it
@@ -655,7 +671,7 @@ class Tunnel:
         self._detached_at = time.monotonic()
         self._websocket.shutdown()  # wakes a pump still blocked on it
         log.info("tunnel %s [%s]: websocket dropped, resuming (waiting up to %g s)", self.id, self.label,
-                 self.options.resume_timeout, extra=events.mark(None, self.facts()))
+                 self.options.resume_timeout, extra=events.mark(Event.TUNNEL_DETACHED, self.facts()))
         if self._redial is not None and self._workers is not None:
             try:
                 self._workers.submit(self._reattach, name=f"tunnel-{self.id}-redial")
@@ -673,8 +689,7 @@ class Tunnel:
             try:
                 endpoint = self._redial()
             except ResumeRefused as refusal:
-                self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and resuming was refused "
-                                                           f"({refusal})"))
+                self._resume_failed("refused", f"abort: websocket dropped and resuming was refused ({refusal})")
                 return
             except Exception as exc:  # a dial failure of any kind: the backend may be back soon
                 log.debug("tunnel %s: redial failed: %s", self.id, exc)
@@ -715,11 +730,11 @@ class Tunnel:
                                  self.label, describe_error(exc), extra=events.mark(None, self.facts()))
                         return False
                     except ProtocolViolation as violation:
+                        self.resume_failure = "lost"
                         self.abort(Outcome(Kind.BAD_FRAME, f"bad frame while resuming: {violation.reason}"))
                         return False
                     except resume.ReplayLost as lost:
-                        self.abort(Outcome(Kind.WEBSOCKET_DROPPED, f"abort: websocket dropped and cannot be "
-                                                                   f"resumed ({lost})"))
+                        self._resume_failed("lost", f"abort: websocket dropped and cannot be resumed ({lost})")
                         return False
                 old.close()
                 self._replay(chunks, step)
@@ -746,8 +761,9 @@ class Tunnel:
         self.resumes += 1
         self.bytes_replayed += replayed
         self.last_activity = time.monotonic()
-        log.info("tunnel %s [%s]: resumed after %.1f s, replayed %d B", self.id, self.label, waited, replayed,
-                 extra=events.mark(None, self.facts()))
+        log.info("tunnel %s [%s]: resumed after %.1f s, replayed %s", self.id, self.label, waited,
+                 human_bytes(replayed), extra=events.mark(Event.TUNNEL_RESUMED, {
+                     **self.facts(), "waited_s": round(waited, 3), "bytes_replayed": replayed}))
         return chunks, step, old
 
     @staticmethod
@@ -1000,7 +1016,8 @@ class TunnelRegistry:
             if (session_id := tunnel.session_id) is not None:
                 self._sessions.pop(_session_key(session_id), None)
             if outcome is not None:
-                self.stats.tunnel_ended(tunnel.label, outcome, tunnel.bytes_to_ws, tunnel.bytes_to_tcp)
+                self.stats.tunnel_ended(tunnel.label, outcome, tunnel.bytes_to_ws, tunnel.bytes_to_tcp,
+                                        resumed=tunnel.resumes, resume_failure=tunnel.resume_failure)
             self._changed.notify_all()
 
     def active(self) -> list[Tunnel]:
@@ -1019,7 +1036,7 @@ class TunnelRegistry:
         now = time.monotonic()
         with self._lock:
             live = tuple(LiveTunnel(t.id, t.label, t.peer, t.destination, now - t.started, t.bytes_to_ws,
-                                    t.bytes_to_tcp) for t in self._tunnels.values())
+                                    t.bytes_to_tcp, t.resume_state, t.resumes) for t in self._tunnels.values())
             labels = self.stats.labels()
         return Snapshot(live, labels, self.stats.reload_counts(), now - self.stats.started_monotonic)
 

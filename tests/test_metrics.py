@@ -239,7 +239,7 @@ def test_scrape_with_1000_live_tunnels_is_fast() -> None:
         label = f"t{index % 10}"
         registry.add(SimpleNamespace(id=f"{index:06x}", label=label, peer="127.0.0.1:1", destination="d",  # type: ignore[arg-type]
                                      started=time.monotonic(), bytes_to_ws=index, bytes_to_tcp=2 * index,
-                                     session_id=None))
+                                     session_id=None, resume_state="", resumes=0, resume_failure=None))
         registry.stats.handshake(label, 0.002)
     metrics = build_registry(BridgeCollector("tcpbridge-frontend", registry.snapshot, lambda: []))
     prometheus_client.generate_latest(metrics)
@@ -251,3 +251,24 @@ def test_scrape_with_1000_live_tunnels_is_fast() -> None:
     print(f"scrape with 1000 live tunnels: {took * 1000:.2f} ms")
     assert 'tcpbridge_tunnels_active{tunnel="t3"} 100.0' in text
     assert took < 0.5
+
+
+def test_resumes_and_detached_tunnels_are_exported() -> None:
+    from bridge.metrics import BridgeCollector, build_registry
+    from bridge.outcome import CLEAN, Kind, Outcome
+    from bridge.stats import LiveTunnel, Snapshot, Stats
+
+    stats = Stats()
+    stats.tunnel_ended("t", CLEAN, 0, 0, resumed=2)
+    stats.tunnel_ended("t", Outcome(Kind.WEBSOCKET_DROPPED, "abort"), 0, 0, resume_failure="refused")
+    live = (LiveTunnel("a", "t", "p", "d", 1.0, 0, 0, "detached", 1), LiveTunnel("b", "t", "p", "d", 1.0, 0, 0,
+                                                                                 "resumable", 0))
+    metrics = build_registry(BridgeCollector("tcpbridge-backend", lambda: Snapshot(live, stats.labels(), {}, 1.0),
+                                             lambda: []))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(prometheus_client.generate_latest(metrics).decode())
+               for s in family.samples}
+    assert samples[("tcpbridge_resumes_total", (("result", "resumed"), ("tunnel", "t")))] == 3
+    assert samples[("tcpbridge_resumes_total", (("result", "refused"), ("tunnel", "t")))] == 1
+    assert samples[("tcpbridge_resumes_total", (("result", "timeout"), ("tunnel", "t")))] == 0
+    assert samples[("tcpbridge_tunnels_detached", (("tunnel", "t"),))] == 1

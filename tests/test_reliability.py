@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge import resume
+from bridge import control, resume
 from bridge.tunnel import reset_now
 from tests.cutter import CuttingRelay
 from tests.gopeer import go_frontend_request, read_http_head
 from tests.helpers import (
+    BIN,
     Daemon,
     TcpServer,
     backend,
@@ -59,15 +62,19 @@ class Pair:
 
 
 @contextlib.contextmanager
-def resumable_pair(tmp_path: Path, *, resume_timeout: float = 30.0, **backend_settings: object) -> Iterator[Pair]:
+def resumable_pair(tmp_path: Path, *, resume_timeout: float = 30.0, control: bool = False,
+                   **backend_settings: object) -> Iterator[Pair]:
     echo = TcpServer(echo_handler)
     backend_port, port = free_port(), free_port()
     options = {"resume": True, "resume_timeout": resume_timeout}
-    back = backend(write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, **backend_settings, "listeners": [
+    sockets = {name: {"control_socket": str(tmp_path / f"{name}.sock")} if control else {}
+               for name in ("frontend", "backend")}
+    back = backend(write_yaml(tmp_path, "backend.yaml", {"drain_timeout": 1, **backend_settings, **sockets["backend"],
+                                                          "listeners": [
         {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address},
          "token": TOKEN, **options}]}))
     relay = CuttingRelay(backend_port)
-    front = frontend(write_yaml(tmp_path, "frontend.yaml", {"drain_timeout": 1, "tunnels": [
+    front = frontend(write_yaml(tmp_path, "frontend.yaml", {"drain_timeout": 1, **sockets["frontend"], "tunnels": [
         {"name": "t", "listen": f"127.0.0.1:{port}", "backend": relay.url,
          "headers": {"X-Tcpbridge-Token": TOKEN}, **options}]}))
     try:
@@ -290,6 +297,71 @@ def test_a_cut_after_the_client_half_closed_keeps_the_half_close(tmp_path: Path)
         pair.relay.cut("reset")
         assert recv_all(client) == data[1 << 19:]  # the rest, then the echo server's end
     assert pair.frontend.wait_for_log("closed (clean)")
+
+
+def test_status_shows_resumable_and_detached_tunnels_and_counts_resumes_by_result(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path, resume_timeout=2, control=True) as pair, connect(pair.port) as client:
+        assert consented(pair)
+        for _ in range(2):
+            pair.relay.cut("reset")
+            assert wait_until(lambda: pair.relay.live() == 1, timeout=20)
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        for name in ("frontend", "backend"):
+            doc = control.query(str(tmp_path / f"{name}.sock"))
+            assert [(t["resume"], t["resumes"]) for t in doc["tunnels"]] == [("resumable", 2)], doc
+            assert "on, 2 resumes" in control.format_status(doc)
+        pair.relay.refusing = True
+        pair.relay.cut("close")
+        assert wait_until(lambda: [t["resume"] for t in control.query(str(tmp_path / "backend.sock"))["tunnels"]]
+                          == ["detached"], timeout=10)
+        with pytest.raises(ConnectionResetError):
+            recv_all(client, timeout=30)
+        for name in ("frontend", "backend"):
+            sock = str(tmp_path / f"{name}.sock")
+            assert wait_until(lambda s=sock: control.query(s)["totals"]["resumes"]  # type: ignore[misc]
+                              == {"resumed": 2, "refused": 0, "timeout": 1, "lost": 0}, timeout=10), name
+            assert "resumes: resumed 2, timeout 1" in control.format_status(control.query(sock))
+
+
+def read_output(proc: subprocess.Popen[bytes], count: int, timeout: float = 20.0) -> bytes:
+    """``count`` bytes from ``proc``'s stdout, within ``timeout``."""
+    assert proc.stdout is not None
+    got, deadline = b"", time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            chunk = os.read(proc.stdout.fileno(), count - len(got))
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_tcpbridge_connect_resumes_like_the_frontend(tmp_path: Path) -> None:
+    with resumable_pair(tmp_path) as pair:
+        config = write_yaml(tmp_path, "connect.yaml", {"tunnels": [
+            {"name": "c", "listen": "127.0.0.1:1", "backend": pair.relay.url, "resume": True,
+             "headers": {"X-Tcpbridge-Token": TOKEN}}]})
+        proc = subprocess.Popen([str(BIN / "tcpbridge"), "connect", "--config", str(config), "c"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            for cut in range(3):
+                line = f"line {cut}\n".encode()
+                proc.stdin.write(line)
+                proc.stdin.flush()
+                assert read_output(proc, len(line)) == line
+                assert pair.relay.cut("reset" if cut % 2 else "close") == 1
+                assert pair.backend.wait_for_log("resumed after", timeout=20)
+                assert wait_until(lambda n=cut + 1: pair.backend.log.count("resumed after") == n, timeout=20)
+            proc.stdin.write(b"the end")
+            proc.stdin.close()
+            assert read_output(proc, 7) == b"the end"
+            assert proc.wait(20) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
 
 
 def test_a_backend_that_restarted_refuses_and_the_client_is_reset_at_once(tmp_path: Path) -> None:

@@ -266,6 +266,7 @@ class _FakeTunnel:
         self.label = "t"
         self.bytes_to_ws = self.bytes_to_tcp = 0
         self.session_id = None
+        self.resume_state, self.resumes, self.resume_failure = "", 0, None
 
 
 def test_wait_idle_counts_openings_until_their_tunnel_registers() -> None:

@@ -10,7 +10,17 @@ from typing import Any
 import pytest
 
 from bridge.outcome import CLASSES, CLEAN, Kind, Outcome
-from bridge.stats import HANDSHAKE_BUCKETS, Histogram, Stats, human_bytes
+from bridge.stats import (
+    HANDSHAKE_BUCKETS,
+    Histogram,
+    LabelStats,
+    LiveTunnel,
+    Snapshot,
+    Stats,
+    human_bytes,
+    merge,
+    retire,
+)
 from bridge.transport import DialError, DialFailure
 from bridge.tunnel import TunnelRegistry
 
@@ -91,7 +101,8 @@ def test_stats_counts_per_label_and_copies() -> None:
 
 def fake_tunnel(tunnel_id: str, label: str) -> Any:
     return SimpleNamespace(id=tunnel_id, label=label, peer="127.0.0.1:1", destination="d", started=0.0,
-                           bytes_to_ws=0, bytes_to_tcp=0, session_id=None)
+                           bytes_to_ws=0, bytes_to_tcp=0, session_id=None, resume_state="", resumes=0,
+                           resume_failure=None)
 
 
 def test_snapshot_bytes_never_dip_while_tunnels_end() -> None:
@@ -138,3 +149,19 @@ def test_snapshot_includes_live_tunnels() -> None:
                                              (3 * 1024 * 1024 + 200 * 1024, "3.2 MiB"), (5 << 40, "5.0 TiB")])
 def test_human_bytes(count: int, text: str) -> None:
     assert human_bytes(count) == text
+
+
+def test_resumes_are_counted_by_result_for_ended_live_and_retired_tunnels() -> None:
+    stats = Stats()
+    dropped = Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket dropped and not resumed within 60 s")
+    stats.tunnel_ended("t", CLEAN, 1, 1, resumed=3)
+    stats.tunnel_ended("t", dropped, 1, 1, resumed=1, resume_failure="timeout")
+    stats.tunnel_ended("t", dropped, 1, 1, resume_failure="refused")
+    live = (LiveTunnel("abc123", "t", "p", "d", 1.0, 0, 0, "detached", 2),)
+    snap = Snapshot(live, stats.labels(), {}, 1.0)
+    assert snap.resumes() == {"resumed": 6, "refused": 1, "timeout": 1, "lost": 0}
+    retired: dict[str, LabelStats] = {}
+    retire(retired, snap)  # the worker died: its live tunnel's re-attaches still count
+    assert retired["t"].resumes == {"resumed": 6, "timeout": 1, "refused": 1}
+    merged = merge([snap], retired, {}, 1.0)
+    assert merged.resumes()["resumed"] == 12
