@@ -36,12 +36,14 @@ soak: $(STAMP)
 
 ## make bench: tcpbridge vs direct TCP vs a two-hop socat relay on loopback, interleaved rounds: bulk
 ## throughput, RTT, setup rate, held tunnels, memory and CPU; table + bench/results/latest.{json,png}
-## (BENCH_ARGS='--quick' for a smoke test; installs socat with apt-get and matplotlib if missing)
+## (BENCH_ARGS='--quick' for a smoke test; installs socat with apt-get and matplotlib if missing); then
+## bench/cuts.py: a resumable tunnel's pause and replay when its websocket is cut (CUTS_ARGS)
 .PHONY: bench
 bench: $(STAMP)
 	@command -v socat >/dev/null || apt-get install -y socat || (apt-get update && apt-get install -y socat)
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet 'matplotlib>=3.7'
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/cuts.py $(CUTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ Medians over rounds, and ratios to socat from the same run.
     .venv/bin/python bench/bench.py --systems tcpbridge,socat --size 64M --rounds 5
     .venv/bin/python bench/bench.py --profile       # also py-spy the daemons during a bulk run each way
     .venv/bin/python bench/bench.py --sections rr,mixed --rounds 1   # one part only
+    .venv/bin/python bench/bench.py --systems socat,tcpbridge,tcpbridge-resume --sections bulk,rtt  # resume's cost
 
 Processes: the targets (sink, source, echo, flood) run in their own process (bench/targets.py), the
 request/response and bulk load in processes of their own (bench/loadgen.py); the daemons
@@ -66,8 +67,9 @@ CHUNK = 1 << 20
 IO_TIMEOUT = 30.0  # no progress for this long on any one socket call: the run fails
 SEED = 20240601
 SYSTEMS = ("direct", "socat", "tcpbridge")
-#: tcpbridge with ``workers: N`` (or auto) in both daemons, beside the configured default: tcpbridge-w2.
-VARIANT = re.compile(r"tcpbridge-w(\d+|auto)")
+#: tcpbridge with ``workers: N`` (or auto) and/or ``resume: true`` in both daemons, beside the configured
+#: default: tcpbridge-w2, tcpbridge-resume, tcpbridge-w2-resume.
+VARIANT = re.compile(r"tcpbridge(?=-)(?:-w(\d+|auto))?(-resume)?")
 SECTIONS = ("bulk", "rtt", "setup", "rr", "mixed", "held")
 RESULTS = HERE / "results"
 
@@ -240,11 +242,14 @@ def _start_daemon(command: str, config: Path, log: Path) -> subprocess.Popen[byt
 
 
 def start_tcpbridge(targets: dict[str, int], workdir: Path, log_level: str, name: str = "tcpbridge") -> System:
-    """A frontend+backend pair; ``name`` tcpbridge-wN runs both with ``workers: N``."""
+    """A frontend+backend pair; ``name`` tcpbridge-wN runs both with ``workers: N``, tcpbridge-resume (or
+    tcpbridge-wN-resume) with ``resume: true``."""
     variant = VARIANT.fullmatch(name)
     workers: dict[str, Any] = {}
-    if variant:
+    if variant and variant.group(1):
         workers["workers"] = variant.group(1) if variant.group(1) == "auto" else int(variant.group(1))
+    if variant and variant.group(2):
+        workers["resume"] = True
     workdir.mkdir(parents=True, exist_ok=True)
     backend_port = free_port()
     ports = {service: free_port() for service in targets}
@@ -960,8 +965,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, one round")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma-separated subset of {','.join(SYSTEMS)}, plus tcpbridge-wN or tcpbridge-wauto: "
-                        "tcpbridge with workers: N")
+                        help=f"comma-separated subset of {','.join(SYSTEMS)}, plus tcpbridge-wN or tcpbridge-wauto "
+                        "(tcpbridge with workers: N) and tcpbridge-resume or tcpbridge-wN-resume (resume: true)")
     parser.add_argument("--size", help="bulk transfer size each way (default 256M; --quick 8M)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     parser.add_argument("--rtt-count", type=int, help="64-byte round trips per run (default 3000; --quick 300)")

@@ -101,6 +101,8 @@ class CuttingRelay:
                 down.close()
                 continue
             up.settimeout(None)
+            for sock in (down, up):  # as nginx does (tcp_nodelay): small frames are not held back
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = _Link(down, up)
             with self._lock:
                 self._links.append(link)
