@@ -299,7 +299,8 @@ class FrameParser:
 
     * 1002 for reserved bits set (no extension is ever negotiated), an unknown
       opcode, masking that does not match ``masked``, a control frame that is
-      fragmented or longer than 125 bytes, a 64-bit length with its top bit set;
+      fragmented or longer than 125 bytes, a 64-bit length with its top bit set, a length not in its
+      shortest form (RFC 6455 section 5.2: "the minimal number of bytes MUST be used");
     * 1009 for a data frame whose declared length exceeds ``max_payload``, as
       soon as the header arrives: memory stays bounded by ``max_payload`` plus
       one read.
@@ -339,20 +340,23 @@ class FrameParser:
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "unmasked frame from the client" if self.masked
                                     else "masked frame from the server")
         length, head = second & 0x7F, 2
+        if opcode >= OPCODE_CLOSE and (not fin or length > 125):  # known from the first two bytes
+            raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "fragmented or oversized control frame")
         if length == 126:
             if available < 4:
                 return None
             length, head = int.from_bytes(buffer[pos + 2:pos + 4], "big"), 4
+            if length < 126:
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "frame length not in its shortest form")
         elif length == 127:
             if available < 10:
                 return None
             length, head = int.from_bytes(buffer[pos + 2:pos + 10], "big"), 10
             if length >> 63:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "frame length with the top bit set")
-        if opcode >= OPCODE_CLOSE:
-            if not fin or length > 125:
-                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "fragmented or oversized control frame")
-        elif length > self.max_payload:
+            if length < 65536:
+                raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "frame length not in its shortest form")
+        if opcode < OPCODE_CLOSE and length > self.max_payload:
             raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG,
                                     f"message larger than max_message_bytes ({self.max_payload})")
         key_at, head = pos + head, head + (4 if self.masked else 0)
