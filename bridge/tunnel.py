@@ -522,9 +522,11 @@ class Tunnel:
 
     def _ws_to_tcp(self) -> None:
         tcp, session = self._tcp, self._session
+        # Only a resumable tunnel swaps websockets (attach), so only it needs the take lock.
+        taking = self._take_lock if session is not None else contextlib.nullcontext()
         while True:
             try:
-                with self._take_lock:
+                with taking:
                     generation, websocket = self._generation, self._websocket
                     event = self._take(websocket)
             except ProtocolViolation as violation:

@@ -511,9 +511,14 @@ def test_a_websocket_that_still_looks_alive_is_replaced_by_a_proven_one(registry
     assert bridge.front.attach(ClientEndpoint(front_ws, DEFAULT_MAX_MESSAGE_BYTES, resume=True))
     backend_attach.join(10)
     assert attached == [True]
-    bridge.client.sendall(b"after")
+    ends_clean_after(bridge, b"after")
+
+
+def ends_clean_after(bridge: Bridge, last: bytes) -> None:
+    """The client sends ``last`` and its FIN, the target its FIN: both arrive and both tunnels end clean."""
+    bridge.client.sendall(last)
     bridge.client.shutdown(socket.SHUT_WR)
-    assert recv_all(bridge.target) == b"after"
+    assert recv_all(bridge.target) == last
     bridge.target.shutdown(socket.SHUT_WR)
     assert recv_all(bridge.client) == b""
     bridge.join()
@@ -535,13 +540,7 @@ def test_a_close_the_peer_did_not_announce_is_a_relays_and_is_resumed(registry: 
     assert recv_exactly(bridge.target, 6) == b"before"
     inject(bridge.back, (0x8, close_payload(1000, "")))
     assert wait_until(lambda: bridge.front.resumes == 1 == bridge.back.resumes, timeout=20)
-    bridge.client.sendall(b"after")
-    bridge.client.shutdown(socket.SHUT_WR)
-    assert recv_all(bridge.target) == b"after"
-    bridge.target.shutdown(socket.SHUT_WR)
-    assert recv_all(bridge.client) == b""
-    bridge.join()
-    assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
+    ends_clean_after(bridge, b"after")
 
 
 def test_an_announced_code_wins_over_the_one_a_relay_delivers(registry: TunnelRegistry) -> None:
