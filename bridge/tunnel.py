@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import random
@@ -280,6 +281,11 @@ class Tunnel:
             return self._lifecycle.outcome or Outcome(Kind.INTERNAL_ERROR, "abort")
         self._guarded(first)
         pooled_done.acquire()
+        if self._lifecycle.running:
+            # Each pump returns only once the lifecycle left RUNNING: this is a bug, and the tunnel must
+            # not look clean to the TCP side (a FIN would say everything arrived).
+            log.error("tunnel %s: both directions stopped while the tunnel was running", self.id)
+            self.abort(Outcome(Kind.INTERNAL_ERROR, "abort: internal error (both directions stopped early)"))
         self._release()
         return self._lifecycle.outcome or CLEAN
 
@@ -412,8 +418,15 @@ class Tunnel:
         """
         if sock is self._tcp:
             self.abort(Outcome(self._tcp_failed, f"abort: {self.tcp_role} reset"))
-        elif sock is self._websocket.sock:
-            self._report_lost(self._generation, Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket connection reset"))
+            return
+        generation, websocket = self._attached_websocket()
+        if sock is websocket.sock:
+            self._report_lost(generation, Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket connection reset"))
+
+    def _attached_websocket(self) -> tuple[int, Endpoint]:
+        """The websocket in use and its generation, read together (a re-attach changes both)."""
+        with self._lock:
+            return self._generation, self._websocket
 
     def _keepalive(self, now: float) -> None:
         """Ping a quiet peer; abort if it stays silent for ping_timeout while we were able to read.
@@ -422,14 +435,15 @@ class Tunnel:
         and while our own frame cannot be written the peer's reader is likely in
         that state: neither time counts. Backpressure is not death.
         """
-        last_received = self._websocket.last_received
+        generation, websocket = self._attached_websocket()
+        last_received = websocket.last_received
         if self._ping_sent_at is not None and last_received >= self._ping_sent_at:
             self._ping_sent_at = None  # answered (or something else arrived)
         if self._ping_sent_at is None:
-            if now - last_received > self.options.ping_interval and self._websocket.send_ping():
+            if now - last_received > self.options.ping_interval and websocket.send_ping():
                 self._ping_sent_at = now
             return
-        sender = self._websocket.send_lock
+        sender = websocket.send_lock
         if self._writing_tcp or sender.sending or (self._session is not None and self._session.waiting):
             return  # a sender waiting for the peer's acknowledgement is backpressure too
         silent_since = max(self._ping_sent_at, self._reading_since, sender.last_send_done)
@@ -439,9 +453,9 @@ class Tunnel:
         # is alive and only slow to answer (a starved process, a reader blocked on
         # its own slow client): only a path or machine that stopped acknowledging
         # is dead.
-        if unacknowledged_segments(self._websocket.sock) == 0:
+        if unacknowledged_segments(websocket.sock) == 0:
             return
-        self._report_lost(self._generation, Outcome(
+        self._report_lost(generation, Outcome(
             Kind.PEER_UNRESPONSIVE, f"abort: websocket peer unresponsive (nothing received or acknowledged for "
                                     f"{now - last_received:.0f} s after a ping)"))
 
@@ -626,16 +640,23 @@ class Tunnel:
         """Feed one event (a :class:`Lifecycle` method) to the lifecycle under the lock; note when our close
         frame was decided."""
         with self._lock:
-            closing = self._lifecycle.close_sent
-            step = event(self._lifecycle, *args)
-            if self._lifecycle.close_sent and not closing:
-                self._close_sent_at = time.monotonic()
-            running = self._lifecycle.running
-            if not running:
-                self._attached.notify_all()  # pumps parked for a new websocket: the tunnel ended
-        if not running and self._session is not None:
-            self._session.close()  # a sender waiting for an acknowledgement has nothing left to wait for
+            step = self._decide_locked(event, *args)
+        self._after_decision()
         return step
+
+    def _decide_locked(self, event: Callable[..., Step], *args: object) -> Step:
+        """:meth:`_decide` for a caller that holds the lock; it calls :meth:`_after_decision` once it let go."""
+        closing = self._lifecycle.close_sent
+        step = event(self._lifecycle, *args)
+        if self._lifecycle.close_sent and not closing:
+            self._close_sent_at = time.monotonic()
+        if not self._lifecycle.running:
+            self._attached.notify_all()  # pumps parked for a new websocket: the tunnel ended
+        return step
+
+    def _after_decision(self) -> None:
+        if not self._lifecycle.running and self._session is not None:
+            self._session.close()  # a sender waiting for an acknowledgement has nothing left to wait for
 
     # -- detaching and re-attaching (resumable tunnels) -------------------------
 
@@ -644,21 +665,31 @@ class Tunnel:
 
         A resumable tunnel detaches; any other ends. True if the tunnel goes on: detached (it waits
         for a new websocket), or the failed one was already replaced. Never blocks.
+
+        Whether the report is stale, what it decides and the answer are one step under the lock: a
+        re-attach may complete at any moment (the backend's comes from another connection), and
+        must neither take a report about its predecessor for its own, nor turn a detach it ended
+        into "the tunnel ended" for the pump that reported it.
         """
         session = self._session
-        replayable = session is not None and session.replayable
-        peer_has_all = session is not None and session.peer_has_marker
         with self._lock:
             if generation != self._generation:
                 return True  # a stale failure: that websocket was replaced already
-
-        def dropped(lifecycle: Lifecycle) -> Step:
+            lifecycle = self._lifecycle
             # After our close, a peer that has our marker has everything of ours: the drop is the end.
-            resumable = replayable and not (lifecycle.close_sent and peer_has_all)
-            return lifecycle.websocket_dropped(outcome, resumable=resumable)
-        step = self._decide(dropped)
-        self._carry_out(step)
-        return self._lifecycle.detached and not self._lifecycle.done
+            resumable = (session is not None and session.replayable
+                         and not (lifecycle.close_sent and session.peer_has_marker))
+            step = self._decide_locked(functools.partial(Lifecycle.websocket_dropped, resumable=resumable), outcome)
+            goes_on = lifecycle.detached and not lifecycle.done
+            dropped = self._websocket
+            if Action.DETACH in step:
+                self._detached_at = time.monotonic()
+        self._after_decision()
+        if Action.DETACH in step:
+            self._detach(dropped)
+        else:
+            self._carry_out(step)
+        return goes_on
 
     def _await_attach(self, generation: int) -> bool:
         """Park a pump while the tunnel is detached from the websocket of ``generation``; True once a new
@@ -668,10 +699,10 @@ class Tunnel:
                 self._attached.wait(HOUSEKEEPING_INTERVAL * 4)
             return self._generation != generation and not self._lifecycle.done
 
-    def _detach(self) -> None:
-        """The DETACH action: let the dropped websocket go, and (the frontend) start dialling again."""
-        self._detached_at = time.monotonic()
-        self._websocket.shutdown()  # wakes a pump still blocked on it
+    def _detach(self, dropped: Endpoint) -> None:
+        """The DETACH action: let the ``dropped`` websocket go (never its successor, which may be attached
+        already), and (the frontend) start dialling again."""
+        dropped.shutdown()  # wakes a pump still blocked on it
         log.info("tunnel %s [%s]: websocket dropped, resuming (waiting up to %g s)", self.id, self.label,
                  self.options.resume_timeout, extra=events.mark(Event.TUNNEL_DETACHED, self.facts()))
         if self._redial is not None and self._workers is not None:
@@ -819,7 +850,7 @@ class Tunnel:
                 case Action.SHUT_WEBSOCKET:
                     self._websocket.shutdown()
                 case Action.DETACH:
-                    self._detach()
+                    raise AssertionError("only _report_lost detaches: it knows which websocket dropped")
 
     def _peer_takes_what_we_sent(self) -> bool:
         """Whether the websocket's send queue empties within CLOSE_HANDSHAKE_TIMEOUT without standing still

@@ -388,12 +388,6 @@ def test_a_consent_after_data_is_a_protocol_error(registry: TunnelRegistry) -> N
 # Cut websockets: detach, dial again, replay exactly the rest
 
 
-#: A known race, seen only under load (4 test processes at once; once in 5 sequential full runs): after a
-#: cut, a tunnel can hang with both readers blocked and no redial, or a half-closed one can end with
-#: EOF before the answer. Open in issue 18; until it is found these tests may fail without failing CI.
-RACE = "known race after a cut under load (issue 18): a tunnel may hang or end early"
-
-
 def cut(tunnel: Tunnel, how: str = "reset") -> None:
     """Cut the tunnel's websocket under it: a RST, or a FIN both ways (what a dying proxy sends)."""
     sock = tunnel._websocket.sock
@@ -408,7 +402,6 @@ def reader_of(sock: socket.socket) -> tuple[threading.Thread, list[bytes]]:
     return in_thread(lambda: got.append(recv_all(sock, timeout=60))), got
 
 
-@pytest.mark.xfail(reason=RACE, strict=False)
 def test_both_directions_arrive_whole_through_five_cuts(registry: TunnelRegistry) -> None:
     """8 MiB each way while the websocket is cut five times, by RST and by FIN, from either end: every
     byte arrives exactly once and in order, and the tunnel still ends clean."""
@@ -435,7 +428,6 @@ def test_both_directions_arrive_whole_through_five_cuts(registry: TunnelRegistry
     assert rewire.attached == [True] * 5
 
 
-@pytest.mark.xfail(reason=RACE, strict=False)
 def test_a_cut_while_the_target_stalls_replays_what_the_backend_had_not_taken(registry: TunnelRegistry) -> None:
     """The target reads nothing: the frontend stops at its buffer, perhaps part of it still in flight. A
     cut loses the bytes in flight; the replay sends exactly those, and memory stays bounded."""
@@ -460,7 +452,6 @@ def test_a_cut_while_the_target_stalls_replays_what_the_backend_had_not_taken(re
     assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
 
 
-@pytest.mark.xfail(reason=RACE, strict=False)
 @pytest.mark.parametrize("how", ["reset", "shutdown"])
 def test_a_cut_after_the_client_half_closed_keeps_the_half_close(registry: TunnelRegistry, how: str) -> None:
     """The client sent everything and its FIN; the target answers after the cut. The marker is not sent
@@ -497,7 +488,6 @@ def test_a_cut_in_the_middle_of_the_last_answer_after_the_targets_marker(registr
     assert bridge.outcomes["front"].kind is Kind.CLEAN and bridge.outcomes["back"].kind is Kind.CLEAN
 
 
-@pytest.mark.xfail(reason=RACE, strict=False)
 def test_a_websocket_that_still_looks_alive_is_replaced_by_a_proven_one(registry: TunnelRegistry) -> None:
     """The frontend saw the path die first and dialled again; to the backend the old websocket still
     looks fine. The new one replaces it, and bytes on both keep their order."""
@@ -512,6 +502,42 @@ def test_a_websocket_that_still_looks_alive_is_replaced_by_a_proven_one(registry
     backend_attach.join(10)
     assert attached == [True]
     ends_clean_after(bridge, b"after")
+
+
+def test_a_pump_whose_report_a_re_attach_overtook_goes_on(registry: TunnelRegistry,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pump reports its websocket lost, and the redial attaches a new one before the report returns
+    (the pump's thread was descheduled). The report must still say "go on": it once read the
+    lifecycle again afterwards, found it attached and not detached, and the pump stopped as if the
+    tunnel had ended, hanging it or ending it early with a FIN (seen under load)."""
+    rewire = Rewire()
+    bridge = start_bridge(registry, rewire=rewire)
+    assert wait_until(lambda: session_of(bridge.front).replayable, timeout=5)
+    detach = bridge.front._detach
+
+    def detach_then_let_the_redial_win(dropped: Endpoint) -> None:
+        detach(dropped)
+        assert wait_until(lambda: bridge.front.resumes == 1 == bridge.back.resumes, timeout=10)
+    monkeypatch.setattr(bridge.front, "_detach", detach_then_let_the_redial_win)
+    assert bridge.front._report_lost(0, Outcome(Kind.WEBSOCKET_DROPPED, "abort: websocket dropped (test)"))
+    ends_clean_after(bridge, b"after")
+
+
+def test_both_pumps_stopping_while_the_tunnel_runs_is_an_abort_never_a_clean_end(
+        registry: TunnelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net for a bug like the one above: a tunnel whose pumps both returned while its
+    lifecycle still runs resets its TCP side (a FIN would tell the client everything arrived)."""
+    client, front_tcp = tcp_pair()
+    front_ws, back_ws = tcp_pair()
+    front = _tunnel(front_tcp, ClientEndpoint(front_ws, DEFAULT_MAX_MESSAGE_BYTES), "client", SMALL, None)
+    monkeypatch.setattr(front, "_ws_to_tcp", lambda: None)  # a reader that stops for no reason
+    outcome: list[Outcome] = []
+    runner = in_thread(lambda: outcome.append(registry.run(front)))
+    client.shutdown(socket.SHUT_WR)  # the sender sends our marker and returns; nothing else ends it
+    assert_reset(client)
+    runner.join(10)
+    assert outcome[0].kind is Kind.INTERNAL_ERROR
+    back_ws.close()
 
 
 def ends_clean_after(bridge: Bridge, last: bytes) -> None:
