@@ -341,12 +341,22 @@ class Endpoint:
                 return result
 
     def _next_frame(self) -> protocol.Frame:
-        while (frame := self._parser.next_frame()) is None:
+        parser = self._parser
+        while (frame := parser.next_frame()) is None:
+            space = parser.payload_space()
+            if space is not None:  # the rest of a large frame: straight into its own buffer
+                with space:
+                    count = self._receiver.recv_into(space)
+                if not count:
+                    raise WebSocketDropped("connection closed without a close frame")
+                self._last_received = time.monotonic()
+                parser.payload_filled(count)
+                continue
             data = self._receiver.recv()
             if not data:
                 raise WebSocketDropped("connection closed without a close frame")
             self._last_received = time.monotonic()
-            self._parser.feed(data)
+            parser.feed(data)
         return frame
 
     def shutdown(self) -> None:

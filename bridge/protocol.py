@@ -273,6 +273,9 @@ OPCODE_PONG: Final = 0xA
 _OPCODES: Final = frozenset({OPCODE_CONTINUATION, OPCODE_TEXT, OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG})
 #: Compact the parser's buffer once this much of its front has been consumed.
 _COMPACT_AFTER: Final = 256 * 1024
+#: A frame whose payload is at least this large and not all received yet is read into a buffer of its own
+#: (:meth:`FrameParser.payload_space`): its bytes are copied once, not once per read that brought them.
+LARGE_PAYLOAD: Final = 16 * 1024
 
 
 class Frame(NamedTuple):
@@ -306,6 +309,11 @@ class FrameParser:
       one read.
 
     Messages (continuation frames) are the caller's to reassemble.
+
+    A large frame that is still arriving (:data:`LARGE_PAYLOAD` or more) gets a buffer of its own:
+    while :meth:`payload_space` returns one, the caller may read into it and report the count with
+    :meth:`payload_filled` instead of feeding (one copy of each byte, where reads that end inside
+    frames would otherwise copy them again and again). :meth:`feed` works throughout.
     """
 
     def __init__(self, max_payload: int, *, masked: bool = False) -> None:
@@ -315,17 +323,44 @@ class FrameParser:
         # from a frame that is not complete yet go into a bytearray to grow.
         self._buffer: bytes | bytearray = b""
         self._offset = 0
+        # The large frame being read into its own buffer: payload, bytes in it so far, opcode, FIN, mask key.
+        self._large: bytearray | None = None
+        self._large_filled = 0
+        self._large_frame: tuple[int, bool, bytes] = (0, False, b"")
 
     def feed(self, data: bytes) -> None:
+        if self._large is not None:
+            taken = min(len(data), len(self._large) - self._large_filled)
+            self._large[self._large_filled:self._large_filled + taken] = memoryview(data)[:taken]
+            self._large_filled += taken
+            if taken == len(data):
+                return
+            data = data[taken:]
         buffer, offset = self._buffer, self._offset
         if offset >= len(buffer):
             self._buffer, self._offset = data, 0
         elif isinstance(buffer, bytearray):
             buffer += data
         else:
-            self._buffer, self._offset = bytearray(memoryview(buffer)[offset:]) + data, 0
+            rest = bytearray(memoryview(buffer)[offset:])
+            rest += data
+            self._buffer, self._offset = rest, 0
+
+    def payload_space(self) -> memoryview | None:
+        """Where the next read should go: the unfilled rest of a large frame's payload, or None (then
+        :meth:`feed`). Report what was read into it with :meth:`payload_filled`."""
+        if self._large is None:
+            return None
+        return memoryview(self._large)[self._large_filled:]
+
+    def payload_filled(self, count: int) -> None:
+        """``count`` bytes were read into the space :meth:`payload_space` gave."""
+        assert self._large is not None and 0 <= count <= len(self._large) - self._large_filled
+        self._large_filled += count
 
     def next_frame(self) -> Frame | None:
+        if self._large is not None:
+            return self._finish_large() if self._large_filled == len(self._large) else None
         buffer, pos = self._buffer, self._offset
         available = len(buffer) - pos
         if available < 2:
@@ -362,6 +397,9 @@ class FrameParser:
         key_at, head = pos + head, head + (4 if self.masked else 0)
         end = pos + head + length
         if len(buffer) < end:
+            if length >= LARGE_PAYLOAD and len(buffer) >= pos + head:  # the header, mask key included, is here
+                self._start_large(opcode, fin, bytes(buffer[key_at:key_at + 4]) if self.masked else b"",
+                                  pos + head, length)
             return None
         if isinstance(buffer, bytes):
             payload = buffer[pos + head:end]
@@ -372,6 +410,22 @@ class FrameParser:
             payload = mask(payload, bytes(buffer[key_at:key_at + 4]))
         self._consumed(end)
         return Frame(opcode, fin, payload)
+
+    def _start_large(self, opcode: int, fin: bool, key: bytes, start: int, length: int) -> None:
+        """Move the payload begun at ``start`` of the buffer (all the buffer holds) into its own buffer."""
+        large = bytearray(length)
+        have = len(self._buffer) - start
+        large[:have] = memoryview(self._buffer)[start:]
+        self._large, self._large_filled, self._large_frame = large, have, (opcode, fin, key)
+        self._buffer, self._offset = b"", 0
+
+    def _finish_large(self) -> Frame:
+        payload, (opcode, fin, key) = self._large, self._large_frame
+        assert payload is not None
+        self._large = None
+        if self.masked:
+            mask_in_place(payload, key)
+        return Frame(opcode, fin, bytes(payload))
 
     def _consumed(self, end: int) -> None:
         buffer = self._buffer
@@ -423,13 +477,20 @@ def mask_pure(payload: bytes, key: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(length, "little")
 
 
-def _mask_numpy(payload: bytes, key: bytes) -> bytes:
-    assert _numpy is not None
-    words = len(payload) // 4
-    out = bytearray(payload)
-    view = _numpy.frombuffer(out, dtype=_numpy.uint32, count=words)
+def mask_in_place(buffer: bytearray, key: bytes) -> None:
+    """:func:`mask` of ``buffer`` into itself (no copy with numpy)."""
+    if _numpy is None or len(buffer) < 1024:
+        buffer[:] = mask_pure(bytes(buffer), key)
+        return
+    words = len(buffer) // 4
+    view = _numpy.frombuffer(buffer, dtype=_numpy.uint32, count=words)
     view ^= _numpy.frombuffer(key, dtype=_numpy.uint32)[0]
     tail = words * 4
-    for index in range(tail, len(out)):
-        out[index] ^= key[index - tail]
+    for index in range(tail, len(buffer)):
+        buffer[index] ^= key[index - tail]
+
+
+def _mask_numpy(payload: bytes, key: bytes) -> bytes:
+    out = bytearray(payload)
+    mask_in_place(out, key)
     return bytes(out)

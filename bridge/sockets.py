@@ -40,6 +40,10 @@ class Receiver:
         self._size = RECV_CHUNK if len(data) == self._size else SMALL_RECV_CHUNK
         return data
 
+    def recv_into(self, space: memoryview) -> int:
+        """Read into ``space`` (the rest of a large frame: its size is known, so no sizing applies)."""
+        return self._sock.recv_into(space)
+
 
 def describe_error(exc: BaseException) -> str:
     """A short lower-case reason for a failed socket, TLS or system call, for log lines and refusals:

@@ -414,6 +414,44 @@ def test_frame_parser_unmasks_client_frames_fed_in_any_pieces(length: int) -> No
         assert frames == [protocol.Frame(protocol.OPCODE_BINARY, True, data)]
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["from a server", "from a client"])
+def test_a_large_frame_is_read_into_its_own_buffer_and_the_next_frame_follows(masked: bool) -> None:
+    """A large frame still arriving offers the rest of its payload as read space; whatever a read brings
+    (short reads, a read that runs into the next frame through feed) gives the same frames."""
+    key = os.urandom(4) if masked else b""
+    data, small = os.urandom(protocol.LARGE_PAYLOAD * 3 + 5), b"next"
+    wire = b"".join(protocol.frame_header(protocol.OPCODE_BINARY, len(payload), key)
+                    + (protocol.mask(payload, key) if key else payload) for payload in (data, small))
+    parser = protocol.FrameParser(1 << 20, masked=masked)
+    parser.feed(wire[:100])  # the header and the start of the payload
+    assert parser.next_frame() is None
+    head = len(wire) - len(small) - 2 - (4 if masked else 0) - len(data)  # the large frame's header
+    sent = 100
+    for read in (1, 4096, 7):
+        space = parser.payload_space()
+        assert space is not None and len(space) == head + len(data) - sent
+        space[:read] = wire[sent:sent + read]
+        parser.payload_filled(read)
+        sent += read
+        assert parser.next_frame() is None
+    parser.feed(wire[sent:])  # the rest of the payload and the next frame in one read
+    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, data)
+    assert parser.payload_space() is None
+    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, small)
+    assert parser.next_frame() is None
+
+
+def test_a_large_frame_waits_for_its_mask_key_before_taking_its_own_buffer() -> None:
+    """The 64-bit length arrives before the key: the payload may not start until the key is there."""
+    key, data = os.urandom(4), os.urandom(protocol.LARGE_PAYLOAD * 5)
+    wire = protocol.frame_header(protocol.OPCODE_BINARY, len(data), key) + protocol.mask(data, key)
+    parser = protocol.FrameParser(1 << 20, masked=True)
+    parser.feed(wire[:10])  # first two bytes and the length: no key yet
+    assert parser.next_frame() is None and parser.payload_space() is None
+    parser.feed(wire[10:])
+    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, data)
+
+
 def test_frame_parser_in_server_mode_refuses_an_unmasked_frame() -> None:
     parser = protocol.FrameParser(1 << 20, masked=True)
     parser.feed(protocol.frame_header(protocol.OPCODE_TEXT, 2) + b"ab")
