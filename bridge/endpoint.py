@@ -126,7 +126,7 @@ class Endpoint:
 
     # -- writing (the caller of _write_frame holds the send lock) ---------------
 
-    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes | bytearray:
         """One whole frame as it goes on the wire."""
         raise NotImplementedError
 
@@ -194,7 +194,7 @@ class Endpoint:
             frames += self._close_frames(close)
         return frames, switch and not closing
 
-    def _close_frames(self, payload: bytes) -> bytes:
+    def _close_frames(self, payload: bytes) -> bytes | bytearray:
         """Our close frame, announced first if :attr:`announce_close` (see :mod:`bridge.resume`)."""
         frame = self._frame_bytes(protocol.OPCODE_CLOSE, payload)
         if not self.announce_close:

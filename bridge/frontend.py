@@ -80,9 +80,8 @@ class ClientEndpoint(Endpoint):
                 self._write_frame(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else
             self.binary = True
 
-    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
-        key = os.urandom(4)
-        return protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key)
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes | bytearray:
+        return protocol.masked_frame(opcode, payload, os.urandom(4))
 
 
 # ---------------------------------------------------------------------------

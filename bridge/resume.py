@@ -235,7 +235,7 @@ class ReplayBuffer:
     def append(self, data: bytes, *, evict: bool = False) -> None:
         """Record ``data`` as sent. The caller sends at most :meth:`room` bytes, or says ``evict``: then
         the oldest bytes are forgotten to keep within the limit."""
-        if len(data) > max(0, self.room()) and not evict:
+        if not evict and len(data) > max(0, self.room()):
             raise ValueError(f"{len(data)} bytes do not fit the replay buffer ({self.room()} free)")
         if data:
             self._chunks.append(data)

@@ -96,6 +96,13 @@ class Session:
         Waits while a consented session's buffer is full, unless (or until) ``stalled()`` says this
         side's reader is stuck on its TCP peer: then the buffer will evict (see the module docstring).
         """
+        replay = self.replay
+        if replay is not None and self.consented and not self._closed:
+            # The common case, without the lock: acknowledgements only ever add room, so a stale
+            # count errs on the safe side.
+            room = replay.limit - replay.sent + replay.acknowledged
+            if room > 0:
+                return most if most <= room else room
         with self._lock:
             while not self._closed and self.consented and self.replay is not None and self.replay.room() <= 0:
                 if stalled():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import subprocess
+import sys
 from urllib.parse import urlsplit
 
 import pytest
@@ -450,6 +452,23 @@ def test_a_large_frame_waits_for_its_mask_key_before_taking_its_own_buffer() -> 
     assert parser.next_frame() is None and parser.payload_space() is None
     parser.feed(wire[10:])
     assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, data)
+
+
+@pytest.mark.parametrize("length", [0, 5, 1023, 1024, 1027, 70001])
+def test_a_masked_frame_is_its_header_and_its_payload_masked(length: int) -> None:
+    """Built in one buffer (large) or joined (small): the same bytes as the header plus the pure-Python mask."""
+    key, payload = os.urandom(4), os.urandom(length)
+    expected = protocol.frame_header(protocol.OPCODE_BINARY, length, key) + protocol.mask_pure(payload, key)
+    assert bytes(protocol.masked_frame(protocol.OPCODE_BINARY, payload, key)) == expected
+
+
+def test_importing_the_frames_module_starts_no_blas_threads() -> None:
+    """numpy's BLAS would start a spinning thread per CPU; the daemons only XOR."""
+    pytest.importorskip("numpy")
+    count = "import os, bridge.protocol, numpy; print(len(os.listdir('/proc/self/task')))"
+    result = subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")})
+    assert result.stdout.strip() == "1", result.stderr
 
 
 def test_frame_parser_in_server_mode_refuses_an_unmasked_frame() -> None:
