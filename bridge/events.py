@@ -5,7 +5,7 @@ writes the mark as journal fields: ``MESSAGE_ID`` (the event's fixed 128-bit id)
 ``TCPBRIDGE_<NAME>`` field per fact (``tunnel`` becomes ``TCPBRIDGE_TUNNEL``). On plain stderr
 only the line's text is written, and the text says the same things, so nothing is lost there.
 
-The ids never change (README, *Operating it*, lists them): ``journalctl MESSAGE_ID=...`` keeps
+The ids never change (docs/operating.md lists them): ``journalctl MESSAGE_ID=...`` keeps
 working across versions. No imports from the rest of the package.
 """
 

@@ -472,7 +472,7 @@ def test_refusing_target_resets_the_client_at_once(stack: Stack) -> None:
 
 def test_closing_the_client_ends_a_tunnel_whose_target_stalls(stack: Stack) -> None:
     """The target accepts and never reads; the client pushes until blocked, then goes away (reset).
-    Expected: both daemons end that tunnel promptly (README: a reset on one TCP side resets the other).
+    Expected: both daemons end that tunnel promptly (docs/reliability.md: a reset on one TCP side resets the other).
 
     Fails today: the frontend's reader is blocked sending to the websocket and the backend's writer is
     blocked sending to the target, so nobody notices the client's reset; keepalive pings are skipped

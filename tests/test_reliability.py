@@ -154,7 +154,7 @@ def test_with_workers_a_re_attach_reaches_the_worker_that_holds_its_session(tmp_
 
 
 def test_behind_nginx_a_re_attach_reaches_the_backend_that_holds_its_session(tmp_path: Path) -> None:
-    """Two backends behind nginx, which hashes on X-Tcpbridge-Affinity (README, *Several backends*):
+    """Two backends behind nginx, which hashes on X-Tcpbridge-Affinity (docs/configuration.md, *Several backends*):
     16 tunnels spread over both, the path to nginx cut 3 times, every re-attach lands where its
     session lives."""
     require_tools("openssl", "nginx")
