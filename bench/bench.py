@@ -68,8 +68,9 @@ IO_TIMEOUT = 30.0  # no progress for this long on any one socket call: the run f
 SEED = 20240601
 SYSTEMS = ("direct", "socat", "tcpbridge")
 #: tcpbridge with ``workers: N`` (or auto) and/or ``resume: true`` in both daemons, beside the configured
-#: default: tcpbridge-w2, tcpbridge-resume, tcpbridge-w2-resume.
-VARIANT = re.compile(r"tcpbridge(?=-)(?:-w(\d+|auto))?(-resume)?")
+#: default: tcpbridge-w2, tcpbridge-resume, tcpbridge-w2-resume; a size after -resume sets
+#: ``resume_buffer`` in MiB (tcpbridge-resume4m).
+VARIANT = re.compile(r"tcpbridge(?=-)(?:-w(\d+|auto))?(-resume(?:(\d+)m)?)?")
 SECTIONS = ("bulk", "rtt", "setup", "rr", "mixed", "held")
 RESULTS = HERE / "results"
 
@@ -243,13 +244,15 @@ def _start_daemon(command: str, config: Path, log: Path) -> subprocess.Popen[byt
 
 def start_tcpbridge(targets: dict[str, int], workdir: Path, log_level: str, name: str = "tcpbridge") -> System:
     """A frontend+backend pair; ``name`` tcpbridge-wN runs both with ``workers: N``, tcpbridge-resume (or
-    tcpbridge-wN-resume) with ``resume: true``."""
+    tcpbridge-wN-resume) with ``resume: true`` (tcpbridge-resume16m: and ``resume_buffer: 16 MiB``)."""
     variant = VARIANT.fullmatch(name)
     workers: dict[str, Any] = {}
     if variant and variant.group(1):
         workers["workers"] = variant.group(1) if variant.group(1) == "auto" else int(variant.group(1))
     if variant and variant.group(2):
         workers["resume"] = True
+    if variant and variant.group(3):
+        workers["resume_buffer"] = int(variant.group(3)) * MIB
     workdir.mkdir(parents=True, exist_ok=True)
     backend_port = free_port()
     ports = {service: free_port() for service in targets}
@@ -966,7 +969,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, one round")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}, plus tcpbridge-wN or tcpbridge-wauto "
-                        "(tcpbridge with workers: N) and tcpbridge-resume or tcpbridge-wN-resume (resume: true)")
+                        "(tcpbridge with workers: N) and tcpbridge-resume or tcpbridge-wN-resume (resume: true; "
+                        "tcpbridge-resume16m: resume_buffer 16 MiB)")
     parser.add_argument("--size", help="bulk transfer size each way (default 256M; --quick 8M)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     parser.add_argument("--rtt-count", type=int, help="64-byte round trips per run (default 3000; --quick 300)")
