@@ -28,7 +28,7 @@ from io import BufferedIOBase
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from bridge import __version__, events, passthrough, protocol, resume
+from bridge import __version__, events, passthrough, protocol, request_rules, resume
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.endpoint import Endpoint
@@ -207,11 +207,13 @@ class _HeaderBlockTooLarge(Exception):
 
 
 class _BoundedLineReader:
-    """Lends http.server's header parser (it only calls ``readline``) at most ``limit`` bytes."""
+    """Lends http.server's header parser (it only calls ``readline``) at most ``limit`` bytes, and keeps
+    the lines as they arrived in :attr:`lines` (for :mod:`bridge.request_rules`)."""
 
     def __init__(self, raw: BufferedIOBase, limit: int) -> None:
         self._raw = raw
         self._left = limit
+        self.lines = bytearray()
 
     def read1(self, size: int = -1) -> bytes:
         return self._raw.read1(size)
@@ -222,6 +224,7 @@ class _BoundedLineReader:
         want = self._left + 1 if size < 0 else min(size, self._left + 1)
         line = self._raw.readline(want)
         self._left -= len(line)
+        self.lines += line
         if self._left < 0:
             raise _HeaderBlockTooLarge
         return line
@@ -292,6 +295,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
     """
 
     server: ListenerServer
+    raw_requestline: bytes  # set by http.server's handle_one_request; typeshed does not declare it
     timeout = HANDSHAKE_TIMEOUT
     protocol_version = "HTTP/1.1"
     server_version = f"tcpbridge/{__version__}"
@@ -329,12 +333,17 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         shutdown_socket(self.connection)
 
     def parse_request(self) -> bool:
-        """http.server's parsing, with the header block limited to :data:`MAX_HEADER_BYTES` (else 431)."""
+        """http.server's parsing, with the header block limited to :data:`MAX_HEADER_BYTES` (else 431), and
+        a head that breaks :mod:`bridge.request_rules` refused with 400 before it is routed anywhere."""
         raw = self.rfile
-        self.rfile = cast(BufferedIOBase, _BoundedLineReader(raw, MAX_HEADER_BYTES))
+        reader = _BoundedLineReader(raw, MAX_HEADER_BYTES)
+        self.rfile = cast(BufferedIOBase, reader)
         try:
             parsed = super().parse_request()
             self._request_deadline.cancel()  # the headers are in: bodies and tunnels have their own timeouts
+            if parsed and (problem := request_rules.check_head(self.raw_requestline + reader.lines)):
+                self._refuse_ambiguous(problem)
+                return False
             if parsed and self.server.listener.passthrough and passthrough.TOKEN.fullmatch(self.command) \
                     and not hasattr(self, f"do_{self.command}"):
                 # A method http.server has no do_ method for (PROPFIND, ...): passed through too, not 501.
@@ -349,6 +358,13 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             f"request header block larger than {MAX_HEADER_BYTES} bytes", {"Connection": "close"}))
         self._drain()  # what is left of the request, so that closing does not reset the answer away
         return False
+
+    def _refuse_ambiguous(self, problem: str) -> None:
+        """Answer a request that two HTTP parsers could read differently: 400, then close (RFC 9112 11.2)."""
+        self.close_connection = True
+        self._refuse(new_tunnel_id(), UpgradeRefused(HTTPStatus.BAD_REQUEST, f"{self.command} {self.path[:200]}: "
+                                                     f"{problem}", {"Connection": "close"}, body=problem))
+        self._drain()
 
     def do_GET(self) -> None:
         listener = self.server.listener  # once: a reload may swap it while this request runs

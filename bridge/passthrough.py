@@ -411,9 +411,6 @@ class Exchange:
         if codings:
             if codings[-1] != "chunked":
                 raise PassthroughError(HTTPStatus.BAD_REQUEST, "a request Transfer-Encoding must end in chunked")
-            if headers.get_all("Content-Length"):
-                # RFC 9112 section 6.1: chunked wins, and the connection must not be reused.
-                self.handler.close_connection = True
             return _Framing("chunked")
         lengths = headers.get_all("Content-Length")
         if lengths:

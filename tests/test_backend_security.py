@@ -232,8 +232,10 @@ def test_near_misses_are_refused_and_nothing_breaks_the_comparison(tmp_path: Pat
     with running(daemon):
         for miss in near_misses:
             assert request(port, headers=[token(miss)]).status == 403, miss
-        for raw in (b"\xff\xfe\x00invalid", b"s3cret-\xfcn\xefcode-token", b"\x80" * 5000):
+        for raw in (b"\xff\xfeinvalid", b"s3cret-\xfcn\xefcode-token", b"\x80" * 5000):
             assert request(port, headers=[token(raw)]).status == 403, raw
+        # A control character is no header value at all: refused before the token is compared.
+        assert request(port, headers=[token(b"\xff\xfe\x00invalid")]).status == 400
         assert request(port, headers=[b"X-Tcpbridge-Token:   "]).status == 401  # empty is missing
         assert request(port, headers=[token(right), token(right)]).status == 400  # two of them
         assert_echoes(request(port, headers=[token(right)]))  # the UTF-8 bytes of the secret pass
