@@ -1,9 +1,10 @@
 """The backend daemon: accepts bridge websocket upgrades and joins each to a configured TCP target.
 
-A stdlib ``ThreadingHTTPServer`` is the front door; the request-handler thread
-of an upgrade connects the route's target *before* answering (so an unreachable
-target gets a 502 with the reason, where the Go backend answers 101 and hangs
-up), sends the 101 itself, and then becomes one of the tunnel's two pump threads.
+Each listener is a threaded ``socketserver`` TCP server whose connection threads read requests
+with :mod:`bridge.http1` (h11 parses each head). The thread of an upgrade connects the route's
+target *before* answering (so an unreachable target gets a 502 with the reason, where the Go
+backend answers 101 and hangs up), sends the 101 itself, and then becomes one of the tunnel's two
+pump threads.
 Frames are read and written by :mod:`bridge.endpoint` with blocking reads: the
 reader does not read the websocket again until the target accepted the last
 bytes, which is the backpressure that keeps memory bounded when a target stalls.
@@ -18,23 +19,22 @@ import hmac
 import logging
 import os
 import socket
+import socketserver
 import sys
 import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from io import BufferedIOBase
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
-from bridge import __version__, events, passthrough, protocol, request_rules, resume
+from bridge import __version__, events, http1, passthrough, protocol, resume
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, BackendConfig, Listener, RouteOptions
 from bridge.endpoint import Endpoint
 from bridge.events import Event
 from bridge.handoff import Handoff, Reattach
-from bridge.handshake import accept_token, header_tokens
+from bridge.handshake import header_tokens, upgrade_response
 from bridge.listen import LISTEN_BACKLOG, Binder, ListenError, bind_fresh
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
@@ -53,11 +53,14 @@ TOKEN_HEADER = "X-Tcpbridge-Token"
 #: The one answer to a re-attach no live resumable tunnel takes: it never says why, nor repeats the id.
 NO_SUCH_SESSION = "no resumable tunnel has that session (unknown, ended or past resume_timeout)"
 #: Largest request header block (the lines after the request line) accepted: 431 beyond.
-#: http.server alone would take 100 header lines of 64 KiB each.
 MAX_HEADER_BYTES = 16 * 1024
+#: Our ``Server`` header.
+SERVER = f"tcpbridge/{__version__}"
+#: Methods answered 404 (or passed through) rather than 501 on a listener without ``passthrough``.
+KNOWN_METHODS = frozenset({"HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 #: Seconds a client refused by a full ``max_tunnels`` is told to wait (``Retry-After``).
 RETRY_AFTER_SECONDS = 5
-#: After a 431 or one of http.server's own errors (400, 414, …), the rest of the request is
+#: After a refused request head (400, 414, 431, 501, 505), the rest of the request is
 #: read and dropped (this much, this long) so that closing the connection does not reset it
 #: before the client has read the answer.
 DRAIN_BYTES = 1024 * 1024
@@ -122,15 +125,9 @@ def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
 # The HTTP front door
 
 
-def upgrade_response(key: str, binary: bool) -> bytes:
+def bridge_upgrade_response(key: str, binary: bool) -> bytes:
     """The 101 that accepts a bridge upgrade (consenting to binary messages if ``binary``)."""
-    consent = f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}\r\n" if binary else ""
-    return (
-        "HTTP/1.1 101 Switching Protocols\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {accept_token(key)}\r\n{consent}\r\n"
-    ).encode("ascii")
+    return upgrade_response(key, [f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}"] if binary else [])
 
 
 def plain_response(status: HTTPStatus, detail: str) -> bytes:
@@ -202,36 +199,8 @@ class TunnelCounters:
         return TunnelCounter(self._counts, listener if route is None else f"{listener}/{route}")
 
 
-class _HeaderBlockTooLarge(Exception):
-    """The request's header lines went past :data:`MAX_HEADER_BYTES`."""
-
-
-class _BoundedLineReader:
-    """Lends http.server's header parser (it only calls ``readline``) at most ``limit`` bytes, and keeps
-    the lines as they arrived in :attr:`lines` (for :mod:`bridge.request_rules`)."""
-
-    def __init__(self, raw: BufferedIOBase, limit: int) -> None:
-        self._raw = raw
-        self._left = limit
-        self.lines = bytearray()
-
-    def read1(self, size: int = -1) -> bytes:
-        return self._raw.read1(size)
-
-    def readline(self, size: int = -1) -> bytes:
-        if self._left < 0:
-            raise _HeaderBlockTooLarge
-        want = self._left + 1 if size < 0 else min(size, self._left + 1)
-        line = self._raw.readline(want)
-        self._left -= len(line)
-        self.lines += line
-        if self._left < 0:
-            raise _HeaderBlockTooLarge
-        return line
-
-
-class ListenerServer(ThreadingHTTPServer):
-    """One backend listener: an HTTP server whose handler threads become tunnels.
+class ListenerServer(socketserver.ThreadingTCPServer):
+    """One backend listener: a TCP server whose connection threads read HTTP requests and become tunnels.
 
     ``listener`` is read afresh by every request, so a reload swaps it in place.
     Each connection is handled on a daemon thread from ``registry.workers``
@@ -284,7 +253,7 @@ class ListenerServer(ThreadingHTTPServer):
             log.exception("listener %s: error serving %s", self.listener.name, client_address)
 
 
-class BridgeRequestHandler(BaseHTTPRequestHandler):
+class BridgeRequestHandler(socketserver.StreamRequestHandler):
     """Answers one HTTP connection: bridge upgrades become tunnels, everything else is a 404
     or, with the listener's ``passthrough`` set, is reverse-proxied there (:mod:`bridge.passthrough`).
 
@@ -295,22 +264,24 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
     """
 
     server: ListenerServer
-    raw_requestline: bytes  # set by http.server's handle_one_request; typeshed does not declare it
+    #: Seconds each read of a request may wait (the whole head has :data:`HANDSHAKE_TIMEOUT`).
     timeout = HANDSHAKE_TIMEOUT
-    protocol_version = "HTTP/1.1"
-    server_version = f"tcpbridge/{__version__}"
-    sys_version = ""
-    error_content_type = "text/plain; charset=utf-8"
-    error_message_format = "%(code)d %(message)s: %(explain)s\n"
-    #: Assumed when a request line has no valid version: http.server's "HTTP/0.9" would
-    #: send a 400 without a status line, which no client can read.
-    default_request_version = "HTTP/1.0"
+    # Small frames go out back to back (data, then an end-of-stream marker): without NODELAY the
+    # second waits for a delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
-        # Small frames go out back to back (data, then an end-of-stream marker):
-        # without NODELAY the second waits for a delayed ACK (~40 ms).
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # What the request being served says; the log lines and refusals read them before it is parsed.
+        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
+        self.headers = http1.Headers()
+        self.close_connection = True
+
+    def handle(self) -> None:
+        """Requests, one after another, while the connection is kept alive."""
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
 
     def handle_one_request(self) -> None:
         """One request, whose line and headers must all arrive within :data:`HANDSHAKE_TIMEOUT`.
@@ -320,53 +291,68 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         down when the deadline passes. The deadline also ends idle keep-alive
         connections.
         """
-        self._request_deadline = self.server.registry.call_at(
-            time.monotonic() + HANDSHAKE_TIMEOUT, self._request_too_slow)
+        self.close_connection = True
+        deadline = self.server.registry.call_at(time.monotonic() + HANDSHAKE_TIMEOUT, self._request_too_slow)
         try:
-            super().handle_one_request()
+            request = http1.read_request(self.rfile, MAX_HEADER_BYTES)
+        except http1.RequestError as refused:
+            deadline.cancel()
+            self._refuse_request(refused)
+            return
+        except OSError as exc:
+            log.debug("listener %s: %s: no complete request: %s", self.server.listener.name, self._peer(),
+                      describe_error(exc))
+            return
         finally:
-            self._request_deadline.cancel()
+            deadline.cancel()  # the head is in: bodies and tunnels have their own timeouts
+        if request is None:
+            return
+        self.command, self.path, self.request_version = request.method, request.target, request.version
+        self.headers = request.headers
+        self.close_connection = not request.keep_alive
+        if request.expects_continue:
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._route()
+
+    def _route(self) -> None:
+        """Serve the parsed request: GET may be a bridge upgrade; every other method is passed through
+        or refused (404, or 501 for a method no HTTP server knows)."""
+        if self.command == "GET":
+            self._get()
+        elif self.command in KNOWN_METHODS or self.server.listener.passthrough:
+            self._not_found()
+        else:
+            self._refuse_request(http1.RequestError(HTTPStatus.NOT_IMPLEMENTED,
+                                                    f"unsupported method {self.command[:40]!r}"))
 
     def _request_too_slow(self) -> None:
         log.debug("listener %s: %s did not send a complete request within %g s; closing",
                   self.server.listener.name, self._peer(), HANDSHAKE_TIMEOUT)
         shutdown_socket(self.connection)
 
-    def parse_request(self) -> bool:
-        """http.server's parsing, with the header block limited to :data:`MAX_HEADER_BYTES` (else 431), and
-        a head that breaks :mod:`bridge.request_rules` refused with 400 before it is routed anywhere."""
-        raw = self.rfile
-        reader = _BoundedLineReader(raw, MAX_HEADER_BYTES)
-        self.rfile = cast(BufferedIOBase, reader)
-        try:
-            parsed = super().parse_request()
-            self._request_deadline.cancel()  # the headers are in: bodies and tunnels have their own timeouts
-            if parsed and (problem := request_rules.check_head(self.raw_requestline + reader.lines)):
-                self._refuse_ambiguous(problem)
-                return False
-            if parsed and self.server.listener.passthrough and passthrough.TOKEN.fullmatch(self.command) \
-                    and not hasattr(self, f"do_{self.command}"):
-                # A method http.server has no do_ method for (PROPFIND, ...): passed through too, not 501.
-                setattr(self, f"do_{self.command}", self._not_found)
-            return parsed
-        except _HeaderBlockTooLarge:
-            pass
-        finally:
-            self.rfile = raw
-        self._refuse(new_tunnel_id(), UpgradeRefused(
-            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-            f"request header block larger than {MAX_HEADER_BYTES} bytes", {"Connection": "close"}))
-        self._drain()  # what is left of the request, so that closing does not reset the answer away
-        return False
+    def _refuse_request(self, refused: http1.RequestError) -> None:
+        """Answer a request that cannot be served, then close the connection (what is left of the request
+        is drained first, so that closing does not reset the answer away).
 
-    def _refuse_ambiguous(self, problem: str) -> None:
-        """Answer a request that two HTTP parsers could read differently: 400, then close (RFC 9112 11.2)."""
+        A head too large (431) or ambiguous (400, :mod:`bridge.request_rules`: two HTTP parsers could
+        read it differently, RFC 9112 section 11.2) is refused like an upgrade, with a warning; a
+        malformed one with one debug line."""
         self.close_connection = True
-        self._refuse(new_tunnel_id(), UpgradeRefused(HTTPStatus.BAD_REQUEST, f"{self.command} {self.path[:200]}: "
-                                                     f"{problem}", {"Connection": "close"}, body=problem))
+        where = f"{self.command} {self.path[:200]}: " if self.command else ""
+        if refused.smuggling or refused.status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+            self._refuse(new_tunnel_id(), UpgradeRefused(refused.status, where + refused.detail,
+                                                         {"Connection": "close"}, body=refused.detail))
+        else:
+            log.debug("listener %s: %s: %d %s", self.server.listener.name, self._peer(), refused.status,
+                      refused.detail)
+            body = f"{refused.status} {refused.status.phrase}: {refused.detail}\n".encode()
+            with contextlib.suppress(OSError):
+                self.wfile.write(http1.answer(refused.status, [
+                    ("Connection", "close"), ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body)))], body, server=SERVER))
         self._drain()
 
-    def do_GET(self) -> None:
+    def _get(self) -> None:
         listener = self.server.listener  # once: a reload may swap it while this request runs
         if listener.passthrough and not self._is_bridge_upgrade():
             self._passthrough(listener, listener.passthrough)
@@ -498,8 +484,6 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             HTTPStatus.NOT_FOUND, f"{self.command} {urlsplit(self.path).path}: not a tcpbridge upgrade"
         ), quiet=True)
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_found  # noqa: N815
-
     def _is_bridge_upgrade(self) -> bool:
         """A websocket upgrade on a bridge path: a tunnel (or a refusal), never passed through."""
         path = urlsplit(self.path).path
@@ -575,7 +559,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
             raise UpgradeRefused(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot check {TOKEN_HEADER} for route "
                                  f"{route!r}: {whose} is unavailable: {exc}", body="the backend cannot read its token",
                                  level=logging.ERROR) from None
-        # http.server decoded the header as ISO-8859-1: encoding it back gives the bytes sent.
+        # Header values are decoded as ISO-8859-1 (http1.Headers): encoding back gives the bytes sent.
         if not hmac.compare_digest(value.encode("latin-1"), expected.encode("utf-8")):
             raise UpgradeRefused(HTTPStatus.FORBIDDEN, f"wrong {TOKEN_HEADER} (route {route!r} requires {whose})")
 
@@ -621,7 +605,7 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
 
     def _upgrade(self, key: str, binary: bool) -> bytes:
         """Send the 101 (consenting to binary messages if ``binary``); return the bytes the client sent after it."""
-        self.connection.sendall(upgrade_response(key, binary))
+        self.connection.sendall(bridge_upgrade_response(key, binary))
         received = self._buffered_request_bytes()
         self.connection.settimeout(None)  # the handshake timeout must not end an idle tunnel
         return received
@@ -648,19 +632,12 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         if not quiet:  # quiet: a request that was no bridge upgrade at all
             self.server.registry.stats.open_failed(label, reason)
         body = f"{refused.status} {refused.status.phrase}: {refused.body}\n".encode()
-        self.send_response(refused.status)
-        for name, value in refused.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's error answer (it closes the connection), then the rest of the request is drained."""
-        super().send_error(code, message, explain)
-        self._drain()
+        if refused.headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+        headers = [*refused.headers.items(), ("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Length", str(len(body)))]
+        self.wfile.write(http1.answer(refused.status, headers, b"" if self.command == "HEAD" else body,
+                                      server=SERVER))
 
     def _drain(self) -> None:
         """Read and drop what the client still sends, within bounds, then let the connection close.
@@ -691,16 +668,6 @@ class BridgeRequestHandler(BaseHTTPRequestHandler):
         listener = self.server.listener
         route = protocol.route_for_path(urlsplit(getattr(self, "path", "")).path)
         return f"{listener.name}/{route if route in listener.routes else '-'}"
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Nothing: every answer is logged, once, where it is decided."""
-
-    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-        """http.server's own refusals (400, 414, 501, timeouts): one debug line each."""
-        log.debug("listener %s: %s: %s", self.server.listener.name, self._peer(), (format % args)[:300])
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-        log.debug("%s %s", self._peer(), format % args)
 
 
 class Backend:
@@ -755,7 +722,7 @@ class Backend:
                 sock.sendall(plain_response(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION))
                 sock.shutdown(socket.SHUT_WR)
                 return
-            sock.sendall(upgrade_response(record.key, record.binary))
+            sock.sendall(bridge_upgrade_response(record.key, record.binary))
             sock.settimeout(None)
             endpoint = ServerEndpoint(sock, b"", server.listener.options.max_message_bytes,
                                       binary_consented=record.binary, resume=True)

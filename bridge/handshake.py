@@ -1,8 +1,7 @@
 """The websocket opening handshake (RFC 6455 section 4), without I/O.
 
-The backend answers upgrades inside http.server and only needs
-:func:`accept_token`; the frontend's whole client side is here, as pure
-functions its dialer drives over a socket:
+The backend's answer is :func:`upgrade_response`; the frontend's whole client
+side is here, as pure functions its dialer drives over a socket:
 
 1. :func:`new_key` and :func:`upgrade_request` make the request;
 2. :func:`split_head` says when the response head is complete (and what
@@ -109,6 +108,19 @@ def upgrade_request(path: str, host: str, key: str, extra_lines: list[str]) -> b
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",
         "Sec-WebSocket-Version: 13",
+        *extra_lines,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def upgrade_response(key: str, extra_lines: list[str]) -> bytes:
+    """The 101 that accepts an upgrade whose request carried ``key``, ``extra_lines`` ("Name: value")
+    appended. No extension or subprotocol is ever agreed to."""
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_token(key)}",
         *extra_lines,
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -3,8 +3,8 @@
 Behind the inverting proxy the agent sends *all* of a VM's HTTP traffic to one
 port, so the backend stands in front of the real application (a notebook server,
 say), as the Go backend does with ``httputil.NewSingleHostReverseProxy``. This
-module is that reverse proxy, run on the request-handler thread that
-http.server gave the request:
+module is that reverse proxy, run on the connection thread that read the request
+(:class:`Client`, the backend's request handler):
 
 * the request line, ``Host`` (as the client sent it, like Go's default Director)
   and the end-to-end headers go to the origin over HTTP/1.1; hop-by-hop headers
@@ -41,13 +41,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from io import BufferedIOBase
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from bridge.config import Address, TunnelOptions
 from bridge.handshake import header_tokens
+from bridge.http1 import Headers as RequestHeaders
 from bridge.sockets import describe_error
 
 log = logging.getLogger("tcpbridge.passthrough")
@@ -77,6 +77,29 @@ NOT_IN_TRAILERS = HOP_BY_HOP | {"content-length", "host", "content-type", "conte
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 Headers = list[tuple[str, str]]
+
+
+class Client(Protocol):
+    """The client connection a request arrived on, with its parsed head (the backend's request handler).
+    ``close_connection``: set when the connection must not carry another request."""
+
+    command: str
+    path: str
+    request_version: str
+    headers: RequestHeaders
+    close_connection: bool
+
+    @property
+    def rfile(self) -> BufferedIOBase: ...
+
+    @property
+    def wfile(self) -> BufferedIOBase: ...
+
+    @property
+    def connection(self) -> socket.socket: ...
+
+    @property
+    def client_address(self) -> tuple[str, int]: ...
 
 
 class PassthroughError(Exception):
@@ -391,9 +414,10 @@ class _BodySender:
 class Exchange:
     """One request passed through to the origin, and its answer passed back."""
 
-    def __init__(self, handler: BaseHTTPRequestHandler, url: str, *, pool: OriginPool, options: TunnelOptions,
+    def __init__(self, handler: Client, url: str, *, pool: OriginPool, options: TunnelOptions,
                  listener: str) -> None:
         self.handler = handler
+        self.rfile = handler.rfile
         self.url = url
         self.origin = origin_of(url)
         self.pool = pool
@@ -443,7 +467,7 @@ class Exchange:
         incoming = list(handler.headers.items())
         drop = {"content-length", "x-forwarded-for"}
         if (handler.headers.get("Expect") or "").strip().lower() == "100-continue":
-            drop.add("expect")  # http.server has already told the client to go on
+            drop.add("expect")  # the front door has already told the client to go on
         headers = _end_to_end(incoming, drop)
         names = {name.lower() for name, _ in headers}
         if "host" not in names:
@@ -587,7 +611,7 @@ class Exchange:
                 if remaining <= 0:
                     break
                 sock.settimeout(remaining)
-                data = self.handler.rfile.read1(min(left, PIECE))
+                data = self.rfile.read1(min(left, PIECE))
                 if not data:
                     break
                 left -= len(data)
@@ -606,7 +630,7 @@ class Exchange:
                     raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
                 if framing.kind != "none":
                     trailers: Headers = []
-                    sender = self.sender = _BodySender(_body(handler.rfile, framing, trailers),
+                    sender = self.sender = _BodySender(_body(self.rfile, framing, trailers),
                                                        framing.kind == "chunked", trailers, conn)
                 response = self._final_response(conn, upgrade, sender)
             except _NoAnswer:
@@ -713,7 +737,7 @@ class Exchange:
         headers += [("Connection", "Upgrade"), ("Upgrade", offered)]
         self._send_to_client(_head(f"HTTP/1.1 101 {response.reason}", headers))
         handler.close_connection = True
-        from_client = _take_buffered(handler.rfile, self.client_sock)
+        from_client = _take_buffered(self.rfile, self.client_sock)
         from_origin = _take_buffered(conn.rfile, conn.sock)
         log.debug("listener %s: passthrough %s %s %s: %s spliced", self.listener, self._peer(), handler.command,
                   self._path(), offered)
@@ -750,7 +774,7 @@ class Exchange:
         return str(Address(str(host), int(port)))
 
 
-def serve(handler: BaseHTTPRequestHandler, url: str, *, pool: OriginPool, options: TunnelOptions,
+def serve(handler: Client, url: str, *, pool: OriginPool, options: TunnelOptions,
           listener: str) -> None:
     """Pass the request ``handler`` has parsed through to the origin at ``url``, and its answer back."""
     Exchange(handler, url, pool=pool, options=options, listener=listener).run()

@@ -23,7 +23,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Message, Re
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from bridge import handshake
-from bridge.backend import upgrade_response
+from bridge.backend import bridge_upgrade_response
 from bridge.protocol import BRIDGE_PATH
 from tests.test_frames import echo_backend
 
@@ -93,7 +93,7 @@ def our_verdict(answer: bytes, key: str) -> bool:
 @pytest.mark.parametrize("binary", [False, True], ids=["hex", "binary offer taken"])
 def test_the_backends_101_completes_wsproto_clients_handshake(binary: bool) -> None:
     client, _, key = wsproto_client()
-    assert wsproto_verdict(client, upgrade_response(key, binary))
+    assert wsproto_verdict(client, bridge_upgrade_response(key, binary))
 
 
 def valid_101(key: str) -> list[str]:
