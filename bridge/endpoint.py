@@ -6,7 +6,7 @@ everything that arrived) and written by us; what differs between the two ends
 is small and lives in the subclasses of :class:`Endpoint`: the client
 masks what it writes (:class:`bridge.frontend.ClientEndpoint`), the server
 does not and answers the client's binary switch marker with its own
-(:class:`bridge.backend.ServerEndpoint`).
+(:class:`bridge.server_end.ServerEndpoint`).
 
 Contract of every endpoint: whole frames are written under :attr:`send_lock`
 (two pump threads and the housekeeper share the socket); after our close frame

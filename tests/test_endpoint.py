@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from bridge import protocol, resume
-from bridge.backend import ServerEndpoint
 from bridge.endpoint import Closed, Endpoint, Received, WebSocketDropped
 from bridge.frontend import ClientEndpoint
 from bridge.protocol import (
@@ -31,6 +30,7 @@ from bridge.protocol import (
     FrameParser,
     ProtocolViolation,
 )
+from bridge.server_end import ServerEndpoint
 from bridge.sockets import writable
 
 MAX = 1 << 20

@@ -380,11 +380,12 @@ def test_handshake_timeout_is_a_deadline_not_a_per_read_timeout(monkeypatch: pyt
     Shortened here to 1 s on an in-process backend so the check takes ~2 s.
     """
     from bridge import backend as backend_module
+    from bridge import frontdoor
     from bridge.config import parse_backend
     from bridge.tunnel import TunnelRegistry
 
-    monkeypatch.setattr(backend_module, "HANDSHAKE_TIMEOUT", 1.0)
-    monkeypatch.setattr(backend_module.BridgeRequestHandler, "timeout", 1.0)
+    monkeypatch.setattr(frontdoor, "HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(frontdoor.BridgeRequestHandler, "timeout", 1.0)
     port = free_port()
     registry = TunnelRegistry()  # its housekeeper enforces the deadline, as in the daemon
     registry.start()

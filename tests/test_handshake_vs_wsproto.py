@@ -23,8 +23,8 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Message, Re
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from bridge import handshake
-from bridge.backend import bridge_upgrade_response
 from bridge.protocol import BRIDGE_PATH
+from bridge.server_end import bridge_upgrade_response
 from tests.test_frames import echo_backend
 
 _PATH_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-._~/%=&"

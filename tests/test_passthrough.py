@@ -569,16 +569,16 @@ def test_header_limit_applies_to_passthrough(proxied: tuple[Daemon, int], origin
 
 def test_handshake_timeout_applies_to_passthrough(origin: Origin, monkeypatch: pytest.MonkeyPatch) -> None:
     """In process, with the 30 s handshake timeout shortened: a request that never completes is dropped."""
-    from bridge import backend as backend_module
+    from bridge import frontdoor
     from bridge.config import Address, Listener
     from bridge.listen import bind_listener
     from bridge.tunnel import TunnelRegistry
 
-    monkeypatch.setattr(backend_module.BridgeRequestHandler, "timeout", 1.0)  # each read
-    monkeypatch.setattr(backend_module, "HANDSHAKE_TIMEOUT", 1.0)  # the whole request line and headers, if bounded
+    monkeypatch.setattr(frontdoor.BridgeRequestHandler, "timeout", 1.0)  # each read
+    monkeypatch.setattr(frontdoor, "HANDSHAKE_TIMEOUT", 1.0)  # the whole request line and headers, if bounded
     listener = Listener(name="main", listen=Address("127.0.0.1", 0), routes={"default": Address("127.0.0.1", 9)},
                         passthrough=f"http://127.0.0.1:{origin.port}")
-    server = backend_module.ListenerServer(listener, TunnelRegistry(), bind_listener(listener.listen, "test"))
+    server = frontdoor.ListenerServer(listener, TunnelRegistry(), bind_listener(listener.listen, "test"))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     try:
         port = server.server_address[1]

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from bridge import resume
-from bridge.backend import ServerEndpoint
 from bridge.config import TunnelOptions
 from bridge.endpoint import Closed, Endpoint
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation, close_payload
 from bridge.resume import Ack, Consent
+from bridge.server_end import ServerEndpoint
 from bridge.session import ResumeRefused, Session
 from bridge.tunnel import Redial, Tunnel, TunnelRegistry, reset_now
 from tests.gopeer import OP_TEXT

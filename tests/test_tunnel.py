@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bridge.backend import ServerEndpoint
 from bridge.config import TunnelOptions
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind
 from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bridge.server_end import ServerEndpoint
 from bridge.sockets import failed_sockets
 from bridge.tunnel import PEER_GONE_WAIT, Tunnel, TunnelRegistry
 from bridge.workers import IDLE_SECONDS
