@@ -52,6 +52,7 @@ from bridge.config import Address, Config, ConfigError
 from bridge.events import Event
 from bridge.handoff import Handoff, TakesHandoff, socket_pairs
 from bridge.listen import Binder, ListenError, bind_slots
+from bridge.registry import TunnelRegistry
 from bridge.service import (
     DRAIN_POLL,
     RESET_WAIT,
@@ -70,7 +71,6 @@ from bridge.service import (
     watchdog_interval,
 )
 from bridge.stats import LabelStats, Snapshot, merge, retire
-from bridge.tunnel import TunnelRegistry
 
 log = logging.getLogger("tcpbridge")
 

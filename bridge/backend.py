@@ -20,10 +20,10 @@ from bridge.config import Address, BackendConfig, Listener
 from bridge.frontdoor import NO_SUCH_SESSION, ListenerServer
 from bridge.handoff import Handoff, Reattach
 from bridge.listen import Binder, ListenError, bind_fresh
+from bridge.registry import TunnelRegistry
 from bridge.reload import reconcile
 from bridge.secrets import SecretResolver
 from bridge.server_end import ServerEndpoint, bridge_upgrade_response, plain_response, reattach
-from bridge.tunnel import TunnelRegistry
 
 log = logging.getLogger("tcpbridge.backend")
 

@@ -21,8 +21,8 @@ from bridge.backend import Backend
 from bridge.config import ConfigError
 from bridge.frontend import Frontend
 from bridge.listen import ListenError
+from bridge.registry import TunnelRegistry
 from bridge.service import Service, setup_logging
-from bridge.tunnel import TunnelRegistry
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

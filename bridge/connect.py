@@ -49,11 +49,12 @@ from bridge.config import ConfigError, FrontendTunnel, redact_url
 from bridge.frontend import offered_session, open_endpoint, redial_for
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import CloseCode
+from bridge.registry import TunnelRegistry
 from bridge.secrets import SecretResolver
 from bridge.service import SignalQueue, setup_logging
 from bridge.sockets import describe_error
 from bridge.transport import DialError
-from bridge.tunnel import Tunnel, TunnelRegistry
+from bridge.tunnel import Tunnel
 
 log = logging.getLogger("tcpbridge.connect")
 

@@ -31,11 +31,12 @@ from bridge.events import Event
 from bridge.handoff import Handoff, Reattach
 from bridge.handshake import header_tokens
 from bridge.listen import LISTEN_BACKLOG
+from bridge.registry import TunnelRegistry
 from bridge.secrets import SecretResolver
 from bridge.server_end import ServerEndpoint, bridge_upgrade_response, reattach
 from bridge.session import Session
 from bridge.sockets import RECV_CHUNK, describe_error, shutdown_socket
-from bridge.tunnel import Tunnel, TunnelRegistry, new_tunnel_id
+from bridge.tunnel import Tunnel, new_tunnel_id
 
 log = logging.getLogger("tcpbridge.backend")
 

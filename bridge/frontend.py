@@ -29,6 +29,7 @@ from bridge.endpoint import Endpoint
 from bridge.events import Event
 from bridge.handshake import HandshakeError
 from bridge.listen import Binder, ListenError, bind_fresh
+from bridge.registry import Opening, TunnelRegistry
 from bridge.reload import reconcile
 from bridge.secrets import SecretError, SecretResolver
 from bridge.session import ResumeRefused, Session
@@ -43,7 +44,7 @@ from bridge.transport import (
     time_left,
     tls_context,
 )
-from bridge.tunnel import Opening, Redial, Tunnel, TunnelRegistry, new_tunnel_id, reset_on_close
+from bridge.tunnel import Redial, Tunnel, new_tunnel_id, reset_on_close
 
 log = logging.getLogger("tcpbridge.frontend")
 

@@ -3,7 +3,7 @@
 prometheus-client is imported only when an endpoint is started (``pip install 'tcpbridge[metrics]'``;
 config validation says so when it is missing). Nothing is counted through it: at each scrape a
 collector reads the daemon's :class:`~bridge.stats.Stats` and live tunnels (one
-:meth:`~bridge.tunnel.TunnelRegistry.snapshot`) and turns them into metric families, on a private
+:meth:`~bridge.registry.TunnelRegistry.snapshot`) and turns them into metric families, on a private
 registry (never the global default one), served by a small http.server thread.
 
 Every tunnel metric has the label ``tunnel``: the tunnel name on the frontend, ``listener/route``

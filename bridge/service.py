@@ -48,8 +48,8 @@ from bridge.events import Event
 from bridge.journal import JournalHandler, priority
 from bridge.listen import ListenError
 from bridge.outcome import Kind, Outcome
+from bridge.registry import TunnelRegistry
 from bridge.stats import Snapshot, human_bytes
-from bridge.tunnel import TunnelRegistry
 
 log = logging.getLogger("tcpbridge")
 

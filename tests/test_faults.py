@@ -382,7 +382,7 @@ def test_handshake_timeout_is_a_deadline_not_a_per_read_timeout(monkeypatch: pyt
     from bridge import backend as backend_module
     from bridge import frontdoor
     from bridge.config import parse_backend
-    from bridge.tunnel import TunnelRegistry
+    from bridge.registry import TunnelRegistry
 
     monkeypatch.setattr(frontdoor, "HANDSHAKE_TIMEOUT", 1.0)
     monkeypatch.setattr(frontdoor.BridgeRequestHandler, "timeout", 1.0)

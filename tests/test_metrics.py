@@ -232,7 +232,7 @@ def test_daemon_without_prometheus_client_exits_2(tmp_path: Path) -> None:
 def test_scrape_with_1000_live_tunnels_is_fast() -> None:
     """The collector reads live tunnels at scrape time: 1000 of them over 10 labels."""
     from bridge.metrics import BridgeCollector, build_registry
-    from bridge.tunnel import TunnelRegistry
+    from bridge.registry import TunnelRegistry
 
     registry = TunnelRegistry()
     for index in range(1000):

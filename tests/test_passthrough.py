@@ -572,7 +572,7 @@ def test_handshake_timeout_applies_to_passthrough(origin: Origin, monkeypatch: p
     from bridge import frontdoor
     from bridge.config import Address, Listener
     from bridge.listen import bind_listener
-    from bridge.tunnel import TunnelRegistry
+    from bridge.registry import TunnelRegistry
 
     monkeypatch.setattr(frontdoor.BridgeRequestHandler, "timeout", 1.0)  # each read
     monkeypatch.setattr(frontdoor, "HANDSHAKE_TIMEOUT", 1.0)  # the whole request line and headers, if bounded

@@ -25,10 +25,11 @@ from bridge.endpoint import Closed, Endpoint
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
 from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation, close_payload
+from bridge.registry import TunnelRegistry
 from bridge.resume import Ack, Consent
 from bridge.server_end import ServerEndpoint
 from bridge.session import ResumeRefused, Session
-from bridge.tunnel import Redial, Tunnel, TunnelRegistry, reset_now
+from bridge.tunnel import Redial, Tunnel, reset_now
 from tests.gopeer import OP_TEXT
 from tests.helpers import pattern, recv_all, recv_exactly, send_then_shutdown, sha256, wait_until
 from tests.test_frames import dial_backend, echo_backend, next_data_frame

@@ -19,7 +19,8 @@ import pytest
 from bridge.config import TunnelOptions
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
-from bridge.tunnel import Tunnel, TunnelRegistry
+from bridge.registry import TunnelRegistry
+from bridge.tunnel import Tunnel
 from tests.conftest import Pair, start_pair
 from tests.helpers import (
     Daemon,

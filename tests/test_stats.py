@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from bridge.outcome import CLASSES, CLEAN, Kind, Outcome
+from bridge.registry import TunnelRegistry
 from bridge.stats import (
     HANDSHAKE_BUCKETS,
     Histogram,
@@ -22,7 +23,6 @@ from bridge.stats import (
     retire,
 )
 from bridge.transport import DialError, DialFailure
-from bridge.tunnel import TunnelRegistry
 
 
 @pytest.mark.parametrize(("kind", "metric_class"), [

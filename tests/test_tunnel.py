@@ -17,9 +17,10 @@ from bridge.config import TunnelOptions
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind
 from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bridge.registry import TunnelRegistry
 from bridge.server_end import ServerEndpoint
 from bridge.sockets import failed_sockets
-from bridge.tunnel import PEER_GONE_WAIT, Tunnel, TunnelRegistry
+from bridge.tunnel import PEER_GONE_WAIT, Tunnel
 from bridge.workers import IDLE_SECONDS
 from tests.conftest import Pair, start_pair
 from tests.helpers import (
