@@ -357,7 +357,8 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
 
     def _passthrough(self, listener: Listener, url: str) -> None:
         """Reverse-proxy this request to the listener's HTTP origin: no token, Origin or cap applies (as in Go)."""
-        passthrough.serve(self, url, pool=self.server.origin_pool, options=listener.options, listener=listener.name)
+        passthrough.serve(self, url, pool=self.server.origin_pool, options=listener.options, listener=listener.name,
+                          registry=self.server.registry)
 
     def _target(self, listener: Listener, route: str) -> Address:
         target = listener.routes.get(route)

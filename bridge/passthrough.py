@@ -19,8 +19,10 @@ module is that reverse proxy, run on the connection thread that read the request
 * connections to the origin are kept alive and reused through a small
   per-listener :class:`OriginPool`;
 * an ``Upgrade`` request (a notebook's kernel websocket) goes to the origin too,
-  and after the origin's 101 the two sockets are spliced, bytes as-is, one thread
-  per direction, a FIN passed on as a half-close, until both sides are done;
+  and after the origin's 101 the two sockets are spliced, bytes as-is, by the
+  tunnels' own pump (:class:`~bridge.tunnel.Tunnel`, with the origin's connection
+  as a :class:`~bridge.raw_endpoint.RawEndpoint`): a FIN passed on as a half-close,
+  a reset as a reset, the listener's timeouts, counted under :data:`SPLICED_ROUTE`;
 * an unreachable origin gets a 502 whose text names the origin and the reason,
   and one warning line in the log (504 when it accepts but does not answer).
 
@@ -31,6 +33,7 @@ users itself, and the listener's ``token`` guards bridge upgrades only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import logging
 import re
@@ -48,10 +51,16 @@ from urllib.parse import urlsplit
 from bridge.config import Address, TunnelOptions
 from bridge.handshake import header_tokens
 from bridge.http1 import Headers as RequestHeaders
+from bridge.raw_endpoint import RawEndpoint
+from bridge.registry import TunnelRegistry
 from bridge.sockets import describe_error
+from bridge.tunnel import Tunnel
 
 log = logging.getLogger("tcpbridge.passthrough")
 
+#: The route part of a spliced connection's label (``listener/(passthrough)``) in logs, status and
+#: metrics; no route name can take this form.
+SPLICED_ROUTE = "(passthrough)"
 #: Largest piece of a body read or written at once; what bounds memory per request.
 PIECE = 64 * 1024
 #: Seconds the origin may stay silent while it owes us bytes (the answer's head or body); then 504 or a cut.
@@ -67,8 +76,6 @@ MAX_INFORMATIONAL = 16
 BODY_GRACE_SECONDS = 2.0
 #: At most this much of a request body that will not be passed on is read and dropped before closing.
 DRAIN_BYTES = 1024 * 1024
-#: How often a spliced connection with a timeout checks whether it ran out.
-SPLICE_TICK = 1.0
 
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"})
@@ -415,8 +422,9 @@ class Exchange:
     """One request passed through to the origin, and its answer passed back."""
 
     def __init__(self, handler: Client, url: str, *, pool: OriginPool, options: TunnelOptions,
-                 listener: str) -> None:
+                 listener: str, registry: TunnelRegistry) -> None:
         self.handler = handler
+        self.registry = registry
         self.rfile = handler.rfile
         self.url = url
         self.origin = origin_of(url)
@@ -739,13 +747,20 @@ class Exchange:
         handler.close_connection = True
         from_client = _take_buffered(self.rfile, self.client_sock)
         from_origin = _take_buffered(conn.rfile, conn.sock)
-        log.debug("listener %s: passthrough %s %s %s: %s spliced", self.listener, self._peer(), handler.command,
-                  self._path(), offered)
-        splice = Splice(self.client_sock, conn.sock, idle_timeout=self.options.idle_timeout,
-                        half_close_timeout=self.options.half_close_timeout if self.options.half_close else 0.0)
-        ended = splice.run(from_client, from_origin)
-        log.debug("listener %s: passthrough %s %s spliced connection ended: %s", self.listener, self._peer(),
-                  offered, ended)
+        for sock in (self.client_sock, conn.sock):
+            sock.settimeout(None)  # the pump's own timeouts apply from now on
+        try:
+            conn.sock.sendall(from_client)
+        except OSError as exc:
+            log.debug("listener %s: passthrough %s %s: origin failed before the splice: %s", self.listener,
+                      self._peer(), offered, describe_error(exc))
+            return conn
+        # The same pump as a tunnel's, with the origin's connection as a raw endpoint: no pings (the
+        # origin would not answer them), every other rule of the listener's tunnels.
+        splice = Tunnel(self.client_sock, RawEndpoint(conn.sock, from_origin),
+                        label=f"{self.listener}/{SPLICED_ROUTE}", peer=self._peer(), destination=self.url,
+                        options=dataclasses.replace(self.options, ping_interval=0), tcp_role="client")
+        self.registry.run(splice)
         return conn
 
     # -- answers of our own -------------------------------------------------
@@ -774,96 +789,8 @@ class Exchange:
         return str(Address(str(host), int(port)))
 
 
-def serve(handler: Client, url: str, *, pool: OriginPool, options: TunnelOptions,
-          listener: str) -> None:
-    """Pass the request ``handler`` has parsed through to the origin at ``url``, and its answer back."""
-    Exchange(handler, url, pool=pool, options=options, listener=listener).run()
-
-
-# ---------------------------------------------------------------------------
-# Spliced connections (after a 101)
-
-
-class Splice:
-    """Two connections joined byte for byte, one thread per direction, until both directions are done.
-
-    A FIN from one side becomes ``shutdown(SHUT_WR)`` on the other; a reset or error
-    on either shuts both down. With ``idle_timeout`` (no bytes either way) or, once
-    one direction ended, ``half_close_timeout`` (no bytes in the open one) the
-    splice is cut; 0 turns either off, as for tunnels.
-    """
-
-    def __init__(self, client: socket.socket, origin: socket.socket, *, idle_timeout: float,
-                 half_close_timeout: float) -> None:
-        self._client = client
-        self._origin = origin
-        self._idle_timeout = idle_timeout
-        self._half_close_timeout = half_close_timeout
-        self._lock = threading.Lock()
-        self._last_activity = time.monotonic()
-        self._ended = 0
-        self._outcome = "closed"
-
-    def run(self, from_client: bytes, from_origin: bytes) -> str:
-        """Splice until both directions are done; return how it ended."""
-        for sock in (self._client, self._origin):
-            sock.settimeout(None)
-        other = threading.Thread(target=self._pump, args=(self._origin, self._client, from_origin),
-                                 name="passthrough-splice", daemon=True)
-        other.start()
-        self._pump(self._client, self._origin, from_client)
-        other.join()  # ends: it is cut by the first direction's error, its own EOF, or its timeout
-        return self._outcome
-
-    def _pump(self, src: socket.socket, dst: socket.socket, first: bytes) -> None:
-        try:
-            if first:
-                dst.sendall(first)
-            while self._wait_readable(src):
-                data = src.recv(PIECE)
-                if not data:
-                    with contextlib.suppress(OSError):
-                        dst.shutdown(socket.SHUT_WR)
-                    with self._lock:
-                        self._ended += 1
-                    return
-                dst.sendall(data)
-                with self._lock:
-                    self._last_activity = time.monotonic()
-            self._cut("timed out")
-        except OSError as exc:
-            self._cut(describe_error(exc))
-
-    def _limit(self) -> float:
-        with self._lock:
-            limits = [self._idle_timeout] if self._idle_timeout > 0 else []
-            if self._ended and self._half_close_timeout > 0:
-                limits.append(self._half_close_timeout)
-            return min(limits) if limits else 0.0
-
-    def _wait_readable(self, sock: socket.socket) -> bool:
-        """Wait until ``sock`` has something (data, EOF, error); False when a timeout ran out."""
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
-        bounded = self._idle_timeout > 0 or self._half_close_timeout > 0
-        while True:  # each pass waits at most SPLICE_TICK; ends when the limit is reached
-            limit = self._limit()
-            if limit:
-                with self._lock:
-                    remaining = limit - (time.monotonic() - self._last_activity)
-                if remaining <= 0:
-                    return False
-                wait: float | None = min(remaining, SPLICE_TICK)
-            else:
-                wait = SPLICE_TICK if bounded else None
-            if poller.poll(None if wait is None else wait * 1000):
-                return True
-
-    def _cut(self, reason: str) -> None:
-        with self._lock:
-            if self._outcome == "closed":
-                self._outcome = reason
-        for sock in (self._client, self._origin):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
+def serve(handler: Client, url: str, *, pool: OriginPool, options: TunnelOptions, listener: str,
+          registry: TunnelRegistry) -> None:
+    """Pass the request ``handler`` has parsed through to the origin at ``url``, and its answer back; an
+    upgrade the origin accepts runs as a tunnel of ``registry`` until both sides are done."""
+    Exchange(handler, url, pool=pool, options=options, listener=listener, registry=registry).run()

@@ -193,9 +193,10 @@ class OriginHandler(BaseHTTPRequestHandler):
         self.switch("rawecho", [])
         sock = self.connection
         sock.settimeout(20)
-        while data := sock.recv(65536):
-            sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):  # a test may reset the spliced connection
+            while data := sock.recv(65536):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
 
 
 class Origin(ThreadingHTTPServer):
@@ -519,6 +520,32 @@ def test_raw_upgrade_is_spliced_with_half_close(proxied: tuple[Daemon, int]) -> 
         echoed = bytes(buffer) + recv_all(sock, timeout=30)  # EOF only after the origin saw ours
         sender.join(10)
     assert echoed == data
+
+
+def test_a_spliced_upgrade_is_a_tunnel_with_the_listeners_idle_timeout(tmp_path: Path, origin: Origin,
+                                                                      echo: TcpServer) -> None:
+    """One pump: the spliced connection is logged and counted as a tunnel of ``main/(passthrough)``, and the
+    listener's idle_timeout resets it (a RST to the client, never a FIN that would look like a clean end)."""
+    daemon, port = start_backend(tmp_path, f"http://127.0.0.1:{origin.port}", {"default": echo.address},
+                                 idle_timeout=1)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /raw HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: rawecho\r\n\r\n")
+            buffer = bytearray()
+            assert read_http_head(sock, buffer).status == 101
+            sock.sendall(b"ping")
+            while len(buffer) < 4:
+                buffer += sock.recv(4 - len(buffer))
+            assert bytes(buffer) == b"ping"
+            assert daemon.wait_for_log("[main/(passthrough)] open")
+            started = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(65536):
+                    pass
+            assert time.monotonic() - started < 8
+        assert daemon.wait_for_log("idle timeout (1 s without data)")
+    finally:
+        daemon.stop()
 
 
 def test_bridge_upgrade_after_passthrough_requests_on_one_connection(proxied: tuple[Daemon, int],
