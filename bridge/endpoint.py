@@ -1,7 +1,7 @@
 """One websocket endpoint over a connected socket: what the pump (:class:`~bridge.tunnel.Tunnel`) of both daemons
 reads and writes, and the events it receives (:data:`Received`).
 
-Frames are read with :class:`~bridge.protocol.FrameParser` (one ``recv`` for
+Frames are read with :class:`~bridge.frames.FrameParser` (one ``recv`` for
 everything that arrived) and written by us; what differs between the two ends
 is small and lives in the subclasses of :class:`Endpoint`: the client
 masks what it writes (:class:`bridge.frontend.ClientEndpoint`), the server
@@ -32,15 +32,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bridge import protocol, resume
-from bridge.protocol import (
-    CloseCode,
-    EndOfStream,
-    MessageDecoder,
-    ProtocolViolation,
-    close_payload,
-    parse_close_payload,
-)
+from bridge import frames, protocol, resume
+from bridge.frames import close_payload, parse_close_payload
+from bridge.protocol import CloseCode, EndOfStream, MessageDecoder, ProtocolViolation
 from bridge.sockets import (
     Receiver,
     SendLock,
@@ -96,7 +90,7 @@ class Endpoint:
     in :meth:`_peer_switched`.
     """
 
-    def __init__(self, sock: socket.socket, parser: protocol.FrameParser, max_message_bytes: int, *,
+    def __init__(self, sock: socket.socket, parser: frames.FrameParser, max_message_bytes: int, *,
                  switch_allowed: bool, received: bytes = b"", resume: bool = False) -> None:
         self.sock = self._sock = sock
         self.send_lock = self._send_lock = SendLock()
@@ -165,7 +159,7 @@ class Endpoint:
             self._write_pending()
             if self._close_sent:
                 raise WebSocketDropped("websocket is closing")
-            self._write_frame(protocol.OPCODE_TEXT, resume.encode(message).encode("ascii"))
+            self._write_frame(frames.OPCODE_TEXT, resume.encode(message).encode("ascii"))
         self._after_send()
 
     def _has_pending(self) -> bool:
@@ -183,25 +177,25 @@ class Endpoint:
             pong, switch, close, ack = self._pending_pong, self._pending_switch, self._pending_close, self._pending_ack
             self._pending_pong, self._pending_switch, self._pending_close, self._pending_ack = None, False, None, None
             closing = self._close_sent
-        frames = b""
+        pending = b""
         if switch and not closing:
-            frames += self._frame_bytes(protocol.OPCODE_BINARY, b"")
+            pending += self._frame_bytes(frames.OPCODE_BINARY, b"")
         if pong is not None and not closing:
-            frames += self._frame_bytes(protocol.OPCODE_PONG, pong)
+            pending += self._frame_bytes(frames.OPCODE_PONG, pong)
         if ack is not None and not closing:
-            frames += self._frame_bytes(protocol.OPCODE_TEXT, ack.encode("ascii"))
+            pending += self._frame_bytes(frames.OPCODE_TEXT, ack.encode("ascii"))
         if close is not None:
-            frames += self._close_frames(close)
-        return frames, switch and not closing
+            pending += self._close_frames(close)
+        return pending, switch and not closing
 
     def _close_frames(self, payload: bytes) -> bytes | bytearray:
         """Our close frame, announced first if :attr:`announce_close` (see :mod:`bridge.resume`)."""
-        frame = self._frame_bytes(protocol.OPCODE_CLOSE, payload)
+        frame = self._frame_bytes(frames.OPCODE_CLOSE, payload)
         if not self.announce_close:
             return frame
         code = parse_close_payload(payload)[0]
         announcement = resume.encode(resume.Closing(code)).encode("ascii")
-        return self._frame_bytes(protocol.OPCODE_TEXT, announcement) + frame
+        return self._frame_bytes(frames.OPCODE_TEXT, announcement) + frame
 
     def _write_pending(self) -> bool:
         """Write the pending control frames (the caller holds the send lock); return whether there were any.
@@ -245,9 +239,9 @@ class Endpoint:
             if self._close_sent:
                 raise WebSocketDropped("websocket is closing")
             if self.binary:
-                self._write_frame(protocol.OPCODE_BINARY, data)
+                self._write_frame(frames.OPCODE_BINARY, data)
             else:
-                self._write_frame(protocol.OPCODE_TEXT, protocol.encode(data))
+                self._write_frame(frames.OPCODE_TEXT, protocol.encode(data))
         self._after_send()
 
     def send_end_of_stream(self, *, then_close: bool = False) -> None:
@@ -260,7 +254,7 @@ class Endpoint:
                 self._close_sent = self._close_sent or then_close
             if closing:
                 raise WebSocketDropped("websocket is closing")
-            marker = self._frame_bytes(protocol.OPCODE_BINARY if self.binary else protocol.OPCODE_TEXT, b"")
+            marker = self._frame_bytes(frames.OPCODE_BINARY if self.binary else frames.OPCODE_TEXT, b"")
             if then_close:
                 marker += self._close_frames(close_payload(CloseCode.NORMAL, ""))
             self._sock.sendall(marker)
@@ -295,7 +289,7 @@ class Endpoint:
                 return False
             wrote = self._write_pending()
             if not self._close_sent:
-                self._write_frame(protocol.OPCODE_PING, b"tcpbridge")
+                self._write_frame(frames.OPCODE_PING, b"tcpbridge")
                 pinged = True
             return wrote or pinged
 
@@ -312,24 +306,24 @@ class Endpoint:
         while True:
             frame = self._next_frame()
             opcode = frame.opcode
-            if opcode == protocol.OPCODE_BINARY and frame.fin and self._decoder.binary and not self._in_message:
+            if opcode == frames.OPCODE_BINARY and frame.fin and self._decoder.binary and not self._in_message:
                 # The data path once binary: a whole message in one frame is its bytes (the
                 # parser already held it to max_message_bytes); empty, it is end-of-stream.
                 return frame.payload or protocol.END_OF_STREAM
-            if opcode == protocol.OPCODE_CLOSE:
+            if opcode == frames.OPCODE_CLOSE:
                 return closed(frame.payload)
-            if opcode == protocol.OPCODE_PING:
+            if opcode == frames.OPCODE_PING:
                 self._queue_control(pong=frame.payload)  # never waits for a send in progress
                 continue
-            if opcode == protocol.OPCODE_PONG:
+            if opcode == frames.OPCODE_PONG:
                 continue
-            if opcode == protocol.OPCODE_CONTINUATION:
+            if opcode == frames.OPCODE_CONTINUATION:
                 if not self._in_message:
                     raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "continuation frame outside a message")
             elif self._in_message:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "new message before the previous one finished")
             else:
-                self._message_binary = opcode == protocol.OPCODE_BINARY
+                self._message_binary = opcode == frames.OPCODE_BINARY
                 # A control message is always one frame: we write each as one.
                 if self.resume and not self._message_binary and frame.fin and resume.is_control(frame.payload):
                     return resume.decode(bytes(frame.payload).decode("ascii", "replace"))
@@ -340,7 +334,7 @@ class Endpoint:
             elif result:
                 return result
 
-    def _next_frame(self) -> protocol.Frame:
+    def _next_frame(self) -> frames.Frame:
         parser = self._parser
         while (frame := parser.next_frame()) is None:
             space = parser.payload_space()

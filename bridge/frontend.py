@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge import events, handshake, protocol, resume
+from bridge import events, frames, handshake, protocol, resume
 from bridge.caps import Counts, LocalCounts
 from bridge.config import Address, FrontendConfig, FrontendTunnel, TlsOptions, redact_url
 from bridge.endpoint import Endpoint
@@ -74,15 +74,15 @@ class ClientEndpoint(Endpoint):
 
     def __init__(self, sock: socket.socket, max_message_bytes: int, *, binary: bool = False,
                  received: bytes = b"", resume: bool = False) -> None:
-        super().__init__(sock, protocol.FrameParser(max_message_bytes), max_message_bytes,
+        super().__init__(sock, frames.FrameParser(max_message_bytes), max_message_bytes,
                          switch_allowed=binary, received=received, resume=resume)
         if binary:
             with self._send_lock.held():
-                self._write_frame(protocol.OPCODE_BINARY, b"")  # the switch marker, before anything else
+                self._write_frame(frames.OPCODE_BINARY, b"")  # the switch marker, before anything else
             self.binary = True
 
     def _frame_bytes(self, opcode: int, payload: bytes) -> bytes | bytearray:
-        return protocol.masked_frame(opcode, payload, os.urandom(4))
+        return frames.masked_frame(opcode, payload, os.urandom(4))
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 
-from bridge import protocol, resume
+from bridge import frames, protocol, resume
 from bridge.endpoint import SEND_CLOSE_WAIT, Closed, Endpoint, Received, WebSocketDropped
 from bridge.protocol import CloseCode
 
@@ -36,7 +36,7 @@ class RawEndpoint(Endpoint):
     """``sock``, a plain TCP connection, as a pump's endpoint; ``received``: bytes already read from it."""
 
     def __init__(self, sock: socket.socket, received: bytes = b"") -> None:
-        super().__init__(sock, protocol.FrameParser(RAW_CHUNK), RAW_CHUNK, switch_allowed=False)
+        super().__init__(sock, frames.FrameParser(RAW_CHUNK), RAW_CHUNK, switch_allowed=False)
         self._first = received
         self._peer_finished = False
         #: Set when our side is done: a clean close decided, or the connection shut down.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from http import HTTPStatus
 
-from bridge import protocol
+from bridge import frames, protocol
 from bridge.endpoint import Endpoint
 from bridge.handshake import upgrade_response
 from bridge.tunnel import Tunnel
@@ -25,17 +25,17 @@ class ServerEndpoint(Endpoint):
 
     def __init__(self, sock: socket.socket, received: bytes, max_message_bytes: int, *,
                  binary_consented: bool = False, resume: bool = False) -> None:
-        super().__init__(sock, protocol.FrameParser(max_message_bytes, masked=True), max_message_bytes,
+        super().__init__(sock, frames.FrameParser(max_message_bytes, masked=True), max_message_bytes,
                          switch_allowed=binary_consented, received=received, resume=resume)
 
     def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
-        return protocol.frame_header(opcode, len(payload)) + payload
+        return frames.frame_header(opcode, len(payload)) + payload
 
     def _write_frame(self, opcode: int, payload: bytes) -> None:
         if len(payload) < _JOIN_BELOW:
             self._sock.sendall(self._frame_bytes(opcode, payload))
         else:
-            _send_all(self._sock, [protocol.frame_header(opcode, len(payload)), payload])
+            _send_all(self._sock, [frames.frame_header(opcode, len(payload)), payload])
 
     def _peer_switched(self) -> None:
         """Answer with our own switch marker, without waiting (this is the reading thread).

@@ -18,18 +18,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bridge import protocol, resume
+from bridge import frames, protocol, resume
 from bridge.endpoint import Closed, Endpoint, Received, WebSocketDropped
+from bridge.frames import OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PING, OPCODE_PONG, OPCODE_TEXT, FrameParser
 from bridge.frontend import ClientEndpoint
-from bridge.protocol import (
-    OPCODE_BINARY,
-    OPCODE_CLOSE,
-    OPCODE_PING,
-    OPCODE_PONG,
-    OPCODE_TEXT,
-    FrameParser,
-    ProtocolViolation,
-)
+from bridge.protocol import ProtocolViolation
 from bridge.server_end import ServerEndpoint
 from bridge.sockets import writable
 
@@ -56,24 +49,24 @@ class Link:
         """One frame from the peer to the channel."""
         if self.masked_to_channel:
             key = os.urandom(4)
-            self.peer.sendall(protocol.frame_header(opcode, len(payload), key) + protocol.mask(payload, key))
+            self.peer.sendall(frames.frame_header(opcode, len(payload), key) + frames.mask(payload, key))
         else:
-            self.peer.sendall(protocol.frame_header(opcode, len(payload)) + payload)
+            self.peer.sendall(frames.frame_header(opcode, len(payload)) + payload)
 
-    def read_frames(self, count: int) -> list[protocol.Frame]:
+    def read_frames(self, count: int) -> list[frames.Frame]:
         """The next ``count`` frames the channel wrote (raises on timeout)."""
-        frames: list[protocol.Frame] = []
+        got: list[frames.Frame] = []
         deadline = time.monotonic() + BOUND
-        while len(frames) < count:
+        while len(got) < count:
             frame = self.parser.next_frame()
             if frame is not None:
-                frames.append(frame)
+                got.append(frame)
                 continue
-            assert time.monotonic() < deadline, f"only {len(frames)} of {count} frames arrived"
+            assert time.monotonic() < deadline, f"only {len(got)} of {count} frames arrived"
             data = self.peer.recv(1 << 16)
             assert data, "the channel's end closed"
             self.parser.feed(data)
-        return frames
+        return got
 
     def nothing_more(self) -> bool:
         """No further frame was written (checked without waiting)."""
@@ -194,8 +187,8 @@ def test_pings_coalesce_into_one_pong_with_the_latest_payload(link: Link) -> Non
         link.send(OPCODE_TEXT, text(b"data"))
         assert link.receive_now() == b"data"
     link.channel.send_data(b"x")
-    frames = link.read_frames(2)
-    assert [(f.opcode, f.payload) for f in frames] == [(OPCODE_PONG, b"three"), (OPCODE_TEXT, text(b"x"))]
+    got = link.read_frames(2)
+    assert [(f.opcode, f.payload) for f in got] == [(OPCODE_PONG, b"three"), (OPCODE_TEXT, text(b"x"))]
     assert link.nothing_more()
 
 
@@ -228,8 +221,8 @@ def test_a_pending_pong_goes_out_with_the_next_ping(link: Link) -> None:
         link.send(OPCODE_TEXT, text(b"d"))
         assert link.receive_now() == b"d"
     assert link.channel.send_ping() is True
-    frames = link.read_frames(2)
-    assert [(f.opcode, f.payload) for f in frames] == [(OPCODE_PONG, b"p"), (OPCODE_PING, b"tcpbridge")]
+    got = link.read_frames(2)
+    assert [(f.opcode, f.payload) for f in got] == [(OPCODE_PONG, b"p"), (OPCODE_PING, b"tcpbridge")]
 
 
 # ---------------------------------------------------------------------------
@@ -315,8 +308,8 @@ def test_a_marker_and_a_pong_pending_together_go_out_before_the_next_data(switch
     sender = switching.in_thread(lambda: channel.send_data(b"down"))
     switching.threads[-1].join(BOUND)
     assert sender == [None]
-    frames = switching.read_frames(3)
-    assert [(f.opcode, f.payload) for f in frames] == [
+    got = switching.read_frames(3)
+    assert [(f.opcode, f.payload) for f in got] == [
         (OPCODE_BINARY, b""), (OPCODE_PONG, b"p"), (OPCODE_BINARY, b"down")]
 
 
@@ -374,9 +367,9 @@ def test_a_malformed_control_message_is_invalid_data(resumable: Link) -> None:
 def test_a_fragmented_control_message_is_bad_hex() -> None:
     """We write every control message as one frame; split over two, it is text that is not hex."""
     for link in closing(make_link("client", resume=True)):  # the peer is a server: unmasked frames
-        first = protocol.frame_header(OPCODE_TEXT, 10)
+        first = frames.frame_header(OPCODE_TEXT, 10)
         link.peer.sendall(bytes([first[0] & 0x7F]) + first[1:] + b"tcpbridge:")  # FIN off
-        link.peer.sendall(protocol.frame_header(protocol.OPCODE_CONTINUATION, 5) + b"ack 1")
+        link.peer.sendall(frames.frame_header(frames.OPCODE_CONTINUATION, 5) + b"ack 1")
         with pytest.raises(ProtocolViolation) as raised:
             link.channel.receive()
         assert raised.value.code == 1007
@@ -401,12 +394,12 @@ def test_an_ack_with_the_lock_free_goes_at_once_and_none_after_our_close(resumab
     assert resumable.channel.send_close(1000, "", wait=BOUND)
     resumable.channel.queue_ack(resume.Ack(9))
     (close,) = resumable.read_frames(1)
-    assert close.opcode == protocol.OPCODE_CLOSE and resumable.nothing_more()
+    assert close.opcode == frames.OPCODE_CLOSE and resumable.nothing_more()
 
 
 def test_send_control_keeps_its_place_among_data(resumable: Link) -> None:
     resumable.channel.send_data(b"one")
     resumable.channel.send_control(resume.Resumed(123))
     resumable.channel.send_data(b"two")
-    frames = resumable.read_frames(3)
-    assert [bytes(f.payload) for f in frames] == [text(b"one"), b"tcpbridge:resumed 123", text(b"two")]
+    got = resumable.read_frames(3)
+    assert [bytes(f.payload) for f in got] == [text(b"one"), b"tcpbridge:resumed 123", text(b"two")]

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge import protocol
+from bridge import frames, protocol
 from bridge.protocol import (
     BRIDGE_PATH,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -386,34 +386,34 @@ def test_bridge_url_path_is_recognised_by_route_for_path() -> None:
 def test_mask_is_its_own_inverse_and_matches_the_pure_version(length: int) -> None:
     data = os.urandom(length)
     key = os.urandom(4)
-    masked = protocol.mask(data, key)
-    assert masked == protocol.mask_pure(data, key)
+    masked = frames.mask(data, key)
+    assert masked == frames.mask_pure(data, key)
     assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data[:1000])) + masked[1000:]
-    assert protocol.mask(masked, key) == data
+    assert frames.mask(masked, key) == data
 
 
 @pytest.mark.parametrize(("length", "header_length", "marker"), [
     (0, 2, 0), (125, 2, 125), (126, 4, 126), (65535, 4, 126), (65536, 10, 127)])
 def test_frame_header_uses_the_shortest_length_form(length: int, header_length: int, marker: int) -> None:
-    plain = protocol.frame_header(protocol.OPCODE_TEXT, length)
+    plain = frames.frame_header(frames.OPCODE_TEXT, length)
     assert len(plain) == header_length
     assert plain[0] == 0x81 and plain[1] == marker
-    masked = protocol.frame_header(protocol.OPCODE_TEXT, length, b"abcd")
+    masked = frames.frame_header(frames.OPCODE_TEXT, length, b"abcd")
     assert masked[1] == 0x80 | marker and masked.endswith(b"abcd") and len(masked) == header_length + 4
 
 
 @pytest.mark.parametrize("length", [0, 1, 5, 125, 126, 70000])
 def test_frame_parser_unmasks_client_frames_fed_in_any_pieces(length: int) -> None:
     key, data = os.urandom(4), os.urandom(length)
-    wire = protocol.frame_header(protocol.OPCODE_BINARY, length, key) + protocol.mask(data, key)
+    wire = frames.frame_header(frames.OPCODE_BINARY, length, key) + frames.mask(data, key)
     for size in (1, 3, 7, 333, 4096, len(wire)):
-        parser = protocol.FrameParser(1 << 20, masked=True)
-        frames = []
+        parser = frames.FrameParser(1 << 20, masked=True)
+        got = []
         for start in range(0, len(wire), size):
             parser.feed(wire[start:start + size])
             while (frame := parser.next_frame()) is not None:
-                frames.append(frame)
-        assert frames == [protocol.Frame(protocol.OPCODE_BINARY, True, data)]
+                got.append(frame)
+        assert got == [frames.Frame(frames.OPCODE_BINARY, True, data)]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["from a server", "from a client"])
@@ -421,10 +421,10 @@ def test_a_large_frame_is_read_into_its_own_buffer_and_the_next_frame_follows(ma
     """A large frame still arriving offers the rest of its payload as read space; whatever a read brings
     (short reads, a read that runs into the next frame through feed) gives the same frames."""
     key = os.urandom(4) if masked else b""
-    data, small = os.urandom(protocol.LARGE_PAYLOAD * 3 + 5), b"next"
-    wire = b"".join(protocol.frame_header(protocol.OPCODE_BINARY, len(payload), key)
-                    + (protocol.mask(payload, key) if key else payload) for payload in (data, small))
-    parser = protocol.FrameParser(1 << 20, masked=masked)
+    data, small = os.urandom(frames.LARGE_PAYLOAD * 3 + 5), b"next"
+    wire = b"".join(frames.frame_header(frames.OPCODE_BINARY, len(payload), key)
+                    + (frames.mask(payload, key) if key else payload) for payload in (data, small))
+    parser = frames.FrameParser(1 << 20, masked=masked)
     parser.feed(wire[:100])  # the header and the start of the payload
     assert parser.next_frame() is None
     head = len(wire) - len(small) - 2 - (4 if masked else 0) - len(data)  # the large frame's header
@@ -437,43 +437,43 @@ def test_a_large_frame_is_read_into_its_own_buffer_and_the_next_frame_follows(ma
         sent += read
         assert parser.next_frame() is None
     parser.feed(wire[sent:])  # the rest of the payload and the next frame in one read
-    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, data)
+    assert parser.next_frame() == frames.Frame(frames.OPCODE_BINARY, True, data)
     assert parser.payload_space() is None
-    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, small)
+    assert parser.next_frame() == frames.Frame(frames.OPCODE_BINARY, True, small)
     assert parser.next_frame() is None
 
 
 def test_a_large_frame_waits_for_its_mask_key_before_taking_its_own_buffer() -> None:
     """The 64-bit length arrives before the key: the payload may not start until the key is there."""
-    key, data = os.urandom(4), os.urandom(protocol.LARGE_PAYLOAD * 5)
-    wire = protocol.frame_header(protocol.OPCODE_BINARY, len(data), key) + protocol.mask(data, key)
-    parser = protocol.FrameParser(1 << 20, masked=True)
+    key, data = os.urandom(4), os.urandom(frames.LARGE_PAYLOAD * 5)
+    wire = frames.frame_header(frames.OPCODE_BINARY, len(data), key) + frames.mask(data, key)
+    parser = frames.FrameParser(1 << 20, masked=True)
     parser.feed(wire[:10])  # first two bytes and the length: no key yet
     assert parser.next_frame() is None and parser.payload_space() is None
     parser.feed(wire[10:])
-    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, data)
+    assert parser.next_frame() == frames.Frame(frames.OPCODE_BINARY, True, data)
 
 
 @pytest.mark.parametrize("length", [0, 5, 1023, 1024, 1027, 70001])
 def test_a_masked_frame_is_its_header_and_its_payload_masked(length: int) -> None:
     """Built in one buffer (large) or joined (small): the same bytes as the header plus the pure-Python mask."""
     key, payload = os.urandom(4), os.urandom(length)
-    expected = protocol.frame_header(protocol.OPCODE_BINARY, length, key) + protocol.mask_pure(payload, key)
-    assert bytes(protocol.masked_frame(protocol.OPCODE_BINARY, payload, key)) == expected
+    expected = frames.frame_header(frames.OPCODE_BINARY, length, key) + frames.mask_pure(payload, key)
+    assert bytes(frames.masked_frame(frames.OPCODE_BINARY, payload, key)) == expected
 
 
 def test_importing_the_frames_module_starts_no_blas_threads() -> None:
     """numpy's BLAS would start a spinning thread per CPU; the daemons only XOR."""
     pytest.importorskip("numpy")
-    count = "import os, bridge.protocol, numpy; print(len(os.listdir('/proc/self/task')))"
+    count = "import os, bridge.frames, numpy; print(len(os.listdir('/proc/self/task')))"
     result = subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, timeout=60,
                             env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")})
     assert result.stdout.strip() == "1", result.stderr
 
 
 def test_frame_parser_in_server_mode_refuses_an_unmasked_frame() -> None:
-    parser = protocol.FrameParser(1 << 20, masked=True)
-    parser.feed(protocol.frame_header(protocol.OPCODE_TEXT, 2) + b"ab")
+    parser = frames.FrameParser(1 << 20, masked=True)
+    parser.feed(frames.frame_header(frames.OPCODE_TEXT, 2) + b"ab")
     with pytest.raises(ProtocolViolation) as caught:
         parser.next_frame()
     assert caught.value.code == CloseCode.PROTOCOL_ERROR
@@ -578,26 +578,26 @@ def test_binary_messages_keep_the_size_limit() -> None:
 
 
 def server_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    return bytes([(0x80 if fin else 0) | opcode]) + protocol.frame_header(opcode, len(payload))[1:] + payload
+    return bytes([(0x80 if fin else 0) | opcode]) + frames.frame_header(opcode, len(payload))[1:] + payload
 
 
-def all_frames(parser: protocol.FrameParser) -> list[protocol.Frame]:
-    frames = []
+def all_frames(parser: frames.FrameParser) -> list[frames.Frame]:
+    got = []
     while (frame := parser.next_frame()) is not None:
-        frames.append(frame)
-    return frames
+        got.append(frame)
+    return got
 
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 200000])
 def test_frame_parser_reads_every_length_encoding_fed_a_byte_at_a_time_or_whole(length: int) -> None:
     payload = pattern(length)
-    wire = server_frame(protocol.OPCODE_BINARY, payload) + server_frame(protocol.OPCODE_TEXT, b"ab")
-    whole = protocol.FrameParser(1 << 20)
+    wire = server_frame(frames.OPCODE_BINARY, payload) + server_frame(frames.OPCODE_TEXT, b"ab")
+    whole = frames.FrameParser(1 << 20)
     whole.feed(wire)
-    expected = [protocol.Frame(protocol.OPCODE_BINARY, True, payload),
-                protocol.Frame(protocol.OPCODE_TEXT, True, b"ab")]
+    expected = [frames.Frame(frames.OPCODE_BINARY, True, payload),
+                frames.Frame(frames.OPCODE_TEXT, True, b"ab")]
     assert all_frames(whole) == expected
-    pieces = protocol.FrameParser(1 << 20)
+    pieces = frames.FrameParser(1 << 20)
     got = []
     step = 1 if length < 1000 else 997
     for start in range(0, len(wire), step):
@@ -607,17 +607,17 @@ def test_frame_parser_reads_every_length_encoding_fed_a_byte_at_a_time_or_whole(
 
 
 def test_frame_parser_keeps_fragments_and_control_frames_apart() -> None:
-    parser = protocol.FrameParser(1 << 20)
-    parser.feed(server_frame(protocol.OPCODE_TEXT, b"61", fin=False) + server_frame(protocol.OPCODE_PING, b"p")
-                + server_frame(protocol.OPCODE_CONTINUATION, b"62"))
+    parser = frames.FrameParser(1 << 20)
+    parser.feed(server_frame(frames.OPCODE_TEXT, b"61", fin=False) + server_frame(frames.OPCODE_PING, b"p")
+                + server_frame(frames.OPCODE_CONTINUATION, b"62"))
     assert [(f.opcode, f.fin, f.payload) for f in all_frames(parser)] == [
-        (protocol.OPCODE_TEXT, False, b"61"), (protocol.OPCODE_PING, True, b"p"),
-        (protocol.OPCODE_CONTINUATION, True, b"62")]
+        (frames.OPCODE_TEXT, False, b"61"), (frames.OPCODE_PING, True, b"p"),
+        (frames.OPCODE_CONTINUATION, True, b"62")]
 
 
 def test_frame_parser_compacts_its_buffer_over_many_frames() -> None:
-    parser = protocol.FrameParser(1 << 20)
-    frame = server_frame(protocol.OPCODE_BINARY, b"x" * 1000)
+    parser = frames.FrameParser(1 << 20)
+    frame = server_frame(frames.OPCODE_BINARY, b"x" * 1000)
     stream, step, got = frame * 900, 300 * len(frame) + 10, 0  # reads never end on a frame boundary
     for start in range(0, len(stream), step):
         parser.feed(stream[start:start + step])
@@ -636,7 +636,7 @@ def test_frame_parser_compacts_its_buffer_over_many_frames() -> None:
     (bytes([0x82, 127]) + (1 << 40).to_bytes(8, "big"), CloseCode.MESSAGE_TOO_BIG),  # refused by its header
 ])
 def test_frame_parser_refuses_malformed_frames(wire: bytes, code: CloseCode) -> None:
-    parser = protocol.FrameParser(GO_FRONTEND_MESSAGE_BYTES)
+    parser = frames.FrameParser(GO_FRONTEND_MESSAGE_BYTES)
     parser.feed(wire)
     with pytest.raises(ProtocolViolation) as caught:
         parser.next_frame()
@@ -644,10 +644,10 @@ def test_frame_parser_refuses_malformed_frames(wire: bytes, code: CloseCode) -> 
 
 
 def test_frame_parser_limit_is_the_declared_length() -> None:
-    parser = protocol.FrameParser(100)
-    parser.feed(server_frame(protocol.OPCODE_BINARY, b"x" * 100))
-    assert parser.next_frame() == protocol.Frame(protocol.OPCODE_BINARY, True, b"x" * 100)
-    parser.feed(server_frame(protocol.OPCODE_BINARY, b"x" * 101)[:4])  # the header alone is enough
+    parser = frames.FrameParser(100)
+    parser.feed(server_frame(frames.OPCODE_BINARY, b"x" * 100))
+    assert parser.next_frame() == frames.Frame(frames.OPCODE_BINARY, True, b"x" * 100)
+    parser.feed(server_frame(frames.OPCODE_BINARY, b"x" * 101)[:4])  # the header alone is enough
     with pytest.raises(ProtocolViolation) as caught:
         parser.next_frame()
     assert caught.value.code == CloseCode.MESSAGE_TOO_BIG

@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
-from bridge import protocol
-from bridge.protocol import FrameParser, ProtocolViolation
+from bridge import frames
+from bridge.frames import FrameParser
+from bridge.protocol import ProtocolViolation
 
 MAX_PAYLOAD = 1 << 20
 BOUNDED = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -39,104 +40,104 @@ class Wire(NamedTuple):
 @st.composite
 def frame_sequences(draw: st.DrawFn) -> list[Wire]:
     """Messages cut into fragments, with pings and pongs between fragments, ending with a close."""
-    frames: list[Wire] = []
+    wires: list[Wire] = []
     for _ in range(draw(st.integers(1, 4))):
         binary = draw(st.booleans())
         pieces = draw(st.lists(LENGTHS, min_size=1, max_size=4))
         for index, length in enumerate(pieces):
-            opcode = (protocol.OPCODE_BINARY if binary else protocol.OPCODE_TEXT) if index == 0 \
-                else protocol.OPCODE_CONTINUATION
+            opcode = (frames.OPCODE_BINARY if binary else frames.OPCODE_TEXT) if index == 0 \
+                else frames.OPCODE_CONTINUATION
             payload = os.urandom(length) if binary else b"a" * length  # ASCII: valid UTF-8 cut anywhere
-            frames.append(Wire(opcode, index == len(pieces) - 1, payload))
+            wires.append(Wire(opcode, index == len(pieces) - 1, payload))
             if draw(st.booleans()):
-                control = draw(st.sampled_from([protocol.OPCODE_PING, protocol.OPCODE_PONG]))
-                frames.append(Wire(control, True, os.urandom(draw(st.integers(0, 125)))))
-    frames.append(Wire(protocol.OPCODE_CLOSE, True, protocol.close_payload(1000, "bye")))
-    return frames
+                control = draw(st.sampled_from([frames.OPCODE_PING, frames.OPCODE_PONG]))
+                wires.append(Wire(control, True, os.urandom(draw(st.integers(0, 125)))))
+    wires.append(Wire(frames.OPCODE_CLOSE, True, frames.close_payload(1000, "bye")))
+    return wires
 
 
-def encode_with_wsproto(frames: list[Wire], *, client: bool) -> bytes:
+def encode_with_wsproto(wires: list[Wire], *, client: bool) -> bytes:
     sender = FrameProtocol(client=client, extensions=[])
     wire = bytearray()
     text = False  # the type of the message in progress (wsproto takes it from the first fragment's type)
-    for frame in frames:
-        if frame.opcode == protocol.OPCODE_PING:
+    for frame in wires:
+        if frame.opcode == frames.OPCODE_PING:
             wire += sender.ping(frame.payload)
-        elif frame.opcode == protocol.OPCODE_PONG:
+        elif frame.opcode == frames.OPCODE_PONG:
             wire += sender.pong(frame.payload)
-        elif frame.opcode == protocol.OPCODE_CLOSE:
-            code, reason = protocol.parse_close_payload(frame.payload)
+        elif frame.opcode == frames.OPCODE_CLOSE:
+            code, reason = frames.parse_close_payload(frame.payload)
             wire += sender.close(code, reason)
         else:
-            if frame.opcode != protocol.OPCODE_CONTINUATION:
-                text = frame.opcode == protocol.OPCODE_TEXT
+            if frame.opcode != frames.OPCODE_CONTINUATION:
+                text = frame.opcode == frames.OPCODE_TEXT
             wire += sender.send_data(frame.payload.decode("ascii") if text else frame.payload, frame.fin)
     return bytes(wire)
 
 
-def encode_ours(frames: list[Wire], *, client: bool) -> bytes:
+def encode_ours(wires: list[Wire], *, client: bool) -> bytes:
     """As our endpoints write: frame_header (FIN cleared for a fragment) and, from a client, masked."""
     wire = bytearray()
-    for frame in frames:
+    for frame in wires:
         key = os.urandom(4) if client else b""
-        head = bytearray(protocol.frame_header(frame.opcode, len(frame.payload), key))
+        head = bytearray(frames.frame_header(frame.opcode, len(frame.payload), key))
         if not frame.fin:
             head[0] &= 0x7F
-        wire += head + (protocol.mask(frame.payload, key) if client and frame.payload else frame.payload)
+        wire += head + (frames.mask(frame.payload, key) if client and frame.payload else frame.payload)
     return bytes(wire)
 
 
 def parse_ours(wire: bytes, *, masked: bool, cuts: list[int]) -> list[Wire]:
     parser = FrameParser(MAX_PAYLOAD, masked=masked)
-    frames: list[Wire] = []
+    wires: list[Wire] = []
     start = 0
     for cut in [*sorted(c % (len(wire) + 1) for c in cuts), len(wire)]:
         parser.feed(wire[start:max(start, cut)])
         start = max(start, cut)
         while (frame := parser.next_frame()) is not None:
-            frames.append(Wire(frame.opcode, frame.fin, bytes(frame.payload)))
-    return frames
+            wires.append(Wire(frame.opcode, frame.fin, bytes(frame.payload)))
+    return wires
 
 
 def parse_with_wsproto(wire: bytes, *, client: bool) -> list[Wire]:
     """wsproto's frames (its chunks of one frame joined; ``message_finished`` is the FIN bit)."""
     receiver = FrameProtocol(client=client, extensions=[])
     receiver.receive_bytes(wire)
-    frames: list[Wire] = []
+    wires: list[Wire] = []
     pending = b""
     in_message = False  # wsproto names a continuation frame by its message's opcode; the wire says 0
     for frame in receiver.received_frames():
         payload = frame.payload
         if frame.opcode is Opcode.CLOSE:
             code, reason = payload
-            payload = protocol.close_payload(int(code), reason or "")
+            payload = frames.close_payload(int(code), reason or "")
         elif isinstance(payload, str):
             payload = payload.encode("utf-8")
         pending += bytes(payload)
         if frame.frame_finished:
             data = frame.opcode in (Opcode.TEXT, Opcode.BINARY)
-            opcode = protocol.OPCODE_CONTINUATION if data and in_message else int(frame.opcode)
-            frames.append(Wire(opcode, frame.message_finished, pending))
+            opcode = frames.OPCODE_CONTINUATION if data and in_message else int(frame.opcode)
+            wires.append(Wire(opcode, frame.message_finished, pending))
             pending = b""
             if data:
                 in_message = not frame.message_finished
-    return frames
+    return wires
 
 
 @BOUNDED
 @given(frame_sequences(), st.booleans(), st.lists(st.integers(0, 1 << 20), max_size=8))
-def test_what_wsproto_encodes_we_parse_to_the_same_frames(frames: list[Wire], from_client: bool,
+def test_what_wsproto_encodes_we_parse_to_the_same_frames(wires: list[Wire], from_client: bool,
                                                           cuts: list[int]) -> None:
-    wire = encode_with_wsproto(frames, client=from_client)
-    assert parse_ours(wire, masked=from_client, cuts=cuts) == frames
+    wire = encode_with_wsproto(wires, client=from_client)
+    assert parse_ours(wire, masked=from_client, cuts=cuts) == wires
 
 
 @BOUNDED
 @given(frame_sequences(), st.booleans())
-def test_what_we_encode_wsproto_parses_to_the_same_frames(frames: list[Wire], from_client: bool) -> None:
-    wire = encode_ours(frames, client=from_client)
+def test_what_we_encode_wsproto_parses_to_the_same_frames(wires: list[Wire], from_client: bool) -> None:
+    wire = encode_ours(wires, client=from_client)
     # wsproto hands a fragmented text message out as str pieces; ASCII payloads keep their bytes.
-    assert parse_with_wsproto(wire, client=not from_client) == frames
+    assert parse_with_wsproto(wire, client=not from_client) == wires
 
 
 def wsproto_refuses(wire: bytes, *, from_client: bool) -> bool:
@@ -167,8 +168,8 @@ def mutated_headers(draw: st.DrawFn) -> tuple[bytes, bool]:
     from_client = draw(st.booleans())
     opcode = draw(st.sampled_from([0x0, 0x1, 0x2, 0x8, 0x9, 0xA]))
     length = draw(st.sampled_from([0, 5, 125, 126, 300, 65536]))
-    payload = b"a" * length if opcode != protocol.OPCODE_CLOSE or length == 0 else \
-        protocol.close_payload(1000, "") + b"a" * (length - 2)
+    payload = b"a" * length if opcode != frames.OPCODE_CLOSE or length == 0 else \
+        frames.close_payload(1000, "") + b"a" * (length - 2)
     wire = bytearray(encode_ours([Wire(opcode, True, payload)], client=from_client))
     wire[0] ^= draw(st.integers(0, 255))
     wire[1] ^= draw(st.sampled_from([0, 0x80, 0x7F, 0x7E, 0x01, 0xFF]))
@@ -186,7 +187,7 @@ def test_every_frame_header_wsproto_refuses_we_refuse(case: tuple[bytes, bool]) 
     first = first_frame(wire, from_client)  # a shortened length leaves the rest to parse as another frame
     if not wsproto_refuses(first, from_client=from_client):
         return
-    if first[0] & 0x0F == protocol.OPCODE_CONTINUATION and first[0] & 0x70 == 0:
+    if first[0] & 0x0F == frames.OPCODE_CONTINUATION and first[0] & 0x70 == 0:
         return  # a continuation with no message begun: sequencing is the endpoint's (Endpoint.receive)
     assert _refused_for_its_payload(first, from_client), f"wsproto refuses {first[:12].hex()}, we do not"
 
@@ -205,16 +206,16 @@ def _refused_for_its_payload(wire: bytes, from_client: bool) -> bool:
     (our text frames are hex, checked by the decoder) or a close frame's code and reason (checked by
     :func:`bridge.endpoint.closed`). Decided by asking wsproto again with a harmless payload."""
     opcode, masked, length = wire[0] & 0x0F, bool(wire[1] & 0x80), wire[1] & 0x7F
-    if opcode not in (protocol.OPCODE_TEXT, protocol.OPCODE_CLOSE) or length >= 126:
+    if opcode not in (frames.OPCODE_TEXT, frames.OPCODE_CLOSE) or length >= 126:
         return False
     head = 2 + (4 if masked else 0)
     present = min(length, max(0, len(wire) - head))  # a frame cut short: wsproto checks what came
-    harmless = b"a" * present if opcode == protocol.OPCODE_TEXT else \
-        (protocol.close_payload(1000, "") + b"a" * (present - 2) if present >= 2 else b"")
+    harmless = b"a" * present if opcode == frames.OPCODE_TEXT else \
+        (frames.close_payload(1000, "") + b"a" * (present - 2) if present >= 2 else b"")
     if len(harmless) != present or len(wire) < head:
         return False
     if masked and harmless:
-        harmless = protocol.mask(harmless, wire[2:6])
+        harmless = frames.mask(harmless, wire[2:6])
     return not wsproto_refuses(wire[:head] + harmless, from_client=from_client)
 
 

@@ -22,9 +22,10 @@ import pytest
 from bridge import resume
 from bridge.config import TunnelOptions
 from bridge.endpoint import Closed, Endpoint
+from bridge.frames import close_payload
 from bridge.frontend import ClientEndpoint
 from bridge.outcome import Kind, Outcome
-from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation, close_payload
+from bridge.protocol import DEFAULT_MAX_MESSAGE_BYTES, ProtocolViolation
 from bridge.registry import TunnelRegistry
 from bridge.resume import Ack, Consent
 from bridge.server_end import ServerEndpoint
