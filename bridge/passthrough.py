@@ -16,8 +16,16 @@ module is that reverse proxy, run on the connection thread that read the request
   buffered whole: ``Content-Length`` bodies are copied, chunked ones re-chunked
   (trailers kept); a request body is sent by a second thread while this one
   reads the answer, so an origin that answers while it reads cannot deadlock;
+* each exchange with the origin is framed by h11 in the client role
+  (:class:`_OriginExchange`): the request it sends, and the answer it reads,
+  with its 1xx answers, chunked bodies, trailers, bodies that end at the close,
+  and whether the connection may carry another; an answer h11 cannot frame is
+  a 502 (a cut connection once its head went out). The request's body is still
+  framed here (chunked decoding in :func:`_chunks`), on the front door's reader;
 * connections to the origin are kept alive and reused through a small
-  per-listener :class:`OriginPool`;
+  per-listener :class:`OriginPool`. It is ours: urllib3's pool (the well-kept
+  one) hands out ``http.client`` connections that parse answers themselves and
+  cannot send a body while an early answer is read, and h11 keeps no sockets;
 * an ``Upgrade`` request (a notebook's kernel websocket) goes to the origin too,
   and after the origin's 101 the two sockets are spliced, bytes as-is, by the
   tunnels' own pump (:class:`~bridge.tunnel.Tunnel`, with the origin's connection
@@ -34,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
 import logging
 import re
 import select
@@ -42,15 +49,17 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from io import BufferedIOBase
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
+import h11
+
+from bridge import http1
 from bridge.config import Address, TunnelOptions
 from bridge.handshake import header_tokens
-from bridge.http1 import Headers as RequestHeaders
 from bridge.raw_endpoint import RawEndpoint
 from bridge.registry import TunnelRegistry
 from bridge.sockets import describe_error
@@ -93,7 +102,7 @@ class Client(Protocol):
     command: str
     path: str
     request_version: str
-    headers: RequestHeaders
+    headers: http1.Headers
     close_connection: bool
 
     @property
@@ -138,19 +147,13 @@ def origin_of(url: str) -> Address:
 
 @dataclass
 class OriginConnection:
-    """One connection to an origin, with its buffered reader."""
+    """One connection to an origin (each exchange on it is framed by its own :class:`_OriginExchange`)."""
 
     origin: Address
     sock: socket.socket
-    rfile: BufferedIOBase = field(init=False)
     idle_since: float = 0.0
 
-    def __post_init__(self) -> None:
-        self.rfile = cast(BufferedIOBase, self.sock.makefile("rb", buffering=PIECE))
-
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.rfile.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -230,13 +233,77 @@ class OriginPool:
             conn.close()
 
 
+class _OriginExchange:
+    """One request and its answer on an origin connection, framed by h11 in the client role.
+
+    The request body is sent by :class:`_BodySender` while this side reads the answer, so every h11
+    call is made under one lock, which is never held while waiting on the socket.
+    """
+
+    def __init__(self, conn: OriginConnection) -> None:
+        self.conn = conn
+        self._http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_LINE)
+        self._lock = threading.Lock()
+        #: Whether any byte of an answer arrived (a connection closed before that may be retried).
+        self.answered = False
+
+    def send(self, event: h11.Event) -> None:
+        """Send ``event``: OSError if the connection fails, h11.LocalProtocolError if it cannot be framed."""
+        with self._lock:
+            data = self._http.send(event)
+        if data:
+            self.conn.sock.sendall(data)
+
+    def next_event(self) -> h11.Event:
+        """The origin's next event (reading as needed): OSError (TimeoutError after :data:`ORIGIN_TIMEOUT`)
+        if the connection fails, h11.RemoteProtocolError if what it sent is not HTTP/1.1."""
+        while True:
+            with self._lock:
+                event = self._http.next_event()
+            if event is h11.PAUSED:
+                raise h11.RemoteProtocolError("bytes after the answer")
+            if event is not h11.NEED_DATA:
+                return cast(h11.Event, event)
+            data = self.conn.sock.recv(PIECE)
+            self.answered = self.answered or bool(data)
+            with self._lock:
+                self._http.receive_data(data)
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the exchange is complete on both sides and the connection may carry another."""
+        with self._lock:
+            return (self._http.our_state is h11.DONE and self._http.their_state is h11.DONE
+                    and not self._http.trailing_data[0])
+
+    def after_switch(self) -> bytes:
+        """After the origin's 101: what it sent past the answer's head."""
+        with self._lock:
+            return bytes(self._http.trailing_data[0])
+
+
+def _fields(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Header fields as h11 takes them: the bytes as they came (ISO-8859-1)."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+def _response(event: h11.Response | h11.InformationalResponse) -> _Response:
+    status = event.status_code
+    reason = event.reason.decode("latin-1").strip()
+    if not reason:
+        with contextlib.suppress(ValueError):
+            reason = HTTPStatus(status).phrase
+    fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers.raw_items()]
+    return _Response(f"HTTP/{event.http_version.decode('ascii')}", status, reason, http1.Headers(fields))
+
+
 # ---------------------------------------------------------------------------
 # Message framing
 
 
 @dataclass
 class _Framing:
-    """How a body is delimited: ``kind`` is "none", "length", "chunked" or "close" (until EOF)."""
+    """How a request body is delimited: ``kind`` is "none", "length" or "chunked"."""
 
     kind: str
     length: int = 0
@@ -333,18 +400,11 @@ def _counted(rfile: BufferedIOBase, length: int) -> Iterator[bytes]:
         yield data
 
 
-def _until_eof(rfile: BufferedIOBase) -> Iterator[bytes]:
-    while data := rfile.read1(PIECE):
-        yield data
-
-
 def _body(rfile: BufferedIOBase, framing: _Framing, trailers: Headers) -> Iterator[bytes]:
     if framing.kind == "length":
         return _counted(rfile, framing.length)
     if framing.kind == "chunked":
         return _chunks(rfile, trailers)
-    if framing.kind == "close":
-        return _until_eof(rfile)
     return iter(())
 
 
@@ -378,17 +438,16 @@ class _Response:
     version: str
     status: int
     reason: str
-    headers: http.client.HTTPMessage
+    headers: http1.Headers
 
 
 class _BodySender:
     """Copies the request body from the client to the origin on its own thread."""
 
-    def __init__(self, source: Iterator[bytes], chunked: bool, trailers: Headers, conn: OriginConnection) -> None:
+    def __init__(self, source: Iterator[bytes], trailers: Headers, exchange: _OriginExchange) -> None:
         self._source = source
-        self._chunked = chunked
         self._trailers = trailers
-        self._conn = conn
+        self._exchange = exchange
         self.complete = False
         self.client_error: str | None = None
         self.origin_error: str | None = None
@@ -402,16 +461,18 @@ class _BodySender:
                     data = next(self._source, None)
                 except (OSError, ValueError, EOFError) as exc:
                     self.client_error = str(exc) or type(exc).__name__
-                    self._conn.abort()  # the origin must not take a cut body for a whole one
+                    self._exchange.conn.abort()  # the origin must not take a cut body for a whole one
                     return
                 if data is None:
                     break
-                self._conn.sock.sendall(_chunk(data) if self._chunked else data)
-            if self._chunked:
-                self._conn.sock.sendall(_last_chunk(self._trailers))
+                self._exchange.send(h11.Data(data=data))
+            self._exchange.send(h11.EndOfMessage(headers=_fields(self._trailers)))
             self.complete = True
         except OSError as exc:
             self.origin_error = describe_error(exc)
+        except h11.LocalProtocolError as exc:
+            self.origin_error = str(exc)
+            self._exchange.conn.abort()
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -470,7 +531,7 @@ class Exchange:
         values = headers.get_all("Upgrade") or []
         return _clean(", ".join(values)) or None
 
-    def _request_head(self, framing: _Framing, upgrade: str | None) -> bytes:
+    def _request(self, framing: _Framing, upgrade: str | None) -> h11.Request:
         handler = self.handler
         incoming = list(handler.headers.items())
         drop = {"content-length", "x-forwarded-for"}
@@ -497,59 +558,13 @@ class Exchange:
             headers.append(("Transfer-Encoding", "chunked"))
         if upgrade:
             headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
-        return _head(f"{handler.command} {self._target()} HTTP/1.1", headers)
+        try:
+            return h11.Request(method=handler.command.encode("ascii"), target=self._target().encode("latin-1"),
+                               headers=_fields(headers))
+        except h11.LocalProtocolError as exc:
+            raise PassthroughError(HTTPStatus.BAD_REQUEST, f"cannot be passed on: {exc}") from None
 
     # -- the answer ---------------------------------------------------------
-
-    def _read_response(self, conn: OriginConnection) -> _Response:
-        """The origin's next response head; _NoAnswer if it closed before its first byte."""
-        try:
-            line = _read_line(conn.rfile, "status line")
-        except TimeoutError:
-            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT,
-                                   f"no answer within {ORIGIN_TIMEOUT:g} s") from None
-        except OSError as exc:
-            raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
-        except ValueError as exc:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
-        if not line:
-            raise _NoAnswer(HTTPStatus.BAD_GATEWAY, "closed the connection without answering")
-        text = line.decode("latin-1").rstrip("\r\n")
-        version, _, rest = text.partition(" ")
-        status_text, _, reason = rest.partition(" ")
-        if version not in ("HTTP/1.1", "HTTP/1.0") or not (len(status_text) == 3 and status_text.isdigit()):
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"not an HTTP/1.x answer: {text[:60]!r}")
-        try:
-            headers = http.client.parse_headers(conn.rfile)
-        except (http.client.HTTPException, ValueError) as exc:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer headers: {exc}") from None
-        except TimeoutError:
-            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"answer stalled for {ORIGIN_TIMEOUT:g} s") from None
-        except OSError as exc:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
-        status = int(status_text)
-        reason = reason.strip()
-        if not reason:
-            with contextlib.suppress(ValueError):
-                reason = HTTPStatus(status).phrase
-        return _Response(version, status, reason, headers)
-
-    def _response_framing(self, response: _Response) -> _Framing:
-        status = response.status
-        if self.handler.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            return _Framing("none")
-        codings = header_tokens(response.headers.get_all("Transfer-Encoding") or [])
-        if codings:
-            return _Framing("chunked") if codings[-1] == "chunked" else _Framing("close")
-        lengths = response.headers.get_all("Content-Length")
-        if lengths:
-            try:
-                length = _content_length(lengths)
-            except ValueError as exc:
-                raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
-            assert length is not None
-            return _Framing("length", length)
-        return _Framing("close")
 
     def _send_to_client(self, data: bytes) -> None:
         try:
@@ -569,7 +584,7 @@ class Exchange:
                 raise PassthroughError(HTTPStatus.NOT_IMPLEMENTED, "CONNECT is not passed through")
             framing = self._request_framing()
             upgrade = self._upgrade()
-            head = self._request_head(framing, upgrade)
+            request = self._request(framing, upgrade)
         except PassthroughError as exc:
             handler.close_connection = True
             self._refuse(exc, log_level=logging.INFO)
@@ -577,7 +592,7 @@ class Exchange:
             return
         conn: OriginConnection | None = None
         try:
-            conn = self._exchange(head, framing, upgrade)
+            conn = self._exchange(request, framing, upgrade)
         except PassthroughError as exc:
             if self.answered:
                 log.warning("listener %s: passthrough %s %s to %s cut short: %s", self.listener, handler.command,
@@ -624,23 +639,25 @@ class Exchange:
                     break
                 left -= len(data)
 
-    def _exchange(self, head: bytes, framing: _Framing, upgrade: str | None) -> OriginConnection | None:
+    def _exchange(self, request: h11.Request, framing: _Framing, upgrade: str | None) -> OriginConnection | None:
         """Run the exchange; return the origin connection if it must be closed, None if it went back to the pool."""
         handler = self.handler
         replayable = handler.command in REPLAYABLE and framing.kind == "none"
         for attempt in range(2):  # one retry: a reused connection the origin had just closed
             conn, reused = self.pool.acquire(self.origin, self.options.connect_timeout)
+            exchange = _OriginExchange(conn)
             sender: _BodySender | None = None
             try:
                 try:
-                    conn.sock.sendall(head)
+                    exchange.send(request)
+                    if framing.kind == "none":
+                        exchange.send(h11.EndOfMessage())
                 except OSError as exc:
                     raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
                 if framing.kind != "none":
                     trailers: Headers = []
-                    sender = self.sender = _BodySender(_body(self.rfile, framing, trailers),
-                                                       framing.kind == "chunked", trailers, conn)
-                response = self._final_response(conn, upgrade, sender)
+                    sender = self.sender = _BodySender(_body(self.rfile, framing, trailers), trailers, exchange)
+                response = self._final_response(exchange, upgrade, sender)
             except _NoAnswer:
                 conn.close()
                 if sender is not None:
@@ -656,40 +673,63 @@ class Exchange:
                     sender.join(BODY_GRACE_SECONDS)
                 conn.close()
                 raise
-            return self._answer(conn, response, sender, upgrade)
+            return self._answer(exchange, response, sender, upgrade)
         raise AssertionError("unreachable")
 
-    def _final_response(self, conn: OriginConnection, upgrade: str | None, sender: _BodySender | None) -> _Response:
+    def _final_response(self, exchange: _OriginExchange, upgrade: str | None,
+                        sender: _BodySender | None) -> _Response:
         """Read past informational answers (forwarding 1xx but 100 to HTTP/1.1 clients) to the real one."""
         for _ in range(MAX_INFORMATIONAL):
             try:
-                response = self._read_response(conn)
+                event = self._answer_head(exchange)
             except PassthroughError:
                 if sender is not None and sender.client_error is not None:
                     raise _ClientGone(sender.client_error) from None
                 raise
-            if response.status >= 200 or response.status == 101:
+            response = _response(event)
+            if isinstance(event, h11.Response) or response.status == 101:
                 return response
             if response.status != 100 and self.handler.request_version == "HTTP/1.1":
-                headers = _end_to_end(list(response.headers.items()), set())
+                headers = _end_to_end(response.headers.items(), set())
                 self._send_to_client(_head(f"HTTP/1.1 {response.status} {response.reason}", headers))
         raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"more than {MAX_INFORMATIONAL} informational answers")
 
-    def _answer(self, conn: OriginConnection, response: _Response, sender: _BodySender | None,
+    @staticmethod
+    def _answer_head(exchange: _OriginExchange) -> h11.Response | h11.InformationalResponse:
+        """The origin's next answer head; _NoAnswer if it closed or failed before its first byte."""
+        try:
+            event = exchange.next_event()
+        except TimeoutError:
+            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {ORIGIN_TIMEOUT:g} s") from None
+        except OSError as exc:
+            error = _NoAnswer if not exchange.answered else PassthroughError
+            raise error(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
+        except h11.RemoteProtocolError as exc:
+            if not exchange.answered:
+                raise _NoAnswer(HTTPStatus.BAD_GATEWAY, "closed the connection without answering") from None
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
+        if not isinstance(event, (h11.Response, h11.InformationalResponse)):
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {type(event).__name__} before its head")
+        return event
+
+    def _answer(self, exchange: _OriginExchange, response: _Response, sender: _BodySender | None,
                 upgrade: str | None) -> OriginConnection | None:
         handler = self.handler
+        conn = exchange.conn
         if response.status == 101:
-            return self._switch(conn, response, sender, upgrade)
-        framing = self._response_framing(response)
-        headers = _end_to_end(list(response.headers.items()), {"content-length"})
-        to_client = framing.kind
-        if framing.kind == "length" or (framing.kind == "none" and response.status != 204):
-            for value in response.headers.get_all("Content-Length") or []:
+            return self._switch(exchange, response, sender, upgrade)
+        has_body = not (handler.command == "HEAD" or response.status in (204, 304))
+        lengths = response.headers.get_all("Content-Length")
+        delimited = bool(lengths) and not response.headers.get_all("Transfer-Encoding")
+        headers = _end_to_end(response.headers.items(), {"content-length"})
+        to_client = "none" if not has_body else "length" if delimited else "stream"
+        if to_client == "length" or (to_client == "none" and response.status != 204):
+            for value in lengths:
                 headers.append(("Content-Length", _clean(value)))
                 break
         if handler.request_version != "HTTP/1.1":
             handler.close_connection = True
-        if framing.kind in ("chunked", "close"):
+        if to_client == "stream":  # chunked or until the origin closes: chunked to HTTP/1.1 clients
             if handler.request_version == "HTTP/1.1":
                 headers.append(("Transfer-Encoding", "chunked"))
                 to_client = "chunked"
@@ -699,22 +739,11 @@ class Exchange:
         if handler.close_connection:
             headers.append(("Connection", "close"))
         self._send_to_client(_head(f"HTTP/1.1 {response.status} {response.reason}", headers))
-        trailers: Headers = []
-        try:
-            for data in _body(conn.rfile, framing, trailers):
-                self._send_to_client(_chunk(data) if to_client == "chunked" else data)
-        except TimeoutError:
-            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"body stalled for {ORIGIN_TIMEOUT:g} s") from None
-        except (OSError, ValueError, EOFError) as exc:
-            if sender is not None and sender.client_error is not None:
-                raise _ClientGone(sender.client_error) from None
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"answer body failed: {exc}") from None
+        trailers = self._pass_body(exchange, sender, chunked=to_client == "chunked")
         if to_client == "chunked":
             self._send_to_client(_last_chunk(trailers))
         log.debug("listener %s: passthrough %s %s %s -> %d", self.listener, self._peer(), handler.command,
                   self._path(), response.status)
-        reusable = (framing.kind != "close" and response.version == "HTTP/1.1"
-                    and "close" not in header_tokens(response.headers.get_all("Connection") or []))
         if sender is not None and not sender.join(BODY_GRACE_SECONDS):
             # The origin answered without reading the whole body: drop both connections.
             handler.close_connection = True
@@ -726,27 +755,49 @@ class Exchange:
             handler.close_connection = True
             self._drop_request_body()
             return conn
-        if reusable:
+        if exchange.reusable:
             self.pool.release(conn)
             return None
         return conn
 
-    def _switch(self, conn: OriginConnection, response: _Response, sender: _BodySender | None,
+    def _pass_body(self, exchange: _OriginExchange, sender: _BodySender | None, *, chunked: bool) -> Headers:
+        """Copy the answer's body to the client (as chunks if ``chunked``); return its trailers."""
+        try:
+            while True:
+                event = exchange.next_event()
+                if isinstance(event, h11.Data):
+                    data = bytes(event.data)
+                    self._send_to_client(_chunk(data) if chunked else data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return [(name, value) for name, value in
+                            ((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items())
+                            if name.lower() not in NOT_IN_TRAILERS]
+                else:
+                    raise h11.RemoteProtocolError(f"{type(event).__name__} inside the answer's body")
+        except TimeoutError:
+            raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"body stalled for {ORIGIN_TIMEOUT:g} s") from None
+        except (OSError, h11.RemoteProtocolError) as exc:
+            if sender is not None and sender.client_error is not None:
+                raise _ClientGone(sender.client_error) from None
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"answer body failed: {exc}") from None
+
+    def _switch(self, exchange: _OriginExchange, response: _Response, sender: _BodySender | None,
                 upgrade: str | None) -> OriginConnection:
         """The origin switched protocols: pass its 101 on and splice the two connections."""
         handler = self.handler
-        offered = _clean(", ".join(response.headers.get_all("Upgrade") or []))
+        conn = exchange.conn
+        offered = _clean(", ".join(response.headers.get_all("Upgrade")))
         if upgrade is None or offered.lower() != upgrade.lower():
             raise PassthroughError(HTTPStatus.BAD_GATEWAY,
                                    f"switched protocols to {offered!r} when {upgrade!r} was asked for")
         if sender is not None and not (sender.join(BODY_GRACE_SECONDS) and sender.complete):
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, "switched protocols before reading the request body")
-        headers = _end_to_end(list(response.headers.items()), set())
+        headers = _end_to_end(response.headers.items(), set())
         headers += [("Connection", "Upgrade"), ("Upgrade", offered)]
         self._send_to_client(_head(f"HTTP/1.1 101 {response.reason}", headers))
         handler.close_connection = True
         from_client = _take_buffered(self.rfile, self.client_sock)
-        from_origin = _take_buffered(conn.rfile, conn.sock)
+        from_origin = exchange.after_switch()
         for sock in (self.client_sock, conn.sock):
             sock.settimeout(None)  # the pump's own timeouts apply from now on
         try:

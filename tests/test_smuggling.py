@@ -12,7 +12,7 @@ import pytest
 
 from bridge import protocol
 from tests.gopeer import read_http_body, read_http_head
-from tests.helpers import Daemon, TcpServer, backend, echo_handler, free_port, write_yaml
+from tests.helpers import Daemon, TcpServer, backend, echo_handler, free_port, recv_all, write_yaml
 
 BRIDGE_PATH = protocol.BRIDGE_PATH
 UPGRADE = (f"GET {BRIDGE_PATH}/default HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -149,3 +149,64 @@ def test_the_well_formed_request_in_the_table_passes(listener: tuple[Daemon, int
     while b"hello" not in (seen := origin.received) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert bytes(seen).startswith(b"POST /a HTTP/1.1\r\n") and bytes(seen).endswith(b"hello")
+
+
+ANSWERS = {
+    "conflicting Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    "Content-Length not a number": b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nab",
+    "a transfer coding other than chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nab",
+    "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+}
+
+
+def serve_once(tmp_path_factory: pytest.TempPathFactory, answer: bytes) -> tuple[Daemon, int, TcpServer]:
+    """A backend whose passthrough origin answers every request with ``answer``, then waits."""
+    def reply(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(answer)
+        time.sleep(0.5)
+
+    origin = TcpServer(reply)
+    port = free_port()
+    config = write_yaml(tmp_path_factory.mktemp("answers"), "backend.yaml", {"listeners": [{
+        "name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": "127.0.0.1:9"},
+        "passthrough": f"http://127.0.0.1:{origin.port}"}]})
+    return backend(config, "--log-level", "debug").wait_ready(), port, origin
+
+
+@pytest.mark.parametrize("case", ANSWERS)
+def test_an_answer_head_the_origin_frames_ambiguously_is_a_502(tmp_path_factory: pytest.TempPathFactory,
+                                                               case: str) -> None:
+    """The other direction of a desync: h11 frames the origin's answer, and one it cannot frame never
+    reaches the client."""
+    daemon, port, origin = serve_once(tmp_path_factory, ANSWERS[case])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+            buffer = bytearray()
+            head = read_http_head(sock, buffer)
+            body = read_http_body(sock, head, buffer)
+            assert head.status == 502, (head.status, body)
+            assert b"bad answer" in body
+    finally:
+        daemon.stop()
+        origin.close()
+
+
+def test_a_body_the_origin_frames_badly_is_cut_short_never_completed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Once the head went out, a malformed chunk can only end the client's connection: its chunked body
+    never gets the last chunk, so no client takes it for a whole answer."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nzz\r\ncd\r\n0\r\n\r\n"
+    daemon, port, origin = serve_once(tmp_path_factory, answer)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+            buffer = bytearray()
+            head = read_http_head(sock, buffer)
+            rest = bytes(buffer) + recv_all(sock, timeout=10)
+        assert head.status == 200 and head.get("Transfer-Encoding") == "chunked"
+        assert rest == b"2\r\nab\r\n"  # the good chunk, then the end of the connection: no last chunk
+        assert daemon.wait_for_log("answer body failed")
+    finally:
+        daemon.stop()
+        origin.close()
