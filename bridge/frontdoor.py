@@ -131,7 +131,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
     def setup(self) -> None:
         super().setup()
         # What the request being served says; the log lines and refusals read them before it is parsed.
-        self.command, self.path, self.request_version = "", "", "HTTP/1.1"
+        self.command, self.path, self.request_version, self.request_head = "", "", "HTTP/1.1", b""
         self.headers = http1.Headers()
         self.close_connection = True
 
@@ -166,6 +166,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
         if request is None:
             return
         self.command, self.path, self.request_version = request.method, request.target, request.version
+        self.request_head = request.head
         self.headers = request.headers
         self.close_connection = not request.keep_alive
         if request.expects_continue:

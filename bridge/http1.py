@@ -73,6 +73,8 @@ class Request:
     target: str
     version: str
     headers: Headers
+    #: The head as it arrived, through its empty line.
+    head: bytes = b""
 
     @property
     def keep_alive(self) -> bool:
@@ -130,7 +132,8 @@ def parse_head(head: bytes) -> Request:
     if not version.startswith("1."):
         raise RequestError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{version} is not supported")
     fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers.raw_items()]
-    return Request(event.method.decode("ascii"), event.target.decode("latin-1"), f"HTTP/{version}", Headers(fields))
+    return Request(event.method.decode("ascii"), event.target.decode("latin-1"), f"HTTP/{version}", Headers(fields),
+                   head)
 
 
 def answer(status: HTTPStatus, headers: list[tuple[str, str]], body: bytes = b"", *, server: str) -> bytes:

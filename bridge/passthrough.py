@@ -20,8 +20,9 @@ module is that reverse proxy, run on the connection thread that read the request
   (:class:`_OriginExchange`): the request it sends, and the answer it reads,
   with its 1xx answers, chunked bodies, trailers, bodies that end at the close,
   and whether the connection may carry another; an answer h11 cannot frame is
-  a 502 (a cut connection once its head went out). The request's body is still
-  framed here (chunked decoding in :func:`_chunks`), on the front door's reader;
+  a 502 (a cut connection once its head went out). The request's body is framed
+  by h11 too (server role, :class:`_RequestBody`), read from the front door's
+  reader no further than its end;
 * connections to the origin are kept alive and reused through a small
   per-listener :class:`OriginPool`. It is ours: urllib3's pool (the well-kept
   one) hands out ``http.client`` connections that parse answers themselves and
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import re
 import select
@@ -77,9 +79,8 @@ ORIGIN_TIMEOUT = 300.0
 #: Idle connections kept per origin, and how long one may idle before it is closed instead of reused.
 POOL_SIZE = 8
 POOL_IDLE_SECONDS = 30.0
-#: Limits on what an origin (or a chunked request) may send us outside bodies.
+#: Limit on what an origin (or a chunked request) may send us outside bodies: a head, a chunk line, trailers.
 MAX_LINE = 64 * 1024
-MAX_TRAILER_LINES = 100
 MAX_INFORMATIONAL = 16
 #: After the answer, how long a request body still being sent may take before the connection is dropped.
 BODY_GRACE_SECONDS = 2.0
@@ -102,6 +103,8 @@ class Client(Protocol):
     command: str
     path: str
     request_version: str
+    #: The request's head as it arrived, through its empty line.
+    request_head: bytes
     headers: http1.Headers
     close_connection: bool
 
@@ -343,69 +346,51 @@ def _head(start_line: str, headers: Headers) -> bytes:
     return "\r\n".join(lines).encode("latin-1", "replace")
 
 
-def _read_line(rfile: BufferedIOBase, what: str) -> bytes:
-    line = rfile.readline(MAX_LINE + 1)
-    if len(line) > MAX_LINE:
-        raise ValueError(f"{what} longer than {MAX_LINE} bytes")
-    return line
+class _RequestBody:
+    """A request's body from the front door's reader, framed by h11 (server role) and read no further than
+    its end, so what follows it there (a pipelined request) stays for the front door.
 
-
-def _read_trailers(rfile: BufferedIOBase) -> Headers:
-    """The trailer section after a last chunk, up to its empty line (bounded in lines and bytes)."""
-    trailers: Headers = []
-    for _ in range(MAX_TRAILER_LINES + 1):
-        line = _read_line(rfile, "trailer line")
-        if not line:
-            raise EOFError("connection closed inside the trailer section")
-        if line in (b"\r\n", b"\n"):
-            return trailers
-        name, sep, value = line.decode("latin-1").partition(":")
-        if sep and TOKEN.fullmatch(name) and name.lower() not in NOT_IN_TRAILERS:
-            trailers.append((name, value.strip()))
-    raise ValueError(f"more than {MAX_TRAILER_LINES} trailer lines")
-
-
-def _chunks(rfile: BufferedIOBase, trailers: Headers) -> Iterator[bytes]:
-    """Decode a chunked body from ``rfile`` in pieces of at most :data:`PIECE`; fill ``trailers`` at the end.
-
-    Raises ValueError for malformed framing and EOFError for a body cut short.
+    :meth:`pieces` raises EOFError for a body cut short and ValueError for malformed framing;
+    :attr:`trailers` is filled at the end with those fit to forward.
     """
-    while True:
-        line = _read_line(rfile, "chunk size line")
-        if not line:
-            raise EOFError("connection closed before the last chunk")
-        size_text = line.split(b";", 1)[0].strip()
-        if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
-            raise ValueError(f"bad chunk size line {line[:40]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            trailers.extend(_read_trailers(rfile))
-            return
-        while size:
-            data = rfile.read1(min(size, PIECE))
-            if not data:
-                raise EOFError("connection closed inside a chunk")
-            size -= len(data)
-            yield data
-        if _read_line(rfile, "chunk end") not in (b"\r\n", b"\n"):
-            raise ValueError("chunk data not followed by CRLF")
 
+    def __init__(self, head: bytes, rfile: BufferedIOBase, framing: _Framing) -> None:
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_LINE)
+        self._http.receive_data(head)
+        if not isinstance(self._http.next_event(), h11.Request):
+            raise ValueError("the request head does not parse again")
+        # The front door's reader is a BufferedReader: peek() shows what a chunked body's end may share
+        # with the next request without taking it.
+        self._rfile = cast(io.BufferedReader, rfile)
+        self._left = framing.length if framing.kind == "length" else None
+        self._eof = False
+        self.trailers: Headers = []
 
-def _counted(rfile: BufferedIOBase, length: int) -> Iterator[bytes]:
-    while length:
-        data = rfile.read1(min(length, PIECE))
-        if not data:
-            raise EOFError(f"connection closed with {length} body bytes still to come")
-        length -= len(data)
-        yield data
-
-
-def _body(rfile: BufferedIOBase, framing: _Framing, trailers: Headers) -> Iterator[bytes]:
-    if framing.kind == "length":
-        return _counted(rfile, framing.length)
-    if framing.kind == "chunked":
-        return _chunks(rfile, trailers)
-    return iter(())
+    def pieces(self) -> Iterator[bytes]:
+        fed = 0  # bytes h11 holds that are still in the reader (peeked, not taken)
+        while True:
+            try:
+                event = self._http.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise (EOFError if self._eof else ValueError)(str(exc)) from None
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._rfile.read(fed - len(self._http.trailing_data[0]))
+                fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items())
+                self.trailers[:] = [(name, value) for name, value in fields if name.lower() not in NOT_IN_TRAILERS]
+                return
+            else:  # NEED_DATA: h11 took everything it was given
+                self._rfile.read(fed)
+                fed = 0
+                if self._left is not None:  # a length is known: never read past it
+                    data = self._rfile.read1(min(self._left, PIECE)) if self._left else b""
+                    self._left -= len(data)
+                else:
+                    data = self._rfile.peek(PIECE)[:PIECE]
+                    fed = len(data)
+                self._eof = not data
+                self._http.receive_data(data)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -655,8 +640,8 @@ class Exchange:
                 except OSError as exc:
                     raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
                 if framing.kind != "none":
-                    trailers: Headers = []
-                    sender = self.sender = _BodySender(_body(self.rfile, framing, trailers), trailers, exchange)
+                    body = _RequestBody(handler.request_head, self.rfile, framing)
+                    sender = self.sender = _BodySender(body.pieces(), body.trailers, exchange)
                 response = self._final_response(exchange, upgrade, sender)
             except _NoAnswer:
                 conn.close()

@@ -402,6 +402,26 @@ def test_chunked_both_ways_with_trailers(proxied: tuple[Daemon, int], origin: Or
     assert f"X-Checksum: {hashlib.sha256(pattern(1000000)).hexdigest()}".encode() in rest
 
 
+def test_a_request_pipelined_after_a_chunked_body_is_served_next(proxied: tuple[Daemon, int], origin: Origin) -> None:
+    """The request body is framed by h11 and read no further than its last chunk and trailers: a request
+    sent in the same packet right after it is the next request, not part of the body."""
+    _, port = proxied
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /first HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n" + body
+                     + b"GET /second HTTP/1.1\r\nHost: h\r\n\r\n")
+        buffer = bytearray()
+        statuses = []
+        for _ in range(2):
+            head = read_http_head(sock, buffer)
+            read_http_body(sock, head, buffer)  # the origin's JSON, with a Content-Length
+            statuses.append(head.status)
+    assert statuses == [200, 200]
+    first, second = origin.last_to("/first"), origin.last_to("/second")
+    assert (first["length"], first["sha256"]) == (11, hashlib.sha256(b"hello world").hexdigest())
+    assert second["method"] == "GET" and second["length"] == 0
+
+
 def test_64_mib_upload_and_download_stream_with_bounded_memory(proxied: tuple[Daemon, int]) -> None:
     daemon, port = proxied
     data_sha = hashlib.sha256(pattern(BIG)).hexdigest()
