@@ -20,9 +20,9 @@ module is that reverse proxy, run on the connection thread that read the request
   (:class:`_OriginExchange`): the request it sends, and the answer it reads,
   with its 1xx answers, chunked bodies, trailers, bodies that end at the close,
   and whether the connection may carry another; an answer h11 cannot frame is
-  a 502 (a cut connection once its head went out). The request's body is framed
-  by h11 too (server role, :class:`_RequestBody`), read from the front door's
-  reader no further than its end;
+  a 502 (a cut connection once its head went out). The client's side is framed
+  by h11 too (server role, :class:`_ClientExchange`): the request's body, read
+  from the front door's reader no further than its end, and every answer;
 * connections to the origin are kept alive and reused through a small
   per-listener :class:`OriginPool`. It is ours: urllib3's pool (the well-kept
   one) hands out ``http.client`` connections that parse answers themselves and
@@ -341,65 +341,87 @@ def _end_to_end(items: list[tuple[str, str]], drop: set[str]) -> Headers:
     return kept
 
 
-def _head(start_line: str, headers: Headers) -> bytes:
-    lines = [start_line, *(f"{name}: {value}" for name, value in headers), "", ""]
-    return "\r\n".join(lines).encode("latin-1", "replace")
+class _ClientExchange:
+    """The client's side of one request, framed by h11 in the server role: the request's body comes in
+    (:meth:`body`) while the answer goes out (:meth:`send`), on two threads, so every h11 call is made
+    under one lock, never held while waiting on a socket.
 
-
-class _RequestBody:
-    """A request's body from the front door's reader, framed by h11 (server role) and read no further than
-    its end, so what follows it there (a pipelined request) stays for the front door.
-
-    :meth:`pieces` raises EOFError for a body cut short and ValueError for malformed framing;
-    :attr:`trailers` is filled at the end with those fit to forward.
+    The body is read from the front door's reader no further than its end, so what follows it there (a
+    pipelined request) stays for the front door. :meth:`body` raises EOFError for a body cut short and
+    ValueError for malformed framing, and fills :attr:`trailers` at the end with those fit to forward.
     """
 
-    def __init__(self, head: bytes, rfile: BufferedIOBase, framing: _Framing) -> None:
+    def __init__(self, head: bytes, rfile: BufferedIOBase, wfile: BufferedIOBase) -> None:
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_LINE)
+        self._lock = threading.Lock()
         self._http.receive_data(head)
         if not isinstance(self._http.next_event(), h11.Request):
             raise ValueError("the request head does not parse again")
         # The front door's reader is a BufferedReader: peek() shows what a chunked body's end may share
         # with the next request without taking it.
         self._rfile = cast(io.BufferedReader, rfile)
-        self._left = framing.length if framing.kind == "length" else None
+        self._wfile = wfile
         self._eof = False
+        #: Whether any byte of the answer went to the client.
+        self.answered = False
         self.trailers: Headers = []
 
-    def pieces(self) -> Iterator[bytes]:
+    def send(self, *events: h11.Event) -> None:
+        """Send ``events`` to the client: _ClientGone if its connection fails, PassthroughError (502) if h11
+        cannot frame them (an answer that contradicts itself)."""
+        try:
+            with self._lock:
+                data = b"".join(self._http.send(event) or b"" for event in events)
+        except h11.LocalProtocolError as exc:
+            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"the answer cannot be passed on: {exc}") from None
+        try:
+            self._wfile.write(data)
+        except OSError as exc:
+            raise _ClientGone(describe_error(exc)) from None
+        self.answered = True
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the request and its answer are both complete and the connection may carry another."""
+        with self._lock:
+            return self._http.our_state is h11.DONE and self._http.their_state is h11.DONE
+
+    def finish_bodyless(self) -> None:
+        """A request without a body is complete as it stands."""
+        with self._lock:
+            if not isinstance(self._http.next_event(), h11.EndOfMessage):
+                raise ValueError("a request without a body has one")
+
+    def body(self, length: int | None) -> Iterator[bytes]:
+        """The body's pieces; ``length``: its Content-Length, None when chunked."""
+        left = length
         fed = 0  # bytes h11 holds that are still in the reader (peeked, not taken)
         while True:
             try:
-                event = self._http.next_event()
+                with self._lock:
+                    event = self._http.next_event()
+                    trailing = len(self._http.trailing_data[0])
             except h11.RemoteProtocolError as exc:
                 raise (EOFError if self._eof else ValueError)(str(exc)) from None
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self._rfile.read(fed - len(self._http.trailing_data[0]))
+                self._rfile.read(fed - trailing)
                 fields = ((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items())
                 self.trailers[:] = [(name, value) for name, value in fields if name.lower() not in NOT_IN_TRAILERS]
                 return
             else:  # NEED_DATA: h11 took everything it was given
                 self._rfile.read(fed)
                 fed = 0
-                if self._left is not None:  # a length is known: never read past it
-                    data = self._rfile.read1(min(self._left, PIECE)) if self._left else b""
-                    self._left -= len(data)
+                if left is not None:  # a length is known: never read past it
+                    data = self._rfile.read1(min(left, PIECE)) if left else b""
+                    left -= len(data)
                 else:
                     data = self._rfile.peek(PIECE)[:PIECE]
                     fed = len(data)
                 self._eof = not data
-                self._http.receive_data(data)
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def _last_chunk(trailers: Headers) -> bytes:
-    return b"0\r\n" + b"".join(f"{name}: {value}\r\n".encode("latin-1", "replace") for name, value in trailers) \
-        + b"\r\n"
+                with self._lock:
+                    self._http.receive_data(data)
 
 
 def _take_buffered(rfile: BufferedIOBase, sock: socket.socket) -> bytes:
@@ -478,7 +500,8 @@ class Exchange:
         self.options = options
         self.listener = listener
         self.client_sock: socket.socket = handler.connection
-        self.answered = False  # whether any byte of the answer went to the client
+        #: The client's side of the exchange (h11, server role).
+        self.client = _ClientExchange(handler.request_head, handler.rfile, handler.wfile)
         self.sender: _BodySender | None = None
 
     # -- the request --------------------------------------------------------
@@ -551,13 +574,6 @@ class Exchange:
 
     # -- the answer ---------------------------------------------------------
 
-    def _send_to_client(self, data: bytes) -> None:
-        try:
-            self.handler.wfile.write(data)
-        except OSError as exc:
-            raise _ClientGone(describe_error(exc)) from None
-        self.answered = True
-
     # -- the whole exchange -------------------------------------------------
 
     def run(self) -> None:
@@ -570,6 +586,8 @@ class Exchange:
             framing = self._request_framing()
             upgrade = self._upgrade()
             request = self._request(framing, upgrade)
+            if framing.kind == "none":
+                self.client.finish_bodyless()
         except PassthroughError as exc:
             handler.close_connection = True
             self._refuse(exc, log_level=logging.INFO)
@@ -579,7 +597,7 @@ class Exchange:
         try:
             conn = self._exchange(request, framing, upgrade)
         except PassthroughError as exc:
-            if self.answered:
+            if self.client.answered:
                 log.warning("listener %s: passthrough %s %s to %s cut short: %s", self.listener, handler.command,
                             self._path(), self.url, exc.reason)
                 handler.close_connection = True
@@ -596,6 +614,8 @@ class Exchange:
         finally:
             if conn is not None:
                 conn.close()
+            if not self.client.reusable:
+                handler.close_connection = True
 
     def _drop_request_body(self) -> None:
         """Before a connection with an unread request body closes: read and drop what the client still sends.
@@ -640,8 +660,8 @@ class Exchange:
                 except OSError as exc:
                     raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
                 if framing.kind != "none":
-                    body = _RequestBody(handler.request_head, self.rfile, framing)
-                    sender = self.sender = _BodySender(body.pieces(), body.trailers, exchange)
+                    pieces = self.client.body(framing.length if framing.kind == "length" else None)
+                    sender = self.sender = _BodySender(pieces, self.client.trailers, exchange)
                 response = self._final_response(exchange, upgrade, sender)
             except _NoAnswer:
                 conn.close()
@@ -676,7 +696,8 @@ class Exchange:
                 return response
             if response.status != 100 and self.handler.request_version == "HTTP/1.1":
                 headers = _end_to_end(response.headers.items(), set())
-                self._send_to_client(_head(f"HTTP/1.1 {response.status} {response.reason}", headers))
+                self.client.send(h11.InformationalResponse(status_code=response.status, headers=_fields(headers),
+                                                           reason=response.reason.encode("latin-1")))
         raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"more than {MAX_INFORMATIONAL} informational answers")
 
     @staticmethod
@@ -723,10 +744,10 @@ class Exchange:
                 handler.close_connection = True
         if handler.close_connection:
             headers.append(("Connection", "close"))
-        self._send_to_client(_head(f"HTTP/1.1 {response.status} {response.reason}", headers))
-        trailers = self._pass_body(exchange, sender, chunked=to_client == "chunked")
-        if to_client == "chunked":
-            self._send_to_client(_last_chunk(trailers))
+        self.client.send(h11.Response(status_code=response.status, headers=_fields(headers),
+                                      reason=response.reason.encode("latin-1")))
+        trailers = self._pass_body(exchange, sender)
+        self.client.send(h11.EndOfMessage(headers=_fields(trailers) if to_client == "chunked" else []))
         log.debug("listener %s: passthrough %s %s %s -> %d", self.listener, self._peer(), handler.command,
                   self._path(), response.status)
         if sender is not None and not sender.join(BODY_GRACE_SECONDS):
@@ -745,14 +766,13 @@ class Exchange:
             return None
         return conn
 
-    def _pass_body(self, exchange: _OriginExchange, sender: _BodySender | None, *, chunked: bool) -> Headers:
-        """Copy the answer's body to the client (as chunks if ``chunked``); return its trailers."""
+    def _pass_body(self, exchange: _OriginExchange, sender: _BodySender | None) -> Headers:
+        """Copy the answer's body to the client; return its trailers."""
         try:
             while True:
                 event = exchange.next_event()
                 if isinstance(event, h11.Data):
-                    data = bytes(event.data)
-                    self._send_to_client(_chunk(data) if chunked else data)
+                    self.client.send(h11.Data(data=bytes(event.data)))
                 elif isinstance(event, h11.EndOfMessage):
                     return [(name, value) for name, value in
                             ((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items())
@@ -779,7 +799,8 @@ class Exchange:
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, "switched protocols before reading the request body")
         headers = _end_to_end(response.headers.items(), set())
         headers += [("Connection", "Upgrade"), ("Upgrade", offered)]
-        self._send_to_client(_head(f"HTTP/1.1 101 {response.reason}", headers))
+        self.client.send(h11.InformationalResponse(status_code=101, headers=_fields(headers),
+                                                   reason=response.reason.encode("latin-1")))
         handler.close_connection = True
         from_client = _take_buffered(self.rfile, self.client_sock)
         from_origin = exchange.after_switch()
@@ -813,9 +834,12 @@ class Exchange:
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
         if handler.close_connection:
             headers.append(("Connection", "close"))
-        with contextlib.suppress(_ClientGone):
-            self._send_to_client(_head(f"HTTP/1.1 {exc.status} {exc.status.phrase}", headers)
-                                 + (b"" if handler.command == "HEAD" else body))
+        events: list[h11.Event] = [h11.Response(status_code=int(exc.status), headers=_fields(headers),
+                                                reason=exc.status.phrase.encode("ascii"))]
+        if handler.command != "HEAD":
+            events.append(h11.Data(data=body))
+        with contextlib.suppress(_ClientGone, PassthroughError):
+            self.client.send(*events, h11.EndOfMessage())
 
     def _path(self) -> str:
         return urlsplit(self.handler.path).path[:200]
