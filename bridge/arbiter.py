@@ -27,6 +27,9 @@ with its own registry and tunnels), optionally pinned to one CPU, and this main 
 Workers are forked, not spawned: they inherit the sockets and the configuration, and a restart
 takes milliseconds. Forks happen only on the main thread; the other threads of main (control
 socket, metrics) touch nothing a child uses.
+
+Why this module is over 450 lines: like gunicorn's, the main process is one readable place, since
+its signals, its workers, systemd and the reload fan-out each change what the others must do.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from bridge.events import Event
 from bridge.handoff import Handoff, Reattach
 from bridge.handshake import header_tokens
 from bridge.listen import LISTEN_BACKLOG
+from bridge.origin import OriginPool
 from bridge.registry import TunnelRegistry
 from bridge.secrets import SecretResolver
 from bridge.server_end import ServerEndpoint, bridge_upgrade_response, reattach
@@ -86,7 +87,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         self.secrets = secrets or SecretResolver()
         self.counters = counters or TunnelCounters()
         #: Idle keep-alive connections to the listener's passthrough origin.
-        self.origin_pool = passthrough.OriginPool()
+        self.origin_pool = OriginPool()
         self.handoff = handoff
 
     def process_request(self, request: Any, client_address: Any) -> None:

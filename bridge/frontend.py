@@ -4,6 +4,9 @@ Each accepted connection is served on its own thread (a pooled one, from
 ``registry.workers``), which opens the websocket (nothing is read from the client
 before the backend's 101 arrives) and then becomes one of the tunnel's two pump
 threads.
+
+Why this module is over 450 lines: the frontend daemon is its client endpoint, its dial, and its
+listeners' accept-and-serve loop, each small; they share the daemon's options and registry.
 """
 
 from __future__ import annotations

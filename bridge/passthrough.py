@@ -17,7 +17,7 @@ module is that reverse proxy, run on the connection thread that read the request
   (trailers kept); a request body is sent by a second thread while this one
   reads the answer, so an origin that answers while it reads cannot deadlock;
 * each exchange with the origin is framed by h11 in the client role
-  (:class:`_OriginExchange`): the request it sends, and the answer it reads,
+  (:class:`OriginExchange`): the request it sends, and the answer it reads,
   with its 1xx answers, chunked bodies, trailers, bodies that end at the close,
   and whether the connection may carry another; an answer h11 cannot frame is
   a 502 (a cut connection once its head went out). The client's side is framed
@@ -37,6 +37,10 @@ module is that reverse proxy, run on the connection thread that read the request
 
 No authentication is applied here, as in Go: the inverting proxy authenticates
 users itself, and the listener's ``token`` guards bridge upgrades only.
+
+Why this module is over 450 lines: :class:`Exchange` is one request's whole life (checks, the retry
+of a reused connection, the body thread, informational answers, early answers, the splice), and
+reads best in one place; the origin's side is :mod:`bridge.origin`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ import dataclasses
 import io
 import logging
 import re
-import select
 import socket
 import threading
 import time
@@ -62,6 +65,21 @@ import h11
 from bridge import http1
 from bridge.config import Address, TunnelOptions
 from bridge.handshake import header_tokens
+from bridge.origin import (
+    MAX_LINE,
+    ORIGIN_TIMEOUT,
+    PIECE,
+    Headers,
+    NoAnswer,
+    OriginAnswer,
+    OriginConnection,
+    OriginExchange,
+    OriginPool,
+    PassthroughError,
+    answer_of,
+    fields,
+    origin_of,
+)
 from bridge.raw_endpoint import RawEndpoint
 from bridge.registry import TunnelRegistry
 from bridge.sockets import describe_error
@@ -72,15 +90,6 @@ log = logging.getLogger("tcpbridge.passthrough")
 #: The route part of a spliced connection's label (``listener/(passthrough)``) in logs, status and
 #: metrics; no route name can take this form.
 SPLICED_ROUTE = "(passthrough)"
-#: Largest piece of a body read or written at once; what bounds memory per request.
-PIECE = 64 * 1024
-#: Seconds the origin may stay silent while it owes us bytes (the answer's head or body); then 504 or a cut.
-ORIGIN_TIMEOUT = 300.0
-#: Idle connections kept per origin, and how long one may idle before it is closed instead of reused.
-POOL_SIZE = 8
-POOL_IDLE_SECONDS = 30.0
-#: Limit on what an origin (or a chunked request) may send us outside bodies: a head, a chunk line, trailers.
-MAX_LINE = 64 * 1024
 MAX_INFORMATIONAL = 16
 #: After the answer, how long a request body still being sent may take before the connection is dropped.
 BODY_GRACE_SECONDS = 2.0
@@ -93,7 +102,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-e
 NOT_IN_TRAILERS = HOP_BY_HOP | {"content-length", "host", "content-type", "content-encoding"}
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
-Headers = list[tuple[str, str]]
 
 
 class Client(Protocol):
@@ -121,183 +129,8 @@ class Client(Protocol):
     def client_address(self) -> tuple[str, int]: ...
 
 
-class PassthroughError(Exception):
-    """The exchange failed; ``status`` is what the client is told if nothing was sent to it yet."""
-
-    def __init__(self, status: HTTPStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 class _ClientGone(Exception):
     """The client's connection failed or timed out (nothing more can be told to it)."""
-
-
-class _NoAnswer(PassthroughError):
-    """The origin closed or reset the connection before sending a byte of its answer."""
-
-
-def origin_of(url: str) -> Address:
-    """The host and port of a (validated) ``http://host[:port]`` passthrough URL."""
-    parts = urlsplit(url)
-    return Address(parts.hostname or "localhost", parts.port or 80)
-
-
-# ---------------------------------------------------------------------------
-# Connections to the origin
-
-
-@dataclass
-class OriginConnection:
-    """One connection to an origin (each exchange on it is framed by its own :class:`_OriginExchange`)."""
-
-    origin: Address
-    sock: socket.socket
-    idle_since: float = 0.0
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def abort(self) -> None:
-        """Shut the socket down (waking any thread blocked on it); :meth:`close` still follows."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-    def looks_alive(self) -> bool:
-        """An idle keep-alive connection has nothing to read; EOF or stray bytes mean it is done."""
-        poller = select.poll()
-        try:
-            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
-
-
-class OriginPool:
-    """A few idle keep-alive connections per origin, shared by one listener's requests; newest reused first."""
-
-    def __init__(self, size: int = POOL_SIZE, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
-        self._size = size
-        self._idle_seconds = idle_seconds
-        self._lock = threading.Lock()
-        self._idle: dict[Address, list[OriginConnection]] = {}
-        self._closed = False
-
-    def acquire(self, origin: Address, connect_timeout: float) -> tuple[OriginConnection, bool]:
-        """A live idle connection (reused: True) or a new one; raise PassthroughError(502) if none can be made."""
-        now = time.monotonic()
-        stale: list[OriginConnection] = []
-        found: OriginConnection | None = None
-        with self._lock:
-            idle = self._idle.get(origin, [])
-            while idle and found is None:  # bounded: at most POOL_SIZE entries
-                candidate = idle.pop()
-                if now - candidate.idle_since < self._idle_seconds and candidate.looks_alive():
-                    found = candidate
-                else:
-                    stale.append(candidate)
-        for conn in stale:
-            conn.close()
-        if found is not None:
-            return found, True
-        return self._connect(origin, connect_timeout), False
-
-    @staticmethod
-    def _connect(origin: Address, connect_timeout: float) -> OriginConnection:
-        try:
-            sock = socket.create_connection((origin.host, origin.port), timeout=connect_timeout)
-        except TimeoutError:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY,
-                                   f"cannot connect: timed out after {connect_timeout:g} s") from None
-        except OSError as exc:
-            raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"cannot connect: {describe_error(exc)}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(ORIGIN_TIMEOUT)
-        return OriginConnection(origin, sock)
-
-    def release(self, conn: OriginConnection) -> None:
-        """Keep ``conn`` for a later request (it finished a whole exchange), or close it if the pool is full."""
-        conn.idle_since = time.monotonic()
-        with self._lock:
-            idle = self._idle.setdefault(conn.origin, [])
-            if not self._closed and len(idle) < self._size:
-                idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            conns = [conn for idle in self._idle.values() for conn in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
-
-
-class _OriginExchange:
-    """One request and its answer on an origin connection, framed by h11 in the client role.
-
-    The request body is sent by :class:`_BodySender` while this side reads the answer, so every h11
-    call is made under one lock, which is never held while waiting on the socket.
-    """
-
-    def __init__(self, conn: OriginConnection) -> None:
-        self.conn = conn
-        self._http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_LINE)
-        self._lock = threading.Lock()
-        #: Whether any byte of an answer arrived (a connection closed before that may be retried).
-        self.answered = False
-
-    def send(self, event: h11.Event) -> None:
-        """Send ``event``: OSError if the connection fails, h11.LocalProtocolError if it cannot be framed."""
-        with self._lock:
-            data = self._http.send(event)
-        if data:
-            self.conn.sock.sendall(data)
-
-    def next_event(self) -> h11.Event:
-        """The origin's next event (reading as needed): OSError (TimeoutError after :data:`ORIGIN_TIMEOUT`)
-        if the connection fails, h11.RemoteProtocolError if what it sent is not HTTP/1.1."""
-        while True:
-            with self._lock:
-                event = self._http.next_event()
-            if event is h11.PAUSED:
-                raise h11.RemoteProtocolError("bytes after the answer")
-            if event is not h11.NEED_DATA:
-                return cast(h11.Event, event)
-            data = self.conn.sock.recv(PIECE)
-            self.answered = self.answered or bool(data)
-            with self._lock:
-                self._http.receive_data(data)
-
-    @property
-    def reusable(self) -> bool:
-        """Whether the exchange is complete on both sides and the connection may carry another."""
-        with self._lock:
-            return (self._http.our_state is h11.DONE and self._http.their_state is h11.DONE
-                    and not self._http.trailing_data[0])
-
-    def after_switch(self) -> bytes:
-        """After the origin's 101: what it sent past the answer's head."""
-        with self._lock:
-            return bytes(self._http.trailing_data[0])
-
-
-def _fields(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """Header fields as h11 takes them: the bytes as they came (ISO-8859-1)."""
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
-
-
-def _response(event: h11.Response | h11.InformationalResponse) -> _Response:
-    status = event.status_code
-    reason = event.reason.decode("latin-1").strip()
-    if not reason:
-        with contextlib.suppress(ValueError):
-            reason = HTTPStatus(status).phrase
-    fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers.raw_items()]
-    return _Response(f"HTTP/{event.http_version.decode('ascii')}", status, reason, http1.Headers(fields))
 
 
 # ---------------------------------------------------------------------------
@@ -440,18 +273,10 @@ def _take_buffered(rfile: BufferedIOBase, sock: socket.socket) -> bytes:
 # One exchange
 
 
-@dataclass
-class _Response:
-    version: str
-    status: int
-    reason: str
-    headers: http1.Headers
-
-
 class _BodySender:
     """Copies the request body from the client to the origin on its own thread."""
 
-    def __init__(self, source: Iterator[bytes], trailers: Headers, exchange: _OriginExchange) -> None:
+    def __init__(self, source: Iterator[bytes], trailers: Headers, exchange: OriginExchange) -> None:
         self._source = source
         self._trailers = trailers
         self._exchange = exchange
@@ -473,7 +298,7 @@ class _BodySender:
                 if data is None:
                     break
                 self._exchange.send(h11.Data(data=data))
-            self._exchange.send(h11.EndOfMessage(headers=_fields(self._trailers)))
+            self._exchange.send(h11.EndOfMessage(headers=fields(self._trailers)))
             self.complete = True
         except OSError as exc:
             self.origin_error = describe_error(exc)
@@ -568,7 +393,7 @@ class Exchange:
             headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         try:
             return h11.Request(method=handler.command.encode("ascii"), target=self._target().encode("latin-1"),
-                               headers=_fields(headers))
+                               headers=fields(headers))
         except h11.LocalProtocolError as exc:
             raise PassthroughError(HTTPStatus.BAD_REQUEST, f"cannot be passed on: {exc}") from None
 
@@ -650,7 +475,7 @@ class Exchange:
         replayable = handler.command in REPLAYABLE and framing.kind == "none"
         for attempt in range(2):  # one retry: a reused connection the origin had just closed
             conn, reused = self.pool.acquire(self.origin, self.options.connect_timeout)
-            exchange = _OriginExchange(conn)
+            exchange = OriginExchange(conn)
             sender: _BodySender | None = None
             try:
                 try:
@@ -658,12 +483,12 @@ class Exchange:
                     if framing.kind == "none":
                         exchange.send(h11.EndOfMessage())
                 except OSError as exc:
-                    raise _NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
+                    raise NoAnswer(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
                 if framing.kind != "none":
                     pieces = self.client.body(framing.length if framing.kind == "length" else None)
                     sender = self.sender = _BodySender(pieces, self.client.trailers, exchange)
                 response = self._final_response(exchange, upgrade, sender)
-            except _NoAnswer:
+            except NoAnswer:
                 conn.close()
                 if sender is not None:
                     sender.join(BODY_GRACE_SECONDS)
@@ -681,8 +506,8 @@ class Exchange:
             return self._answer(exchange, response, sender, upgrade)
         raise AssertionError("unreachable")
 
-    def _final_response(self, exchange: _OriginExchange, upgrade: str | None,
-                        sender: _BodySender | None) -> _Response:
+    def _final_response(self, exchange: OriginExchange, upgrade: str | None,
+                        sender: _BodySender | None) -> OriginAnswer:
         """Read past informational answers (forwarding 1xx but 100 to HTTP/1.1 clients) to the real one."""
         for _ in range(MAX_INFORMATIONAL):
             try:
@@ -691,34 +516,34 @@ class Exchange:
                 if sender is not None and sender.client_error is not None:
                     raise _ClientGone(sender.client_error) from None
                 raise
-            response = _response(event)
+            response = answer_of(event)
             if isinstance(event, h11.Response) or response.status == 101:
                 return response
             if response.status != 100 and self.handler.request_version == "HTTP/1.1":
                 headers = _end_to_end(response.headers.items(), set())
-                self.client.send(h11.InformationalResponse(status_code=response.status, headers=_fields(headers),
+                self.client.send(h11.InformationalResponse(status_code=response.status, headers=fields(headers),
                                                            reason=response.reason.encode("latin-1")))
         raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"more than {MAX_INFORMATIONAL} informational answers")
 
     @staticmethod
-    def _answer_head(exchange: _OriginExchange) -> h11.Response | h11.InformationalResponse:
-        """The origin's next answer head; _NoAnswer if it closed or failed before its first byte."""
+    def _answer_head(exchange: OriginExchange) -> h11.Response | h11.InformationalResponse:
+        """The origin's next answer head; NoAnswer if it closed or failed before its first byte."""
         try:
             event = exchange.next_event()
         except TimeoutError:
             raise PassthroughError(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {ORIGIN_TIMEOUT:g} s") from None
         except OSError as exc:
-            error = _NoAnswer if not exchange.answered else PassthroughError
+            error = NoAnswer if not exchange.answered else PassthroughError
             raise error(HTTPStatus.BAD_GATEWAY, f"connection failed: {describe_error(exc)}") from None
         except h11.RemoteProtocolError as exc:
             if not exchange.answered:
-                raise _NoAnswer(HTTPStatus.BAD_GATEWAY, "closed the connection without answering") from None
+                raise NoAnswer(HTTPStatus.BAD_GATEWAY, "closed the connection without answering") from None
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {exc}") from None
         if not isinstance(event, (h11.Response, h11.InformationalResponse)):
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"bad answer: {type(event).__name__} before its head")
         return event
 
-    def _answer(self, exchange: _OriginExchange, response: _Response, sender: _BodySender | None,
+    def _answer(self, exchange: OriginExchange, response: OriginAnswer, sender: _BodySender | None,
                 upgrade: str | None) -> OriginConnection | None:
         handler = self.handler
         conn = exchange.conn
@@ -744,10 +569,10 @@ class Exchange:
                 handler.close_connection = True
         if handler.close_connection:
             headers.append(("Connection", "close"))
-        self.client.send(h11.Response(status_code=response.status, headers=_fields(headers),
+        self.client.send(h11.Response(status_code=response.status, headers=fields(headers),
                                       reason=response.reason.encode("latin-1")))
         trailers = self._pass_body(exchange, sender)
-        self.client.send(h11.EndOfMessage(headers=_fields(trailers) if to_client == "chunked" else []))
+        self.client.send(h11.EndOfMessage(headers=fields(trailers) if to_client == "chunked" else []))
         log.debug("listener %s: passthrough %s %s %s -> %d", self.listener, self._peer(), handler.command,
                   self._path(), response.status)
         if sender is not None and not sender.join(BODY_GRACE_SECONDS):
@@ -766,7 +591,7 @@ class Exchange:
             return None
         return conn
 
-    def _pass_body(self, exchange: _OriginExchange, sender: _BodySender | None) -> Headers:
+    def _pass_body(self, exchange: OriginExchange, sender: _BodySender | None) -> Headers:
         """Copy the answer's body to the client; return its trailers."""
         try:
             while True:
@@ -786,7 +611,7 @@ class Exchange:
                 raise _ClientGone(sender.client_error) from None
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, f"answer body failed: {exc}") from None
 
-    def _switch(self, exchange: _OriginExchange, response: _Response, sender: _BodySender | None,
+    def _switch(self, exchange: OriginExchange, response: OriginAnswer, sender: _BodySender | None,
                 upgrade: str | None) -> OriginConnection:
         """The origin switched protocols: pass its 101 on and splice the two connections."""
         handler = self.handler
@@ -799,7 +624,7 @@ class Exchange:
             raise PassthroughError(HTTPStatus.BAD_GATEWAY, "switched protocols before reading the request body")
         headers = _end_to_end(response.headers.items(), set())
         headers += [("Connection", "Upgrade"), ("Upgrade", offered)]
-        self.client.send(h11.InformationalResponse(status_code=101, headers=_fields(headers),
+        self.client.send(h11.InformationalResponse(status_code=101, headers=fields(headers),
                                                    reason=response.reason.encode("latin-1")))
         handler.close_connection = True
         from_client = _take_buffered(self.rfile, self.client_sock)
@@ -834,7 +659,7 @@ class Exchange:
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
         if handler.close_connection:
             headers.append(("Connection", "close"))
-        events: list[h11.Event] = [h11.Response(status_code=int(exc.status), headers=_fields(headers),
+        events: list[h11.Event] = [h11.Response(status_code=int(exc.status), headers=fields(headers),
                                                 reason=exc.status.phrase.encode("ascii"))]
         if handler.command != "HEAD":
             events.append(h11.Data(data=body))

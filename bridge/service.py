@@ -22,6 +22,9 @@ once every listener is bound, ``RELOADING=1``/``READY=1`` around a reload,
 ``STOPPING=1``, a live ``STATUS=`` line, and ``WATCHDOG=1`` pings while the
 housekeeping thread keeps ticking (during a drain too, so ``WatchdogSec``
 does not cut a long one short).
+
+Why this module is over 450 lines: it holds all of a process's signal handling in one place, on
+purpose, with the logging, limits and readiness that the same start-up and shutdown order ties to it.
 """
 
 from __future__ import annotations
