@@ -79,7 +79,7 @@ def check_origin(listener: Listener, headers: Headers) -> None:
     """With ``allowed_origins`` set, an Origin outside it is refused; no Origin at all is fine."""
     if not listener.allowed_origins:
         return
-    for origin in headers.get_all("Origin") or []:
+    for origin in headers.get_all("Origin"):
         if origin.strip().rstrip("/").lower() not in listener.allowed_origins:
             # The value is not logged: no header value ever is.
             raise UpgradeRefused(HTTPStatus.FORBIDDEN, "Origin header not in allowed_origins")
@@ -97,7 +97,7 @@ def check_token(listener: Listener, route: str, headers: Headers, secrets: Secre
         return
     own = route in listener.route_options and listener.route_options[route].token is not None
     whose = "its own token" if own else "the listener's token"
-    given = headers.get_all(TOKEN_HEADER) or []
+    given = headers.get_all(TOKEN_HEADER)
     if len(given) > 1:
         raise UpgradeRefused(HTTPStatus.BAD_REQUEST, f"more than one {TOKEN_HEADER} header")
     value = given[0].strip() if given else ""

@@ -14,16 +14,17 @@ import threading
 from http import HTTPStatus
 from typing import Any
 
+from bridge import http1
 from bridge.admission import TunnelCounters
 from bridge.caps import Counts
 from bridge.config import Address, BackendConfig, Listener
-from bridge.frontdoor import NO_SUCH_SESSION, ListenerServer
+from bridge.frontdoor import NO_SUCH_SESSION, SERVER, ListenerServer
 from bridge.handoff import Handoff, Reattach
 from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.registry import TunnelRegistry
 from bridge.reload import reconcile
 from bridge.secrets import SecretResolver
-from bridge.server_end import ServerEndpoint, bridge_upgrade_response, plain_response, reattach
+from bridge.server_end import ServerEndpoint, bridge_upgrade_response, reattach
 
 log = logging.getLogger("tcpbridge.backend")
 
@@ -77,7 +78,8 @@ class Backend:
             if server is None or tunnel is None or tunnel.label != f"{record.listener}/{record.route}":
                 log.info("listener %s: refused %s: %d %s", record.listener, record.peer, HTTPStatus.NOT_FOUND,
                          NO_SUCH_SESSION)
-                sock.sendall(plain_response(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION))
+                sock.sendall(http1.plain_answer(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION, [("Connection", "close")],
+                                                server=SERVER))
                 sock.shutdown(socket.SHUT_WR)
                 return
             sock.sendall(bridge_upgrade_response(record.key, record.binary))

@@ -205,11 +205,9 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
         else:
             log.debug("listener %s: %s: %d %s", self.server.listener.name, self._peer(), refused.status,
                       refused.detail)
-            body = f"{refused.status} {refused.status.phrase}: {refused.detail}\n".encode()
             with contextlib.suppress(OSError):
-                self.wfile.write(http1.answer(refused.status, [
-                    ("Connection", "close"), ("Content-Type", "text/plain; charset=utf-8"),
-                    ("Content-Length", str(len(body)))], body, server=SERVER))
+                self.wfile.write(http1.plain_answer(refused.status, refused.detail, [("Connection", "close")],
+                                                    server=SERVER))
         self._drain()
 
     def _get(self) -> None:
@@ -249,7 +247,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
             return
         self.close_connection = True
         binary = listener.options.frames == "auto" and \
-            protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER) or [])
+            protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER))
         try:
             received = self._upgrade(key, binary)
         except OSError as exc:
@@ -282,7 +280,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
     def _session_to_resume(self, listener: Listener) -> str | None:
         """The session id a re-attaching request names (:data:`~bridge.resume.SESSION_HEADER`), None when it
         names none; UpgradeRefused 404 for one this listener cannot resume."""
-        values = self.headers.get_all(resume.SESSION_HEADER) or []
+        values = self.headers.get_all(resume.SESSION_HEADER)
         if not values:
             return None
         if len(values) == 1 and listener.options.resume and resume.is_session_id(values[0].strip()):
@@ -294,7 +292,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
         it; UpgradeRefused 404 when no live resumable tunnel of this listener and route has that id
         (unknown, ended, expired: the answer never says which, nor repeats the id)."""
         binary = listener.options.frames == "auto" and \
-            protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER) or [])
+            protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER))
         tunnel = self.server.registry.resumable(session_id)
         handoff = self.server.handoff
         if tunnel is None and handoff is not None and handoff.owner(session_id) != handoff.slot:
@@ -327,7 +325,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
     def _consent_to_resume(self, listener: Listener) -> Session | None:
         """The session of a tunnel whose frontend offered resume, if this listener allows it (its consent
         is the tunnel's first message, sent by the caller)."""
-        frontend_buffer = resume.parse_offer(self.headers.get_all(resume.RESUME_HEADER) or [])
+        frontend_buffer = resume.parse_offer(self.headers.get_all(resume.RESUME_HEADER))
         if not listener.options.resume or frontend_buffer is None:
             return None
         handoff = self.server.handoff
@@ -428,13 +426,10 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
                 extra=events.mark(None if quiet else Event.OPEN_FAILED, facts))
         if not quiet:  # quiet: a request that was no bridge upgrade at all
             self.server.registry.stats.open_failed(label, reason)
-        body = f"{refused.status} {refused.status.phrase}: {refused.body}\n".encode()
         if refused.headers.get("Connection", "").lower() == "close":
             self.close_connection = True
-        headers = [*refused.headers.items(), ("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body)))]
-        self.wfile.write(http1.answer(refused.status, headers, b"" if self.command == "HEAD" else body,
-                                      server=SERVER))
+        self.wfile.write(http1.plain_answer(refused.status, refused.body, list(refused.headers.items()),
+                                            server=SERVER, head_only=self.command == "HEAD"))
 
     def _drain(self) -> None:
         """Read and drop what the client still sends, within bounds, then let the connection close.

@@ -15,7 +15,6 @@ first websocket frames after a 101.
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from io import BufferedIOBase
@@ -23,6 +22,7 @@ from io import BufferedIOBase
 import h11
 
 from bridge import request_rules
+from bridge.handshake import header_tokens
 
 #: Longest request line (method, target, version) accepted: 414 beyond.
 MAX_REQUEST_LINE = 64 * 1024
@@ -61,9 +61,6 @@ class Headers:
     def items(self) -> list[tuple[str, str]]:
         return list(self.fields)
 
-    def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self.fields)
-
 
 @dataclass(frozen=True)
 class Request:
@@ -74,12 +71,12 @@ class Request:
     version: str
     headers: Headers
     #: The head as it arrived, through its empty line.
-    head: bytes = b""
+    head: bytes
 
     @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another request after this one (RFC 9112 section 9.3)."""
-        tokens = {token.strip().lower() for value in self.headers.get_all("Connection") for token in value.split(",")}
+        tokens = header_tokens(self.headers.get_all("Connection"))
         if "close" in tokens:
             return False
         return self.version == "HTTP/1.1" or "keep-alive" in tokens
@@ -87,8 +84,7 @@ class Request:
     @property
     def expects_continue(self) -> bool:
         """An HTTP/1.1 request waiting for ``100 Continue`` before it sends its body."""
-        expect = self.headers.get("Expect") or ""
-        return self.version == "HTTP/1.1" and expect.strip().lower() == "100-continue"
+        return self.version == "HTTP/1.1" and self.headers.get("Expect").strip().lower() == "100-continue"
 
 
 def read_request(rfile: BufferedIOBase, max_header_bytes: int) -> Request | None:
@@ -134,6 +130,19 @@ def parse_head(head: bytes) -> Request:
     fields = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers.raw_items()]
     return Request(event.method.decode("ascii"), event.target.decode("latin-1"), f"HTTP/{version}", Headers(fields),
                    head)
+
+
+def refusal_text(status: HTTPStatus, detail: str) -> bytes:
+    """The text/plain body of every refusal of ours: ``<status> <phrase>: <detail>``."""
+    return f"{int(status)} {status.phrase}: {detail}\n".encode()
+
+
+def plain_answer(status: HTTPStatus, detail: str, headers: list[tuple[str, str]], *, server: str,
+                 head_only: bool = False) -> bytes:
+    """A refusal of ours: :func:`refusal_text` as a text/plain body (only its head if ``head_only``)."""
+    body = refusal_text(status, detail)
+    fields = [*headers, ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    return answer(status, fields, b"" if head_only else body, server=server)
 
 
 def answer(status: HTTPStatus, headers: list[tuple[str, str]], body: bytes = b"", *, server: str) -> bytes:

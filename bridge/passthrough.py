@@ -49,7 +49,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import re
 import socket
 import threading
 import time
@@ -96,7 +95,6 @@ BODY_GRACE_SECONDS = 2.0
 #: At most this much of a request body that will not be passed on is read and dropped before closing.
 DRAIN_BYTES = 1024 * 1024
 
-TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"})
 #: Not forwarded in a trailer section: framing, routing and hop-by-hop fields.
 NOT_IN_TRAILERS = HOP_BY_HOP | {"content-length", "host", "content-type", "content-encoding"}
@@ -145,17 +143,6 @@ class _Framing:
     length: int = 0
 
 
-def _content_length(values: list[str]) -> int | None:
-    """The one length that all Content-Length fields agree on (``5, 5`` is 5); ValueError otherwise."""
-    lengths = {item.strip() for value in values for item in value.split(",")}
-    if len(lengths) != 1:
-        raise ValueError("conflicting Content-Length values")
-    text = lengths.pop()
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise ValueError("invalid Content-Length")
-    return int(text)
-
-
 def _clean(value: str) -> str:
     """A header value as one line (obsolete line folding becomes a space)."""
     return " ".join(value.replace("\r", "\n").split("\n")).strip() if ("\r" in value or "\n" in value) \
@@ -168,7 +155,7 @@ def _end_to_end(items: list[tuple[str, str]], drop: set[str]) -> Headers:
     kept: Headers = []
     for name, value in items:
         low = name.lower()
-        if low in HOP_BY_HOP or low in named or low in drop or low.startswith("proxy-") or not TOKEN.fullmatch(name):
+        if low in HOP_BY_HOP or low in named or low in drop or low.startswith("proxy-"):
             continue
         kept.append((name, _clean(value)))
     return kept
@@ -332,21 +319,13 @@ class Exchange:
     # -- the request --------------------------------------------------------
 
     def _request_framing(self) -> _Framing:
+        """How the request's body is delimited. The front door admitted only unambiguous framing (one
+        agreed Content-Length, or chunked alone: :mod:`bridge.request_rules`, h11), so nothing is left to refuse."""
         headers = self.handler.headers
-        codings = header_tokens(headers.get_all("Transfer-Encoding") or [])
-        if codings:
-            if codings[-1] != "chunked":
-                raise PassthroughError(HTTPStatus.BAD_REQUEST, "a request Transfer-Encoding must end in chunked")
+        if headers.get_all("Transfer-Encoding"):
             return _Framing("chunked")
-        lengths = headers.get_all("Content-Length")
-        if lengths:
-            try:
-                length = _content_length(lengths)
-            except ValueError as exc:
-                raise PassthroughError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-            assert length is not None
-            return _Framing("length", length)
-        return _Framing("none")
+        lengths = {item.strip() for value in headers.get_all("Content-Length") for item in value.split(",")}
+        return _Framing("length", int(lengths.pop())) if lengths else _Framing("none")
 
     def _target(self) -> str:
         path = self.handler.path
@@ -359,31 +338,29 @@ class Exchange:
 
     def _upgrade(self) -> str | None:
         headers = self.handler.headers
-        if "upgrade" not in header_tokens(headers.get_all("Connection") or []):
+        if "upgrade" not in header_tokens(headers.get_all("Connection")):
             return None
-        values = headers.get_all("Upgrade") or []
+        values = headers.get_all("Upgrade")
         return _clean(", ".join(values)) or None
 
     def _request(self, framing: _Framing, upgrade: str | None) -> h11.Request:
         handler = self.handler
         incoming = list(handler.headers.items())
         drop = {"content-length", "x-forwarded-for"}
-        if (handler.headers.get("Expect") or "").strip().lower() == "100-continue":
+        if handler.headers.get("Expect").strip().lower() == "100-continue":
             drop.add("expect")  # the front door has already told the client to go on
         headers = _end_to_end(incoming, drop)
         names = {name.lower() for name, _ in headers}
         if "host" not in names:
             headers.insert(0, ("Host", str(self.origin) if self.origin.port != 80 else self.origin.host))
-        if len(handler.headers.get_all("Host") or []) > 1:
-            raise PassthroughError(HTTPStatus.BAD_REQUEST, "more than one Host header")
-        prior = [_clean(value) for value in handler.headers.get_all("X-Forwarded-For") or []]
+        prior = [_clean(value) for value in handler.headers.get_all("X-Forwarded-For")]
         headers.append(("X-Forwarded-For", ", ".join([*prior, str(handler.client_address[0])])))
         host = handler.headers.get("Host")
         if "x-forwarded-host" not in names and host:
             headers.append(("X-Forwarded-Host", _clean(host)))
         if "x-forwarded-proto" not in names:
             headers.append(("X-Forwarded-Proto", "http"))
-        if "trailers" in header_tokens(handler.headers.get_all("TE") or []):
+        if "trailers" in header_tokens(handler.headers.get_all("TE")):
             headers.append(("TE", "trailers"))
         if framing.kind == "length":
             headers.append(("Content-Length", str(framing.length)))
@@ -404,8 +381,6 @@ class Exchange:
     def run(self) -> None:
         handler = self.handler
         try:
-            if not TOKEN.fullmatch(handler.command):
-                raise PassthroughError(HTTPStatus.BAD_REQUEST, "invalid method")
             if handler.command == "CONNECT":
                 raise PassthroughError(HTTPStatus.NOT_IMPLEMENTED, "CONNECT is not passed through")
             framing = self._request_framing()
@@ -655,7 +630,7 @@ class Exchange:
             detail = f"passthrough: {exc.reason}"
         log.log(log_level, "listener %s: %s %s %s: %d %s", self.listener, self._peer(), handler.command,
                 self._path(), exc.status, detail)
-        body = f"{exc.status} {exc.status.phrase}: {detail}\n".encode()
+        body = http1.refusal_text(exc.status, detail)
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
         if handler.close_connection:
             headers.append(("Connection", "close"))

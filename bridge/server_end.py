@@ -6,7 +6,6 @@ The client end is :class:`bridge.frontend.ClientEndpoint`; both are :class:`brid
 from __future__ import annotations
 
 import socket
-from http import HTTPStatus
 
 from bridge import frames, protocol
 from bridge.endpoint import Endpoint
@@ -71,14 +70,6 @@ def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
 def bridge_upgrade_response(key: str, binary: bool) -> bytes:
     """The 101 that accepts a bridge upgrade (consenting to binary messages if ``binary``)."""
     return upgrade_response(key, [f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}"] if binary else [])
-
-
-def plain_response(status: HTTPStatus, detail: str) -> bytes:
-    """A refusal written without the request handler (a connection handed over by another worker)."""
-    body = f"{status} {status.phrase}: {detail}\n".encode()
-    head = (f"HTTP/1.1 {status} {status.phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode("ascii") + body
 
 
 def reattach(tunnel: Tunnel, endpoint: ServerEndpoint) -> None:

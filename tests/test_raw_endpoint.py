@@ -44,12 +44,17 @@ def test_data_and_our_fin_reach_the_peer_as_a_plain_stream(pair: tuple[RawEndpoi
         endpoint.send_data(b"after our close")
 
 
-def test_the_peer_close_comes_only_once_our_side_is_done_too(pair: tuple[RawEndpoint, socket.socket]) -> None:
-    """Half-close: after the peer's FIN our direction stays open; the close handshake completes when we close."""
-    endpoint, peer = pair
+def read_to_the_peers_fin(endpoint: RawEndpoint, peer: socket.socket) -> None:
+    """Take the early bytes, then the peer's FIN as the end-of-stream marker."""
     assert endpoint.receive() == b"early"
     peer.shutdown(socket.SHUT_WR)
     assert endpoint.receive() == protocol.END_OF_STREAM
+
+
+def test_the_peer_close_comes_only_once_our_side_is_done_too(pair: tuple[RawEndpoint, socket.socket]) -> None:
+    """Half-close: after the peer's FIN our direction stays open; the close handshake completes when we close."""
+    endpoint, peer = pair
+    read_to_the_peers_fin(endpoint, peer)
     got: list[object] = []
     reader = threading.Thread(target=lambda: got.append(endpoint.receive()), daemon=True)
     reader.start()
@@ -72,9 +77,7 @@ def test_an_abort_close_asks_for_a_reset_and_sends_nothing(pair: tuple[RawEndpoi
 
 def test_a_shutdown_wakes_a_reader_waiting_after_the_fin(pair: tuple[RawEndpoint, socket.socket]) -> None:
     endpoint, peer = pair
-    assert endpoint.receive() == b"early"
-    peer.shutdown(socket.SHUT_WR)
-    assert endpoint.receive() == protocol.END_OF_STREAM
+    read_to_the_peers_fin(endpoint, peer)
     errors: list[BaseException] = []
 
     def read() -> None:
