@@ -119,8 +119,8 @@ def test_metrics_follow_a_tunnel_a_refusal_and_reloads(tmp_path: Path, echo: Tcp
             assert value(ended, "tcpbridge_bytes_total", tunnel=label, direction="to_tcp") == 1500
 
         # A route the backend does not have: a 404 on both sides, counted with its reason.
-        with socket.create_connection(("127.0.0.1", bad_port), timeout=10) as client, \
-                pytest.raises(ConnectionResetError):
+        with pytest.raises(ConnectionResetError), \
+                socket.create_connection(("127.0.0.1", bad_port), timeout=10) as client:  # reset may beat connect()
             client.recv(1)
         assert wait_until(lambda: value(scrape(front_port), "tcpbridge_open_failures_total", tunnel="bad",
                                         reason="http_404") == 1, 5)

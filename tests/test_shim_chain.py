@@ -351,7 +351,7 @@ def test_a_session_nobody_polls_is_reaped(chain: Chain) -> None:
 
 def test_backend_refusals_arrive_as_500(chain: Chain) -> None:
     for tunnel, backend_says in (("nope", "404"), ("gone", "502")):
-        with chain.connect(tunnel) as sock, pytest.raises((ConnectionResetError, EOFError)):
+        with pytest.raises((ConnectionResetError, EOFError)), chain.connect(tunnel) as sock:
             if not sock.recv(1):
                 raise EOFError
         assert wait_until(lambda: "HTTP 500" in chain.frontend.log, 10), chain.frontend.log

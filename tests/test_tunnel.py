@@ -272,7 +272,7 @@ def test_unreachable_target_is_a_502_and_the_client_is_dropped_at_once(tmp_path:
 def test_unknown_route_is_a_404(tmp_path: Path, echo_server: TcpServer) -> None:
     pair = start_pair(tmp_path, echo_server.address, tunnel_extra={"route": "nosuch"})
     try:
-        with connect(pair) as client, pytest.raises(ConnectionResetError):
+        with pytest.raises(ConnectionResetError), connect(pair) as client:  # reset may beat connect()
             recv_all(client)
         assert pair.frontend.wait_for_log("HTTP 404")
         assert pair.backend.wait_for_log("no route 'nosuch'")
@@ -284,7 +284,7 @@ def test_backend_down_is_reported_with_the_url(tmp_path: Path, echo_server: TcpS
     pair = start_pair(tmp_path, echo_server.address)
     pair.backend.stop()
     try:
-        with connect(pair) as client, pytest.raises(ConnectionResetError):
+        with pytest.raises(ConnectionResetError), connect(pair) as client:  # reset may beat connect()
             recv_all(client)
         assert pair.frontend.wait_for_log(f"cannot open ws://127.0.0.1:{pair.backend_port}/tcp-over-websocket-bridge")
         assert "connection refused" in pair.frontend.log
