@@ -243,6 +243,22 @@ class ReplayBuffer:
             if self.kept > self.limit:
                 self._forget_to(self.sent - self.limit)
 
+    def append_within_room(self, data: bytes) -> bool:
+        """Record ``data`` as sent if it fits :meth:`room`, forgetting nothing; False, with nothing recorded,
+        if it does not (the caller then takes :meth:`append`'s way).
+
+        The sender's lock-free way (:meth:`bridge.session.Session.sent`): it appends to the right of the
+        chunks and then advances :attr:`sent`, so an :meth:`acknowledge` running meanwhile on another
+        thread only ever sees chunks that cover :attr:`sent`. That holds on CPython, whose deque appends
+        and pops are atomic and whose attribute stores are seen in order, and only while this thread is
+        the only one that appends.
+        """
+        if len(data) > self.limit - self.sent + self.acknowledged:
+            return False
+        self._chunks.append(data)
+        self.sent += len(data)
+        return True
+
     def acknowledge(self, received: int) -> None:
         """The peer has received ``received`` bytes in all: forget them. A count below an earlier one
         or beyond what was sent is the peer's protocol error (1002)."""
@@ -295,21 +311,33 @@ class Receipts:
 
     def add(self, count: int, now: float) -> Ack | None:
         """``count`` more bytes arrived; the acknowledgement to send now, if one is due."""
+        return self.due(now) if self.count(count, now) else None
+
+    def count(self, count: int, now: float) -> bool:
+        """``count`` more bytes arrived; whether an acknowledgement is due by size (then :meth:`due` makes it).
+
+        The reader's lock-free way (:meth:`bridge.session.Session.received`): only it adds, and a timer it
+        starts that a concurrent :meth:`due` clears again is started anew by the next :meth:`due`.
+        """
         self.received += count
         if count and self._since is None:
             self._since = now
-        return self.due(now) if self.received - self.acknowledged >= self.threshold else None
+        return self.received - self.acknowledged >= self.threshold
 
     def due(self, now: float) -> Ack | None:
-        """The acknowledgement to send now (the housekeeper asks every tick), if any is due by size or time."""
-        pending = self.received - self.acknowledged
-        if pending <= 0 or self._since is None:
+        """The acknowledgement to send now (the housekeeper asks every tick), if any is due by size or time.
+        Pending bytes without a timer (counted while the last acknowledgement was made) start one now."""
+        received = self.received
+        pending = received - self.acknowledged
+        if pending <= 0:
             return None
+        if self._since is None:
+            self._since = now
         if pending < self.threshold and now - self._since < self.interval:
             return None
-        self.acknowledged = self.received
+        self.acknowledged = received
         self._since = None
-        return Ack(self.received)
+        return Ack(received)
 
     def ended(self) -> Ack:
         """The acknowledgement to send at once when the peer's end-of-stream marker came: everything

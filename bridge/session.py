@@ -117,7 +117,14 @@ class Session:
 
     def sent(self, data: bytes) -> None:
         """Keep ``data`` (just read, about to be sent) for replay, forgetting the oldest bytes kept if it
-        does not fit (an offer not yet answered, or a stalled reader: see :meth:`send_room`)."""
+        does not fit (an offer not yet answered, or a stalled reader: see :meth:`send_room`).
+
+        Only the sender calls it. What fits a consented session's room is kept without the lock
+        (:meth:`~bridge.resume.ReplayBuffer.append_within_room`): this runs for every message.
+        """
+        replay = self.replay
+        if replay is not None and self.consented and replay.append_within_room(data):
+            return
         with self._lock:
             if self.replay is not None:
                 self.replay.append(data, evict=True)
@@ -133,9 +140,15 @@ class Session:
             self._room.notify_all()
 
     def received(self, count: int, now: float) -> Ack | None:
-        """``count`` stream bytes were delivered to our TCP side; the acknowledgement due now, if any."""
+        """``count`` stream bytes were delivered to our TCP side; the acknowledgement due now, if any.
+
+        Only the reader calls it, for every message: counting takes no lock
+        (:meth:`~bridge.resume.Receipts.count`), making the acknowledgement does.
+        """
+        if not self.consented or not self.receipts.count(count, now):
+            return None
         with self._lock:
-            return self.receipts.add(count, now) if self.consented else None
+            return self.receipts.due(now)
 
     def marker_delivered(self) -> Ack | None:
         """The peer's marker came after everything before it was delivered: the acknowledgement to send

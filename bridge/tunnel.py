@@ -609,6 +609,9 @@ class Tunnel:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "control message on a tunnel that did not "
                                         "negotiate resume")
             return event
+        if type(event) is bytes and session.decided:  # data, the common case, first
+            session.taken += len(event)
+            return event
         if not session.decided and session.first_message(event):
             websocket.announce_close = True
             return None  # the backend's consent: the session is resumable

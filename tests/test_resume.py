@@ -4,6 +4,9 @@ run over simulated cuts (no sockets): every byte arrives once, in order."""
 from __future__ import annotations
 
 import random
+import sys
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -153,6 +156,61 @@ def test_evictions_keep_memory_bounded_and_replay_exact_or_refused(steps: list[t
                 buffer.replay(acked)
 
 
+def test_an_append_within_room_keeps_what_fits_and_leaves_the_rest_to_append() -> None:
+    buffer = ReplayBuffer(10)
+    assert buffer.append_within_room(b"abcdef")
+    assert not buffer.append_within_room(b"ghijk")  # 11 > 10: nothing recorded
+    assert (buffer.sent, buffer.held) == (6, 6)
+    buffer.acknowledge(4)
+    assert buffer.append_within_room(b"ghijkl") and buffer.replay(4) == [b"ef", b"ghijkl"]
+    buffer.append(b"mnopq", evict=True)  # the sender's other way: some bytes are forgotten
+    assert not buffer.complete and not buffer.append_within_room(b"r")  # no room after an eviction
+
+
+def test_appends_without_a_lock_race_acknowledgements_without_losing_a_byte() -> None:
+    """The sender's lock-free append (one thread) against acknowledgements on another, with the
+    interpreter switching threads as often as it can: every replay is exactly the stream's tail."""
+    stream = bytes(random.Random(7).randrange(256) for _ in range(1 << 16))
+    buffer = ReplayBuffer(4096)
+    done = threading.Event()
+    failures: list[str] = []
+
+    def acknowledge() -> None:
+        try:
+            check_acknowledgements()
+        except Exception as exc:  # the assertion below reports it
+            failures.append(repr(exc))
+
+    def check_acknowledgements() -> None:
+        rng = random.Random(8)
+        for _ in range(200_000):
+            if done.is_set():
+                return
+            acked = buffer.sent if rng.random() < 0.5 else rng.randint(buffer.acknowledged, buffer.sent)
+            buffer.acknowledge(acked)
+            sent = buffer.sent  # the sender may append more while the replay is read: never less
+            kept = b"".join(buffer.replay(acked))
+            if len(kept) < sent - acked or not stream.startswith(kept, acked):
+                failures.append(f"replay from {acked} is not the stream's next {sent - acked} bytes")
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    acknowledger = threading.Thread(target=acknowledge, daemon=True)
+    try:
+        acknowledger.start()
+        offset, rng, deadline = 0, random.Random(9), time.monotonic() + 30
+        while offset < len(stream) and time.monotonic() < deadline:
+            chunk = stream[offset:offset + rng.randrange(1, 300)]
+            if buffer.append_within_room(chunk):
+                offset += len(chunk)
+    finally:
+        done.set()
+        acknowledger.join(30)
+        sys.setswitchinterval(previous)
+    assert offset == len(stream) and not failures
+    assert b"".join(buffer.replay(buffer.acknowledged)) == stream[buffer.acknowledged:]
+
+
 # -- acknowledgements --------------------------------------------------------------------------
 
 
@@ -169,6 +227,18 @@ def test_acknowledged_by_time_when_little_arrives() -> None:
     assert receipts.due(100.4) is None
     assert receipts.due(100.5) == Ack(10)
     assert receipts.due(200.0) is None  # nothing new: nothing to say
+
+
+def test_bytes_counted_while_an_acknowledgement_was_made_get_a_timer_of_their_own() -> None:
+    """The reader counts without a lock: its count may land after the housekeeper's :meth:`due` read the
+    total and before it cleared the timer. Those bytes then have no timer; the next ``due`` starts one."""
+    receipts = Receipts(peer_buffer=1 << 20, interval=0.5)
+    assert not receipts.count(10, now=100.0)
+    assert receipts.due(100.5) == Ack(10)
+    receipts.received += 5  # the reader's count, between due's read and its clearing of the timer
+    assert receipts.due(100.6) is None  # the timer starts here
+    assert receipts.due(101.0) is None
+    assert receipts.due(101.1) == Ack(15)
 
 
 # -- the whole protocol over simulated cuts ----------------------------------------------------
