@@ -253,7 +253,7 @@ class ReplayBuffer:
         and pops are atomic and whose attribute stores are seen in order, and only while this thread is
         the only one that appends.
         """
-        if len(data) > self.limit - self.sent + self.acknowledged:
+        if len(data) > self.room():
             return False
         self._chunks.append(data)
         self.sent += len(data)

@@ -609,17 +609,14 @@ class Tunnel:
                 raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "control message on a tunnel that did not "
                                         "negotiate resume")
             return event
-        if type(event) is bytes and session.decided:  # data, the common case, first
-            session.taken += len(event)
-            return event
         if not session.decided and session.first_message(event):
             websocket.announce_close = True
             return None  # the backend's consent: the session is resumable
-        if isinstance(event, resume.Control):
+        if isinstance(event, bytes):  # data, the common case, before the costlier union check
+            session.taken += len(event)
+        elif isinstance(event, resume.Control):
             self._on_control(event)
             return None
-        if isinstance(event, bytes):
-            session.taken += len(event)
         elif isinstance(event, EndOfStream):
             session.marker_taken = True
         return event
