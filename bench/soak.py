@@ -187,10 +187,21 @@ def back_to_idle(pid: int, idle: Snapshot, timeout: float) -> tuple[bool, Snapsh
         time.sleep(0.1)
 
 
+#: Every port :func:`free_port` handed out in this run.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing is bound to now, never one handed out before in this run (the kernel may offer a
+    port again as soon as it is closed: two listeners of one config once got the same one)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no port that was not handed out before, in 100 tries")
 
 
 # ---------------------------------------------------------------------------

@@ -24,11 +24,22 @@ BIN = Path(sys.executable).parent
 READY_TIMEOUT = 10.0
 
 
+#: Every port :func:`free_port` handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing is bound to now, and never one handed out before in this process: the kernel may
+    offer a port again as soon as it is closed, so a test asking for two could get the same one twice."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no port that was not handed out before, in 100 tries")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
