@@ -120,7 +120,7 @@ class Endpoint:
 
     # -- writing (the caller of _write_frame holds the send lock) ---------------
 
-    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes | bytearray:
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
         """One whole frame as it goes on the wire."""
         raise NotImplementedError
 
@@ -188,7 +188,7 @@ class Endpoint:
             pending += self._close_frames(close)
         return pending, switch and not closing
 
-    def _close_frames(self, payload: bytes) -> bytes | bytearray:
+    def _close_frames(self, payload: bytes) -> bytes:
         """Our close frame, announced first if :attr:`announce_close` (see :mod:`bridge.resume`)."""
         frame = self._frame_bytes(frames.OPCODE_CLOSE, payload)
         if not self.announce_close:

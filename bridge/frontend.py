@@ -84,8 +84,12 @@ class ClientEndpoint(Endpoint):
                 self._write_frame(frames.OPCODE_BINARY, b"")  # the switch marker, before anything else
             self.binary = True
 
-    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes | bytearray:
-        return frames.masked_frame(opcode, payload, os.urandom(4))
+    def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
+        key = os.urandom(4)
+        return frames.frame_header(opcode, len(payload), key) + frames.mask(payload, key)
+
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
+        self._sock.sendall(frames.masked_frame(opcode, payload, os.urandom(4)))
 
 
 # ---------------------------------------------------------------------------

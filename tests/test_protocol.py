@@ -454,9 +454,10 @@ def test_a_large_frame_waits_for_its_mask_key_before_taking_its_own_buffer() -> 
     assert parser.next_frame() == frames.Frame(frames.OPCODE_BINARY, True, data)
 
 
-@pytest.mark.parametrize("length", [0, 5, 1023, 1024, 1027, 70001])
+@pytest.mark.parametrize("length", [0, 5, 1023, 1024, 1025, 1026, 1027, 65535, 65536, 70001])
 def test_a_masked_frame_is_its_header_and_its_payload_masked(length: int) -> None:
-    """Built in one buffer (large) or joined (small): the same bytes as the header plus the pure-Python mask."""
+    """Masked into its own buffer (large: every header size, every tail after the last whole word) or joined
+    (small): the same bytes as the header plus the pure-Python mask."""
     key, payload = os.urandom(4), os.urandom(length)
     expected = frames.frame_header(frames.OPCODE_BINARY, length, key) + frames.mask_pure(payload, key)
     assert bytes(frames.masked_frame(frames.OPCODE_BINARY, payload, key)) == expected

@@ -140,6 +140,36 @@ def test_what_we_encode_wsproto_parses_to_the_same_frames(wires: list[Wire], fro
     assert parse_with_wsproto(wire, client=not from_client) == wires
 
 
+@BOUNDED
+@given(st.integers(0, 70000), st.sampled_from([frames.OPCODE_BINARY, frames.OPCODE_TEXT]))
+def test_a_client_frame_we_mask_in_one_pass_wsproto_unmasks_to_its_payload(length: int, opcode: int) -> None:
+    """What the frontend writes for each data message (:func:`frames.masked_frame`), read by wsproto's server."""
+    payload = os.urandom(length) if opcode == frames.OPCODE_BINARY else b"f" * length
+    wire = bytes(frames.masked_frame(opcode, payload, os.urandom(4)))
+    assert parse_with_wsproto(wire, client=False) == [Wire(opcode, True, payload)]
+
+
+@BOUNDED
+@given(st.integers(1, 70000), st.integers(0, 20), st.booleans())
+def test_we_unmask_a_whole_client_frame_like_wsproto_wherever_it_lies_in_what_was_read(
+        length: int, before: int, growing: bool) -> None:
+    """A frame that arrived whole is unmasked straight out of the parser's buffer (the bytes one read
+    brought, or the bytearray where a frame cut across reads grows), at any alignment."""
+    payload = os.urandom(length)
+    wire = bytes(FrameProtocol(client=True, extensions=[]).send_data(payload, True))
+    ping = Wire(frames.OPCODE_PING, True, b"p" * before)  # shifts the frame's alignment in the buffer
+    parser = FrameParser(MAX_PAYLOAD, masked=True)
+    if growing:
+        parser.feed(encode_ours([ping], client=True) + wire[:1])
+        assert parser.next_frame() == ping
+        assert parser.next_frame() is None
+        parser.feed(wire[1:])
+    else:
+        parser.feed(encode_ours([ping], client=True) + wire)
+        assert parser.next_frame() == ping
+    assert parser.next_frame() == frames.Frame(frames.OPCODE_BINARY, True, payload)
+
+
 def wsproto_refuses(wire: bytes, *, from_client: bool) -> bool:
     receiver = FrameProtocol(client=not from_client, extensions=[])
     receiver.receive_bytes(wire)
