@@ -272,9 +272,10 @@ def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes | memoryview:
         return header + mask(payload, key)
     start = -len(header) % 16
     frame = _numpy.empty(start + len(header) + len(payload), dtype=_numpy.uint8)
-    frame[start:start + len(header)] = _numpy.frombuffer(header, dtype=_numpy.uint8)
+    data: memoryview = frame.data
+    data[start:start + len(header)] = header  # a memoryview slice: cheaper than one more numpy array
     _mask_into(frame[start + len(header):], payload, key)
-    return memoryview(frame.data)[start:]
+    return data[start:]
 
 
 def _mask_into(out: Any, payload: bytes | memoryview, key: bytes) -> None:
