@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import free_port  # bench.py beside this script
 from bridge.workers import IDLE_SECONDS
 
 BIN = Path(sys.executable).parent
@@ -185,23 +186,6 @@ def back_to_idle(pid: int, idle: Snapshot, timeout: float) -> tuple[bool, Snapsh
         if time.monotonic() - started > timeout:
             return False, now, time.monotonic() - started
         time.sleep(0.1)
-
-
-#: Every port :func:`free_port` handed out in this run.
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing is bound to now, never one handed out before in this run (the kernel may offer a
-    port again as soon as it is closed: two listeners of one config once got the same one)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no port that was not handed out before, in 100 tries")
 
 
 # ---------------------------------------------------------------------------

@@ -251,12 +251,8 @@ def mask_in_place(buffer: bytearray, key: bytes, start: int = 0) -> None:
     if _numpy is None or length < 1024:
         buffer[start:] = mask_pure(bytes(buffer[start:]), key)
         return
-    words = length // 4
-    view = _numpy.frombuffer(buffer, dtype=_numpy.uint32, count=words, offset=start)
-    view ^= _numpy.frombuffer(key, dtype=_numpy.uint32)[0]
-    tail = start + words * 4
-    for index in range(tail, len(buffer)):
-        buffer[index] ^= key[index - tail]
+    view = _numpy.frombuffer(buffer, dtype=_numpy.uint8, offset=start)
+    _mask_into(view, view, key)
 
 
 def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes | memoryview:
@@ -278,8 +274,9 @@ def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes | memoryview:
     return data[start:]
 
 
-def _mask_into(out: Any, payload: bytes | memoryview, key: bytes) -> None:
-    """:func:`mask` of ``payload`` written to ``out``, a uint8 numpy array as long (numpy only)."""
+def _mask_into(out: Any, payload: Any, key: bytes) -> None:
+    """:func:`mask` of ``payload`` (any buffer, ``out`` itself included) written to ``out``, a uint8 numpy
+    array as long (numpy only)."""
     length = len(payload)
     words = length // 4
     _numpy.bitwise_xor(_numpy.frombuffer(payload, dtype=_numpy.uint32, count=words),

@@ -85,8 +85,7 @@ class ClientEndpoint(Endpoint):
             self.binary = True
 
     def _frame_bytes(self, opcode: int, payload: bytes) -> bytes:
-        key = os.urandom(4)
-        return frames.frame_header(opcode, len(payload), key) + frames.mask(payload, key)
+        return bytes(frames.masked_frame(opcode, payload, os.urandom(4)))  # control frames: bytes already
 
     def _write_frame(self, opcode: int, payload: bytes) -> None:
         self._sock.sendall(frames.masked_frame(opcode, payload, os.urandom(4)))
