@@ -10,8 +10,11 @@ direction (the peer towards our TCP side) is ``OPEN`` or ``ENDED`` (its marker c
 **phase** is ``RUNNING``, ``CLOSING`` (our close 1000 is decided: we still deliver what the peer
 sent before it saw it) or ``DONE`` (no more bytes move). ``close_sent``: we decided on a close
 frame of ours (a close 1000, or the answer to the peer's). ``detached``: a resumable tunnel's
-websocket dropped and it waits for a new one (:mod:`bridge.resume`). The outcome is set when the end
-is decided and fixed once the phase is ``DONE``.
+websocket dropped and it waits for a new one (:mod:`bridge.resume`). ``confirm_marker`` (resumable
+tunnels): a clean close also waits until the peer acknowledged our marker (``marker_confirmed``), since
+a relay may end the websocket right after our close frame (the inverting proxy's agent echoes it at
+once): the peer must then lack nothing of ours. The outcome is set when the end is decided and fixed
+once the phase is ``DONE``.
 
 ==========================  ====================================  =====================================================
 event                       when                                  actions, then state
@@ -19,13 +22,17 @@ event                       when                                  actions, then 
 ``tcp_ended``               phase not RUNNING, or up not OPEN     none
                             ``half_close`` off                    as ``close(clean)``
                             detached                              none; up ENDING (``attached`` sends the marker)
-                            down ENDED (the last marker)          SEND_END_OF_STREAM_AND_CLOSE, SHUT_TCP_READ;
-                                                                  up ENDING, CLOSING, outcome clean
+                            down ENDED (the last marker), not     SEND_END_OF_STREAM_AND_CLOSE, SHUT_TCP_READ;
+                            ``confirm_marker``                    up ENDING, CLOSING, outcome clean
                             otherwise                             SEND_END_OF_STREAM; up ENDING
 ``end_of_stream_sent``      (after SEND_END_OF_STREAM)            up ENDED; then as ``close(clean)`` if down ENDED
+                                                                  and our marker is confirmed (or need not be)
 ``end_of_stream_received``  down ENDED already, or DONE           none
                             otherwise                             SHUT_TCP_WRITE; down ENDED; then as
-                                                                  ``close(clean)`` if up ENDED
+                                                                  ``close(clean)`` if up ENDED and our marker is
+                                                                  confirmed (or need not be)
+``marker_acknowledged``     RUNNING, attached, both ENDED         marker confirmed; as ``close(clean)``
+                            otherwise                             marker confirmed; none
 ``close_received(code)``    code not 1000/1005, no close sent     as ``abort(aborted_by_peer)``, answered with 1000
                             DONE                                  none
                             close sent (the peer's answer)        SHUT_TCP_BOTH; DONE
@@ -37,6 +44,7 @@ event                       when                                  actions, then 
                             close sent (the end we asked for)     none
                             otherwise                             as ``abort(websocket_dropped)``
 ``attached(peer_has_marker)``  DONE, or not detached              none
+                            (any of the rows below)               marker confirmed if ``peer_has_marker``
                             CLOSING, up not OPEN, the peer        SEND_END_OF_STREAM_AND_CLOSE; not detached
                             lacks our marker
                             CLOSING otherwise                     SEND_CLOSE (again); not detached, up ENDED
@@ -147,6 +155,9 @@ class Lifecycle:
         self.close_sent = False
         self.aborted = False
         self.detached = False
+        #: A resumable tunnel's clean close waits until the peer has our marker (:meth:`marker_acknowledged`).
+        self.confirm_marker = False
+        self.marker_confirmed = False
         self.outcome: Outcome | None = None
 
     # -- what the pumps and the housekeeper ask --------------------------------
@@ -177,7 +188,7 @@ class Lifecycle:
         self.up = Up.ENDING  # before the marker leaves: the peer may answer it at once
         if self.detached:
             return NOTHING  # the marker is owed: attached() sends it on the new websocket
-        if self.down is Down.ENDED:
+        if self.down is Down.ENDED and not self.confirm_marker:
             self._start_closing(CLEAN)
             return Step((Action.SEND_END_OF_STREAM_AND_CLOSE, Action.SHUT_TCP_READ))
         return Step((Action.SEND_END_OF_STREAM,))
@@ -185,7 +196,7 @@ class Lifecycle:
     def end_of_stream_sent(self) -> Step:
         """Our marker (from SEND_END_OF_STREAM) is on the wire."""
         self.up = Up.ENDED
-        return self.close(CLEAN) if self.down is Down.ENDED else NOTHING
+        return self.close(CLEAN) if self.down is Down.ENDED and self._peer_has_marker() else NOTHING
 
     def end_of_stream_received(self) -> Step:
         """The peer's end-of-stream marker arrived."""
@@ -194,7 +205,14 @@ class Lifecycle:
         self.down = Down.ENDED
         shut = Step((Action.SHUT_TCP_WRITE,))
         # Our close frame must follow our marker, never overtake it: only once it is on the wire.
-        return shut + self.close(CLEAN) if self.up is Up.ENDED else shut
+        return shut + self.close(CLEAN) if self.up is Up.ENDED and self._peer_has_marker() else shut
+
+    def marker_acknowledged(self) -> Step:
+        """The peer acknowledged our end-of-stream marker (resumable tunnels)."""
+        self.marker_confirmed = True
+        if self.phase is not Phase.RUNNING or self.detached or self.up is not Up.ENDED or self.down is not Down.ENDED:
+            return NOTHING
+        return self.close(CLEAN)
 
     def close_received(self, code: int, reason: str = "") -> Step:
         """The peer's close frame arrived (``code`` 1005 when it carried none)."""
@@ -233,6 +251,7 @@ class Lifecycle:
         if self.phase is Phase.DONE or not self.detached:
             return NOTHING
         self.detached = False
+        self.marker_confirmed = self.marker_confirmed or peer_has_marker
         if self.phase is Phase.CLOSING:
             if self.up is not Up.OPEN and not peer_has_marker:
                 return Step((Action.SEND_END_OF_STREAM_AND_CLOSE,))
@@ -265,6 +284,9 @@ class Lifecycle:
         self.outcome = outcome
         tell = (Action.SEND_ABORT_CLOSE,) if not self.close_sent else ()
         return Step((Action.RESET_TCP, *tell, Action.SHUT_WEBSOCKET), code)
+
+    def _peer_has_marker(self) -> bool:
+        return self.marker_confirmed or not self.confirm_marker
 
     def _start_closing(self, outcome: Outcome) -> None:
         self.phase = Phase.CLOSING

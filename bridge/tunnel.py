@@ -210,6 +210,7 @@ class Tunnel:
         self._peer_closing: int | None = None
         if session is not None and session.consented:
             websocket.announce_close = True
+            self._lifecycle.confirm_marker = True
 
     # -- public -------------------------------------------------------------
 
@@ -595,9 +596,11 @@ class Tunnel:
 
     def _closed_by_a_relay(self) -> bool:
         """Whether a close frame on a resumable tunnel came without the peer's announcement: a relay made it
-        (:class:`~bridge.resume.Closing`)."""
+        (:class:`~bridge.resume.Closing`). Once both markers went through (the peer acknowledged ours, we
+        took theirs) nothing is left to resume, and any close 1000 is the end."""
         session = self._session
-        return session is not None and session.consented and self._peer_closing is None
+        return (session is not None and session.consented and self._peer_closing is None
+                and not (session.peer_has_marker and session.marker_taken))
 
     def _take(self, websocket: Endpoint) -> bytes | EndOfStream | Closed | None:
         """The next message from ``websocket`` for the TCP side, counted; None for one the session consumed
@@ -611,6 +614,8 @@ class Tunnel:
             return event
         if not session.decided and session.first_message(event):
             websocket.announce_close = True
+            with self._lock:
+                self._lifecycle.confirm_marker = True
             return None  # the backend's consent: the session is resumable
         if isinstance(event, bytes):  # data, the common case, before the costlier union check
             session.taken += len(event)
@@ -631,6 +636,10 @@ class Tunnel:
         if isinstance(message, resume.Ack):
             session.acknowledged(message)
             self.last_activity = time.monotonic()  # the peer's target is taking our bytes
+            if message.ended:
+                # Our clean close waited for this: a relay may end the websocket right after our close
+                # (the inverting proxy's agent echoes it at once), and then the peer must lack nothing.
+                self._carry_out(self._decide(Lifecycle.marker_acknowledged))
         elif isinstance(message, resume.Closing):
             self._peer_closing = message.code
         else:

@@ -94,6 +94,55 @@ def test_a_marker_after_ours_is_on_the_wire_closes_at_once() -> None:
     assert lc.end_of_stream_received().actions == (A.SHUT_TCP_WRITE, A.SEND_CLOSE, A.SHUT_TCP_READ)
 
 
+def confirming() -> Lifecycle:
+    """A resumable tunnel's lifecycle: its clean close waits for the peer's acknowledgement of our marker."""
+    lc = Lifecycle()
+    lc.confirm_marker = True
+    return lc
+
+
+def marker_acknowledged(lc: Lifecycle) -> Step:
+    return lc.marker_acknowledged()
+
+
+def test_a_resumable_tunnel_closes_only_once_the_peer_acknowledged_our_marker() -> None:
+    lc = confirming()
+    assert lc.end_of_stream_received().actions == (A.SHUT_TCP_WRITE,)
+    assert lc.tcp_ended().actions == (A.SEND_END_OF_STREAM,)  # not the marker and the close together
+    assert lc.end_of_stream_sent() == Step()
+    assert state(lc) == (Up.ENDED, Down.ENDED, Phase.RUNNING, False)
+    assert lc.marker_acknowledged().actions == (A.SEND_CLOSE, A.SHUT_TCP_READ)
+    assert lc.phase is Phase.CLOSING and lc.outcome == CLEAN
+
+
+def test_a_marker_acknowledged_before_the_peers_marker_closes_when_that_comes() -> None:
+    lc = confirming()
+    lc.tcp_ended()
+    lc.end_of_stream_sent()
+    assert lc.marker_acknowledged() == Step()  # the peer still sends
+    assert lc.end_of_stream_received().actions == (A.SHUT_TCP_WRITE, A.SEND_CLOSE, A.SHUT_TCP_READ)
+
+
+def test_an_acknowledgement_while_detached_waits_for_the_new_websocket() -> None:
+    lc = confirming()
+    lc.end_of_stream_received()
+    lc.tcp_ended()
+    lc.end_of_stream_sent()
+    assert lc.websocket_dropped(DROPPED, resumable=True).actions == (A.DETACH,)
+    assert lc.marker_acknowledged() == Step()
+    assert lc.attached(peer_has_marker=True).actions == (A.SEND_CLOSE, A.SHUT_TCP_READ)
+
+
+def test_a_peer_that_says_on_re_attach_it_has_our_marker_lets_us_close() -> None:
+    lc = confirming()
+    lc.end_of_stream_received()
+    lc.tcp_ended()
+    lc.end_of_stream_sent()
+    lc.websocket_dropped(DROPPED, resumable=True)
+    assert lc.attached(peer_has_marker=True).actions == (A.SEND_CLOSE, A.SHUT_TCP_READ)
+    assert lc.marker_confirmed
+
+
 def test_a_second_marker_or_one_after_the_end_does_nothing() -> None:
     lc = Lifecycle()
     lc.end_of_stream_received()
@@ -303,6 +352,20 @@ def test_both_directions_ending_in_any_order(events: list[Event]) -> None:
     assert lc.outcome == expected, [e.__name__ for e in events]
     assert lc.done
     assert sum(a in CLOSE_FRAMES for a in actions) == 1
+
+
+@pytest.mark.parametrize("events", [
+    *interleavings([*UP, marker_acknowledged], [marker_received]),
+    # the reader may take the acknowledgement before the sender reports its marker written
+    *interleavings([tcp_ended, marker_acknowledged, marker_sent], [marker_received])])
+def test_a_resumable_tunnel_closes_clean_once_in_any_order(events: list[Event]) -> None:
+    """Whatever the order of our marker, the peer's acknowledgement of it and the peer's marker, one clean
+    close, decided only once all three happened."""
+    lc = confirming()
+    actions = run(lc, events)
+    assert sum(a in CLOSE_FRAMES for a in actions) == 1
+    assert lc.close_sent and lc.outcome == CLEAN
+    assert lc.up is Up.ENDED and lc.down is Down.ENDED and lc.marker_confirmed
 
 
 @pytest.mark.parametrize("events", list(interleavings(UP, [close_1000])))

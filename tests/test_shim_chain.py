@@ -286,6 +286,35 @@ def test_aborts_arrive_as_clean_closes(chain: Chain, recorder: Recorder) -> None
     assert wait_until(lambda: record.ended == "poll answered 400", 10), record
 
 
+def test_resumable_tunnels_end_clean_through_the_shim_without_lingering(
+        tmp_path: Path, echo: TcpServer, recorder: Recorder) -> None:
+    """The agent echoes a backend's close at once, before the frontend has read what preceded it: a
+    backend that took that for a drop would keep every ended tunnel for ``resume_timeout``, and its
+    frontend redial. So a resumable tunnel closes only once the peer acknowledged its end-of-stream
+    marker, and then nothing is left to resume: whichever side ends last, both end clean at once."""
+    servers = [TcpServer(source_handler), TcpServer(recorder.greet)]
+    chain = start_chain(tmp_path, {"default": echo.address, "source": servers[0].address,
+                                   "greet": servers[1].address}, options={"resume": True})
+    try:
+        assert echo_through(chain, pattern(300_000)) == pattern(300_000)  # the frontend's side ends first
+        with chain.connect("source") as sock:  # the backend's side ends first
+            assert recv_all(sock, timeout=60) == pattern(8 * MiB)
+        with chain.connect("greet") as sock:
+            assert recv_all(sock, timeout=20) == b"hello"
+            sock.sendall(b"bye")
+            sock.shutdown(socket.SHUT_WR)
+            assert recorder.next() == "bye"
+        for daemon, label in ((chain.frontend, "tunnel"), (chain.backend, "tunnel")):
+            assert wait_until(lambda d=daemon: d.log.count("closed (clean)") == 3, 10), daemon.log
+            assert "dropped" not in daemon.log, label
+        assert wait_until(lambda: chain.agent.live_sessions() == 0, 10)
+        assert len(chain.proxy.sessions) == 3  # no redials
+    finally:
+        chain.stop()
+        for server in servers:
+            server.close()
+
+
 def test_full_close_reclaims_the_session(chain: Chain) -> None:
     with chain.connect() as sock:
         sock.sendall(b"ping")
