@@ -1113,8 +1113,9 @@ class _ProxyConnection:
                     if not self.closing.is_set():
                         self.closing.set()
                         record.ended = f"frontend closed with {event.code}"
-                        if not self.upstream_dead:
-                            self._post_close(record, http_up)
+                        # Posted even after a refused data request, as the JS's close() does: the
+                        # session may still be in the agent (its backend closed, no poll saw it yet).
+                        self._post_close(record, http_up)
                         self.send(event.response())
                     return
             if not data:
