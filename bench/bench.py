@@ -15,7 +15,7 @@ Medians over rounds, and ratios to socat from the same run.
     .venv/bin/python bench/bench.py --systems tcpbridge,socat --size 64M --rounds 5
     .venv/bin/python bench/bench.py --profile       # also py-spy the daemons during a bulk run each way
     .venv/bin/python bench/bench.py --sections rr,mixed --rounds 1   # one part only
-    .venv/bin/python bench/bench.py --systems socat,tcpbridge,tcpbridge-resume --sections bulk,rtt  # resume's cost
+    .venv/bin/python bench/bench.py --systems socat,tcpbridge-noresume,tcpbridge --sections bulk,rtt  # resume's cost
 
 Processes: the targets (sink, source, echo, flood) run in their own process (bench/targets.py), the
 request/response and bulk load in processes of their own (bench/loadgen.py); the daemons
@@ -67,10 +67,10 @@ CHUNK = 1 << 20
 IO_TIMEOUT = 30.0  # no progress for this long on any one socket call: the run fails
 SEED = 20240601
 SYSTEMS = ("direct", "socat", "tcpbridge")
-#: tcpbridge with ``workers: N`` (or auto) and/or ``resume: true`` in both daemons, beside the configured
-#: default: tcpbridge-w2, tcpbridge-resume, tcpbridge-w2-resume; a size after -resume sets
-#: ``resume_buffer`` in MiB (tcpbridge-resume4m).
-VARIANT = re.compile(r"tcpbridge(?=-)(?:-w(\d+|auto))?(-resume(?:(\d+)m)?)?")
+#: tcpbridge with ``workers: N`` (or auto) and/or ``resume`` set in both daemons, beside the configured
+#: default (resumable): tcpbridge-w2, tcpbridge-noresume (``resume: false``), tcpbridge-w2-resume; a size
+#: after -resume sets ``resume_buffer`` in MiB (tcpbridge-resume16m).
+VARIANT = re.compile(r"tcpbridge(?=-)(?:-w(\d+|auto))?(?:(-resume)(?:(\d+)m)?|(-noresume))?")
 SECTIONS = ("bulk", "rtt", "setup", "rr", "mixed", "held")
 RESULTS = HERE / "results"
 
@@ -255,7 +255,8 @@ def _start_daemon(command: str, config: Path, log: Path) -> subprocess.Popen[byt
 
 def start_tcpbridge(targets: dict[str, int], workdir: Path, log_level: str, name: str = "tcpbridge") -> System:
     """A frontend+backend pair; ``name`` tcpbridge-wN runs both with ``workers: N``, tcpbridge-resume (or
-    tcpbridge-wN-resume) with ``resume: true`` (tcpbridge-resume16m: and ``resume_buffer: 16 MiB``)."""
+    tcpbridge-wN-resume) with ``resume: true`` (tcpbridge-resume16m: and ``resume_buffer: 16 MiB``),
+    tcpbridge-noresume (or tcpbridge-wN-noresume) with ``resume: false``."""
     variant = VARIANT.fullmatch(name)
     workers: dict[str, Any] = {}
     if variant and variant.group(1):
@@ -264,6 +265,8 @@ def start_tcpbridge(targets: dict[str, int], workdir: Path, log_level: str, name
         workers["resume"] = True
     if variant and variant.group(3):
         workers["resume_buffer"] = int(variant.group(3)) * MIB
+    if variant and variant.group(4):
+        workers["resume"] = False
     workdir.mkdir(parents=True, exist_ok=True)
     backend_port = free_port()
     ports = {service: free_port() for service in targets}
@@ -980,8 +983,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, one round")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}, plus tcpbridge-wN or tcpbridge-wauto "
-                        "(tcpbridge with workers: N) and tcpbridge-resume or tcpbridge-wN-resume (resume: true; "
-                        "tcpbridge-resume16m: resume_buffer 16 MiB)")
+                        "(tcpbridge with workers: N), tcpbridge-noresume or tcpbridge-wN-noresume (resume: false), "
+                        "tcpbridge-resume16m (resume_buffer 16 MiB)")
     parser.add_argument("--size", help="bulk transfer size each way (default 256M; --quick 8M)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     parser.add_argument("--rtt-count", type=int, help="64-byte round trips per run (default 3000; --quick 300)")

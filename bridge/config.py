@@ -95,9 +95,9 @@ class TunnelOptions:
     ping_timeout: float = 30.0
     idle_timeout: float = 0.0
     frames: str = "auto"
-    #: Whether a tunnel outlives a dropped websocket between two tcpbridge ends (:mod:`bridge.resume`).
-    #: Off by default until re-attaching exists: keeping what was sent costs bulk throughput today.
-    resume: bool = False
+    #: Whether a tunnel outlives a dropped websocket between two tcpbridge ends (:mod:`bridge.resume`);
+    #: negotiated, so a Go peer never sees the difference. ``false`` turns it off.
+    resume: bool = True
     #: The bytes each side keeps for replay per direction; a full buffer stops reading the TCP side.
     resume_buffer: int = DEFAULT_BUFFER
     #: How long a tunnel whose websocket dropped waits for a new one (the frontend redials meanwhile).

@@ -539,17 +539,20 @@ def test_max_message_bytes_below_go_frontend_size(value: int) -> None:
          "max_message_bytes")
 
 
-def test_resume_is_off_with_a_4_mib_buffer_unless_configured() -> None:
+def test_resume_is_on_with_a_4_mib_buffer_unless_configured() -> None:
     t = parse_frontend(front(tunnel()), SRC).tunnels[0]
-    assert (t.options.resume, t.options.resume_buffer) == (False, 4 * 1024 * 1024)
-    t = parse_frontend(front(tunnel(resume=True), resume_buffer=65536), SRC).tunnels[0]
-    assert (t.options.resume, t.options.resume_buffer) == (True, 65536)
-    t = parse_frontend(front(tunnel(resume=False), resume=True), SRC).tunnels[0]
-    assert not t.options.resume  # the tunnel's own setting wins
-    listener_options = parse_backend(back(listener(resume=True, resume_buffer=1 << 30, resume_timeout=5)),
+    assert (t.options.resume, t.options.resume_buffer) == (True, 4 * 1024 * 1024)
+    t = parse_frontend(front(tunnel(resume=False), resume_buffer=65536), SRC).tunnels[0]
+    assert (t.options.resume, t.options.resume_buffer) == (False, 65536)
+    t = parse_frontend(front(tunnel(resume=True), resume=False), SRC).tunnels[0]
+    assert t.options.resume  # the tunnel's own setting wins
+    t = parse_frontend(front(tunnel(), resume=False), SRC).tunnels[0]
+    assert not t.options.resume  # the top-level setting is every tunnel's default
+    listener_options = parse_backend(back(listener(resume=False, resume_buffer=1 << 30, resume_timeout=5)),
                                      SRC).listeners[0].options
-    assert (listener_options.resume, listener_options.resume_buffer) == (True, 1 << 30)
+    assert (listener_options.resume, listener_options.resume_buffer) == (False, 1 << 30)
     assert listener_options.resume_timeout == 5.0 and t.options.resume_timeout == 60.0
+    assert parse_backend(back(listener()), SRC).listeners[0].options.resume
 
 
 @pytest.mark.parametrize("value", [65535, 0, -1, (1 << 30) + 1, "4MiB", 1.5, True])

@@ -47,6 +47,8 @@ from tests.helpers import (
 MASK = b"\x01\x02\x03\x04"
 TOKEN_BYTES = 16
 RESTART_BOUND = 10.0
+#: The shared backend's resume_timeout: how long a resumable tunnel whose websocket went away waits.
+RESUME_TIMEOUT = 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -117,6 +119,10 @@ class Staller:
     def release(self) -> None:
         self.released.set()
 
+    def stall(self) -> None:
+        """Stall the connections accepted from now on (after a :meth:`release`)."""
+        self.released.clear()
+
 
 # ---------------------------------------------------------------------------
 # The shared pair
@@ -143,9 +149,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
               "reset": resetter.address,
               "refuse": f"127.0.0.1:{free_port()}"}
     back = backend(write_yaml(tmp, "backend.yaml", {"listeners": [
-        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": routes}]})).wait_ready()
-    ports = {name: free_port() for name in ("echo", "stall", "reset", "refuse")}
-    tunnels = [{"name": name, "listen": f"127.0.0.1:{port}", **({"route": name} if name != "echo" else {})}
+        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": routes,
+         "resume_timeout": RESUME_TIMEOUT}]})).wait_ready()
+    ports = {name: free_port() for name in ("echo", "stall", "stall-unresumable", "reset", "refuse")}
+    tunnels = [{"name": name, "listen": f"127.0.0.1:{port}",
+                "route": name.removesuffix("-unresumable"), "resume": not name.endswith("-unresumable")}
+               if name != "echo" else {"name": name, "listen": f"127.0.0.1:{port}"}
                for name, port in ports.items()]
     try:
         front = frontend(write_yaml(tmp, "frontend.yaml", {
@@ -471,18 +480,21 @@ def test_refusing_target_resets_the_client_at_once(stack: Stack) -> None:
     assert_serves(stack)
 
 
-def test_closing_the_client_ends_a_tunnel_whose_target_stalls(stack: Stack) -> None:
+@pytest.mark.parametrize("tunnel", ["stall", "stall-unresumable"])
+def test_closing_the_client_ends_a_tunnel_whose_target_stalls(stack: Stack, tunnel: str) -> None:
     """The target accepts and never reads; the client pushes until blocked, then goes away (reset).
-    Expected: both daemons end that tunnel promptly (docs/reliability.md: a reset on one TCP side resets the other).
+    Expected: both daemons end that tunnel (docs/reliability.md: a reset on one TCP side resets the
+    other), a tunnel without resume within seconds.
 
-    Fails today: the frontend's reader is blocked sending to the websocket and the backend's writer is
-    blocked sending to the target, so nobody notices the client's reset; keepalive pings are skipped
-    while sends are stuck. The tunnel (2 threads, 2 fds and the queued bytes in each daemon) stays until
-    the target reads or closes, or idle_timeout (off by default) fires.
+    The backend's reader is stuck writing to the target, so it cannot read the frontend's close frame
+    behind the queued bytes: it sees the websocket's connection gone. A resumable tunnel takes that for
+    a drop and waits ``resume_timeout`` for a re-attach that never comes.
     """
-    closed = "[stall] closed", "[main/stall] closed"
+    closed = f"[{tunnel}] closed", "[main/stall] closed"
+    bound = 10 + (RESUME_TIMEOUT if tunnel == "stall" else 0)
     before = stack.frontend.log.count(closed[0]), stack.backend.log.count(closed[1])
-    client = connect(stack.ports["stall"])
+    stack.staller.stall()
+    client = connect(stack.ports[tunnel])
     pushed = 0
     try:
         client.settimeout(2)
@@ -495,8 +507,8 @@ def test_closing_the_client_ends_a_tunnel_whose_target_stalls(stack: Stack) -> N
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         ended = wait_until(lambda: (stack.frontend.log.count(closed[0]), stack.backend.log.count(closed[1]))
-                           == (before[0] + 1, before[1] + 1), 10, interval=0.1)
-        assert ended, "10 s after the client reset, the stalled tunnel is still open in " + " and ".join(
+                           == (before[0] + 1, before[1] + 1), bound, interval=0.1)
+        assert ended, f"{bound} s after the client reset, the stalled tunnel is still open in " + " and ".join(
             name for name, log, marker, n in (("frontend", stack.frontend.log, closed[0], before[0]),
                                               ("backend", stack.backend.log, closed[1], before[1]))
             if log.count(marker) == n)
@@ -610,11 +622,12 @@ def restart_to_first_byte(spawn: Callable[[], Daemon], port: int,
 
 
 def test_backend_killed_mid_transfer_resets_the_client_then_restarts(tmp_path: Path) -> None:
-    """SIGKILL of the backend while bytes flow: user sees ECONNRESET (never a clean EOF), and every
-    byte received before it is a true prefix of what was sent. Restarted on the same port, the
-    backend serves a new tunnel within seconds (time printed; run with -s)."""
+    """SIGKILL of the backend while bytes flow, without resume: user sees ECONNRESET (never a clean EOF),
+    and every byte received before it is a true prefix of what was sent. Restarted on the same port,
+    the backend serves a new tunnel within seconds (time printed; run with -s). A resumable tunnel
+    redials instead (tests/test_reliability.py: the restarted backend's refusal resets the client)."""
     recorder = EchoRecorder()
-    pair = start_pair(tmp_path, recorder.address)
+    pair = start_pair(tmp_path, recorder.address, frontend_extra={"resume": False})
     stream = Stream(pair.frontend_port)
     try:
         stream.read_at_least(2 << 20)
@@ -635,11 +648,12 @@ def test_backend_killed_mid_transfer_resets_the_client_then_restarts(tmp_path: P
 
 
 def test_frontend_killed_mid_transfer_resets_the_target_then_restarts(tmp_path: Path) -> None:
-    """SIGKILL of the frontend while bytes flow: the target's connection is reset (the backend saw
-    the websocket drop without a close frame). Restarted on the same port, the frontend serves a new
-    tunnel within seconds (time printed; run with -s)."""
+    """SIGKILL of the frontend while bytes flow, without resume: the target's connection is reset (the
+    backend saw the websocket drop without a close frame). Restarted on the same port, the frontend
+    serves a new tunnel within seconds (time printed; run with -s). A resumable tunnel's target waits
+    ``resume_timeout`` first (tests/test_reliability.py)."""
     recorder = EchoRecorder()
-    pair = start_pair(tmp_path, recorder.address)
+    pair = start_pair(tmp_path, recorder.address, frontend_extra={"resume": False})
     stream = Stream(pair.frontend_port)
     try:
         stream.read_at_least(2 << 20)

@@ -257,13 +257,26 @@ def test_target_half_close_gives_eof_and_the_client_can_still_send(chain: Chain,
         assert recorder.next() == "after your FIN"
 
 
-def test_aborts_arrive_as_clean_closes(chain: Chain, recorder: Recorder) -> None:
+@pytest.fixture
+def abort_chain(tmp_path: Path, recorder: Recorder, request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """A chain of its own whose routes (``default`` and ``abort``) lead to :meth:`Recorder.abort`, with the
+    options the test is parametrized with (indirectly)."""
+    server = TcpServer(recorder.abort)
+    started = start_chain(tmp_path, {"default": server.address, "abort": server.address}, options=request.param)
+    yield started
+    started.stop()
+    server.close()
+
+
+@pytest.mark.parametrize("abort_chain", [{"resume": False}], indirect=True)
+def test_without_resume_aborts_arrive_as_clean_closes(abort_chain: Chain, recorder: Recorder) -> None:
     """Close codes do not cross the shim: every close arrives as 1000, so a reset becomes a FIN.
 
     Client RST -> frontend sends 1011 -> proxy posts ``close`` -> agent sends 1000 -> the backend
     ends cleanly: the target gets EOF, not a reset. Target RST -> backend sends 1011 -> the
     agent's poll answers 400 -> proxy closes with 1000 -> the client gets EOF after the data.
     """
+    chain = abort_chain
     before = len(chain.proxy.sessions)
     sock = chain.connect("abort")
     sock.sendall(b"abcdef")
@@ -313,6 +326,28 @@ def test_resumable_tunnels_end_clean_through_the_shim_without_lingering(
         chain.stop()
         for server in servers:
             server.close()
+
+
+@pytest.mark.parametrize("abort_chain", [{}], indirect=True)
+def test_with_resume_aborts_cross_the_shim_as_aborts(abort_chain: Chain, recorder: Recorder) -> None:
+    """Resumable tunnels (the default) announce their close code in a text message before the close frame
+    (``tcpbridge:closing``), which the shim carries: a reset on either side resets the other."""
+    chain = abort_chain
+    sock = chain.connect("abort")
+    sock.sendall(b"abcdef")
+    assert wait_until(lambda: any(s.data_requests for s in chain.proxy.sessions), 10)
+    reset(sock)
+    assert recorder.next() == "reset"
+    assert chain.frontend.wait_for_log("closed (abort: client reset")
+    assert chain.backend.wait_for_log("closed (abort: peer closed the websocket with 1011)")
+
+    with chain.connect("abort") as sock:
+        sock.sendall(b"reset me")
+        with pytest.raises(ConnectionResetError):
+            recv_all(sock, timeout=20)
+    assert recorder.next() == "target reset"
+    assert chain.frontend.wait_for_log("closed (abort: peer closed the websocket with 1011)")
+    assert len(chain.proxy.sessions) == 2  # ended, not resumed
 
 
 def test_full_close_reclaims_the_session(chain: Chain) -> None:

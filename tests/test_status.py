@@ -98,7 +98,7 @@ def test_status_shows_a_live_tunnel_and_matches_sd_notify(short_dir: Path, echo:
             assert tunnel["age_seconds"] >= 0
             row = next(line for line in shown.stdout.splitlines() if line.startswith(tunnel["id"]))
             assert re.search(rf"{tunnel['id']}\s+t\s+127\.0\.0\.1:\d+\s+ws://127\.0\.0\.1:{pair.backend_port}/\S*"
-                             r"\s+\d+s\s+2\.9 KiB\s+2\.9 KiB\s+-$", row), shown.stdout
+                             r"\s+\d+s\s+2\.9 KiB\s+2\.9 KiB\s+on$", row), shown.stdout  # resumable: the default
             assert "1 listeners, 1 active tunnels, 1 served, 5.9 KiB moved" in shown.stdout
             assert re.search(rf"^t\s+127\.0\.0\.1:{pair.frontend_port}\s+ws://", shown.stdout, re.M), shown.stdout
             assert shown.stdout.startswith(f"tcpbridge-frontend {doc['version']}, pid {pair.frontend.pid}, up ")
