@@ -13,7 +13,7 @@ from tests.helpers import Daemon, TcpServer, backend, echo_handler, free_port, f
 
 
 @pytest.fixture
-def echo_server() -> Iterator[TcpServer]:
+def echo() -> Iterator[TcpServer]:
     server = TcpServer(echo_handler)
     yield server
     server.close()
@@ -55,9 +55,9 @@ def start_pair(tmp_path: Path, target: str, *, frontend_extra: dict[str, Any] | 
 
 
 @pytest.fixture
-def pair(tmp_path: Path, echo_server: TcpServer) -> Iterator[Pair]:
+def pair(tmp_path: Path, echo: TcpServer) -> Iterator[Pair]:
     """A frontend+backend pair whose default route leads to an echo server."""
-    started = start_pair(tmp_path, echo_server.address)
+    started = start_pair(tmp_path, echo.address)
     yield started
     started.frontend.stop()
     started.backend.stop()

@@ -89,15 +89,15 @@ def status(directory: Path, daemon: str = "f") -> dict[str, Any]:
 
 
 @pytest.fixture
-def pair(short_dir: Path, echo_server: TcpServer) -> Iterator[Pair]:
-    started = workers_pair(short_dir, echo_server.address)
+def pair(short_dir: Path, echo: TcpServer) -> Iterator[Pair]:
+    started = workers_pair(short_dir, echo.address)
     yield started
     started.frontend.stop()
     started.backend.stop()
 
 
-def test_one_worker_is_one_process(tmp_path: Path, echo_server: TcpServer) -> None:
-    single = start_pair(tmp_path, echo_server.address)
+def test_one_worker_is_one_process(tmp_path: Path, echo: TcpServer) -> None:
+    single = start_pair(tmp_path, echo.address)
     try:
         assert children(single.frontend.pid) == [] and children(single.backend.pid) == []
     finally:
@@ -246,13 +246,13 @@ def test_a_rejected_reload_changes_nothing_in_any_worker(pair: Pair, short_dir: 
     assert "w0 " not in pair.frontend.log.split("reload rejected", 1)[1].split("\n", 1)[0]
 
 
-def test_main_alone_speaks_to_systemd(short_dir: Path, echo_server: TcpServer) -> None:
+def test_main_alone_speaks_to_systemd(short_dir: Path, echo: TcpServer) -> None:
     notify = Notifications(short_dir)
     notify.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     port = free_port()
     config = write_yaml(short_dir, "b.yaml", {"workers": 2, "control_socket": str(short_dir / "b.sock"),
                                               "listeners": [{"name": "main", "listen": f"127.0.0.1:{port}",
-                                                             "routes": {"default": echo_server.address}}]})
+                                                             "routes": {"default": echo.address}}]})
     daemon = backend(config, env={"NOTIFY_SOCKET": notify.path})
     try:
         senders = set()
@@ -271,11 +271,11 @@ def test_main_alone_speaks_to_systemd(short_dir: Path, echo_server: TcpServer) -
         notify.sock.close()
 
 
-def test_a_port_in_use_fails_the_start_as_with_one_process(short_dir: Path, echo_server: TcpServer) -> None:
+def test_a_port_in_use_fails_the_start_as_with_one_process(short_dir: Path, echo: TcpServer) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         config = write_yaml(short_dir, "b.yaml", {"workers": 2, "listeners": [
-            {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": echo_server.address}}]})
+            {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": echo.address}}]})
         daemon = backend(config)
         assert daemon.proc.wait(WAIT) == 1
         assert f"listener 'main': cannot listen on 127.0.0.1:{port}: address already in use" in daemon.log
@@ -310,12 +310,12 @@ def test_merge_sums_workers_and_keeps_retired_counters() -> None:
     assert merged.reloads == {"ok": 1, "failed": 0} and merged.uptime == 9.0
 
 
-def test_a_stuck_worker_is_replaced_when_systemd_watches(short_dir: Path, echo_server: TcpServer) -> None:
+def test_a_stuck_worker_is_replaced_when_systemd_watches(short_dir: Path, echo: TcpServer) -> None:
     notify = Notifications(short_dir)
     port = free_port()
     config = write_yaml(short_dir, "b.yaml", {"workers": 2, "control_socket": str(short_dir / "b.sock"),
                                               "listeners": [{"name": "main", "listen": f"127.0.0.1:{port}",
-                                                             "routes": {"default": echo_server.address}}]})
+                                                             "routes": {"default": echo.address}}]})
     daemon = backend(config, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
     try:
         daemon.wait_ready()
@@ -333,12 +333,12 @@ def test_a_stuck_worker_is_replaced_when_systemd_watches(short_dir: Path, echo_s
         notify.sock.close()
 
 
-def test_metrics_sum_the_workers_and_never_go_down(short_dir: Path, echo_server: TcpServer) -> None:
+def test_metrics_sum_the_workers_and_never_go_down(short_dir: Path, echo: TcpServer) -> None:
     pytest.importorskip("prometheus_client")
     from tests.test_metrics import scrape, value
 
     metrics = free_port()
-    started = start_pair(short_dir, echo_server.address,
+    started = start_pair(short_dir, echo.address,
                          frontend_extra={"workers": 2, "control_socket": str(short_dir / "f.sock"),
                                          "metrics": f"127.0.0.1:{metrics}"})
     try:
@@ -361,10 +361,10 @@ def test_metrics_sum_the_workers_and_never_go_down(short_dir: Path, echo_server:
         started.backend.stop()
 
 
-def test_auto_is_one_worker_per_cpu_the_daemon_may_use(short_dir: Path, echo_server: TcpServer) -> None:
+def test_auto_is_one_worker_per_cpu_the_daemon_may_use(short_dir: Path, echo: TcpServer) -> None:
     port = free_port()
     config = write_yaml(short_dir, "b.yaml", {"workers": "auto", "listeners": [
-        {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": echo_server.address}}]})
+        {"name": "main", "listen": f"127.0.0.1:{port}", "routes": {"default": echo.address}}]})
     daemon = backend(config).wait_ready()
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -373,14 +373,14 @@ def test_auto_is_one_worker_per_cpu_the_daemon_may_use(short_dir: Path, echo_ser
         daemon.stop()
 
 
-def test_caps_are_the_daemons_not_each_workers(short_dir: Path, echo_server: TcpServer) -> None:
-    pair = workers_pair(short_dir, echo_server.address)
+def test_caps_are_the_daemons_not_each_workers(short_dir: Path, echo: TcpServer) -> None:
+    pair = workers_pair(short_dir, echo.address)
     clients: list[socket.socket] = []
     try:
         back = write_yaml(short_dir, "backend.yaml", {
             "workers": 2, "control_socket": str(short_dir / "b.sock"),
             "listeners": [{"name": "main", "listen": f"127.0.0.1:{pair.backend_port}",
-                           "routes": {"default": echo_server.address}, "max_tunnels": 3}]})
+                           "routes": {"default": echo.address}, "max_tunnels": 3}]})
         assert back.exists()
         pair.backend.proc.send_signal(signal.SIGHUP)
         assert pair.backend.wait_for_log("reload of", WAIT)

@@ -12,7 +12,7 @@ import pytest
 import websocket
 
 from bridge.protocol import BRIDGE_PATH
-from tests.helpers import Daemon, TcpServer, backend, echo_handler, free_port, recv_all, write_yaml
+from tests.helpers import Daemon, TcpServer, backend, free_port, recv_all, write_yaml
 
 
 class Target:
@@ -39,13 +39,6 @@ def target() -> Iterator[Target]:
     t = Target()
     yield t
     t.server.close()
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
 
 
 def start_backend(tmp_path: Path, routes: dict[str, str], **options: object) -> tuple[Daemon, int]:

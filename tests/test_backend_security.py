@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from tests.helpers import (
     Daemon,
     TcpServer,
     backend,
-    echo_handler,
     free_port,
     frontend,
     recv_exactly,
@@ -36,13 +35,6 @@ from tests.helpers import (
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 LISTENER_TOKEN = "listener-Tok3n-4f1c2a"
 ROUTE_TOKEN = "route-Tok3n-9b7e5d"
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
 
 
 def start_backend(tmp_path: Path, listener: dict[str, Any], *, level: str = "debug",

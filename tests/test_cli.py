@@ -370,10 +370,10 @@ def test_frontend_and_backend_from_config_exit_0_on_sigterm(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("spelling", ["--", "-"])
-def test_go_flags_end_to_end(spelling: str, echo_server: TcpServer) -> None:
+def test_go_flags_end_to_end(spelling: str, echo: TcpServer) -> None:
     """Go-style flags, both spellings: data goes frontend -> backend -> echo target and back."""
     back_port, front_port = free_port(), free_port()
-    back = backend(None, f"{spelling}frontend-port", str(back_port), f"{spelling}backend-port", str(echo_server.port))
+    back = backend(None, f"{spelling}frontend-port", str(back_port), f"{spelling}backend-port", str(echo.port))
     front = frontend(None, f"{spelling}frontend-port", str(front_port), f"{spelling}backend",
                      f"ws://127.0.0.1:{back_port}")
     with serving(back), serving(front):
@@ -384,9 +384,9 @@ def test_go_flags_end_to_end(spelling: str, echo_server: TcpServer) -> None:
             assert recv_all(sock, timeout=10) == b"hello over go flags"
 
 
-def test_go_flags_with_equals_sign(echo_server: TcpServer) -> None:
+def test_go_flags_with_equals_sign(echo: TcpServer) -> None:
     back_port, front_port = free_port(), free_port()
-    back = backend(None, f"-frontend-port={back_port}", f"-backend-port={echo_server.port}")
+    back = backend(None, f"-frontend-port={back_port}", f"-backend-port={echo.port}")
     front = frontend(None, f"--frontend-port={front_port}", f"-backend=ws://127.0.0.1:{back_port}/")
     with serving(back), serving(front), socket.create_connection(("127.0.0.1", front_port), timeout=10) as sock:
         send_then_shutdown(sock, b"x" * 1000)

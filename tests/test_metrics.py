@@ -22,7 +22,6 @@ from tests.helpers import (
     BIN,
     TcpServer,
     backend,
-    echo_handler,
     free_port,
     frontend,
     recv_exactly,
@@ -71,13 +70,6 @@ def start_metrics_pair(tmp_path: Path, target: str) -> tuple[Pair, int, int, int
         back.stop()
         raise
     return Pair(front, back, frontend_port, backend_port), bad_port, frontend_metrics, backend_metrics
-
-
-@pytest.fixture
-def echo() -> Any:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
 
 
 def test_metrics_follow_a_tunnel_a_refusal_and_reloads(tmp_path: Path, echo: TcpServer) -> None:

@@ -40,7 +40,6 @@ from tests.helpers import (
     Daemon,
     TcpServer,
     backend,
-    echo_handler,
     free_port,
     pattern,
     recv_all,
@@ -229,13 +228,6 @@ def origin() -> Iterator[Origin]:
     server = Origin()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from tests.helpers import (
     Daemon,
     TcpServer,
     backend,
-    echo_handler,
     free_port,
     frontend,
     recv_all,
@@ -59,13 +58,6 @@ def notify(tmp_path: Path) -> Iterator[Notifications]:
     notifications = Notifications(tmp_path)
     yield notifications
     notifications.sock.close()
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
 
 
 def round_trip(port: int, payload: bytes = b"ping") -> bytes:

@@ -63,8 +63,8 @@ def exit_status(daemon: Daemon, timeout: float = EXIT_LIMIT) -> int:
 
 
 @pytest.fixture
-def long_drain_pair(tmp_path: Path, echo_server: TcpServer) -> Iterator[Pair]:
-    pair = start_pair(tmp_path, echo_server.address, frontend_extra={"drain_timeout": LONG_DRAIN},
+def long_drain_pair(tmp_path: Path, echo: TcpServer) -> Iterator[Pair]:
+    pair = start_pair(tmp_path, echo.address, frontend_extra={"drain_timeout": LONG_DRAIN},
                       backend_extra={"drain_timeout": LONG_DRAIN})
     yield pair
     pair.frontend.stop(signal.SIGQUIT), pair.backend.stop(signal.SIGQUIT)
@@ -115,11 +115,11 @@ def test_sigquit_with_nothing_open_exits_zero(long_drain_pair: Pair) -> None:
     assert "SIGQUIT: fast stop, resetting 0 tunnels" in long_drain_pair.backend.log
 
 
-def test_status_and_watchdog_pings_carry_on_during_a_drain(tmp_path: Path, echo_server: TcpServer) -> None:
+def test_status_and_watchdog_pings_carry_on_during_a_drain(tmp_path: Path, echo: TcpServer) -> None:
     notify = Notifications(tmp_path)
     backend_port, frontend_port = free_port(), free_port()
     back = backend(write_yaml(tmp_path, "b.yaml", {"drain_timeout": LONG_DRAIN, "listeners": [
-        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo_server.address}}]}),
+        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address}}]}),
         env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
     front = frontend(write_yaml(tmp_path, "f.yaml", {"backend": f"ws://127.0.0.1:{backend_port}", "tunnels": [
         {"name": "t", "listen": f"127.0.0.1:{frontend_port}"}]}))
@@ -190,11 +190,11 @@ def _copy(source: socket.socket, destination: socket.socket) -> None:
 
 
 @pytest.fixture
-def relayed(tmp_path: Path, echo_server: TcpServer) -> Iterator[tuple[Daemon, int, HeldRelay]]:
+def relayed(tmp_path: Path, echo: TcpServer) -> Iterator[tuple[Daemon, int, HeldRelay]]:
     """A frontend whose websocket dials go through a :class:`HeldRelay` to a backend: (frontend, port, relay)."""
     backend_port, frontend_port = free_port(), free_port()
     back = backend(write_yaml(tmp_path, "b.yaml", {"listeners": [
-        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo_server.address}}]}))
+        {"name": "main", "listen": f"127.0.0.1:{backend_port}", "routes": {"default": echo.address}}]}))
     relay = HeldRelay(backend_port)
     front = frontend(write_yaml(tmp_path, "f.yaml", {
         "backend": f"ws://127.0.0.1:{relay.server.port}", "drain_timeout": LONG_DRAIN,
@@ -229,7 +229,7 @@ def test_the_drain_waits_for_a_tunnel_still_dialling(relayed: tuple[Daemon, int,
 
 
 @pytest.mark.parametrize("how", ["second SIGTERM", "drain timeout"])
-def test_a_dial_still_in_progress_when_the_drain_ends_is_reset(tmp_path: Path, echo_server: TcpServer,
+def test_a_dial_still_in_progress_when_the_drain_ends_is_reset(tmp_path: Path, echo: TcpServer,
                                                                how: str) -> None:
     backend_port, port = free_port(), free_port()
     relay = HeldRelay(backend_port)  # never released: the dial never completes

@@ -21,7 +21,6 @@ from tests.helpers import (
     BIN,
     TcpServer,
     backend,
-    echo_handler,
     free_port,
     frontend,
     recv_exactly,
@@ -35,13 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def status(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "tcpbridge"), "status", *args], capture_output=True, text=True, timeout=30,
                           check=False)
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
 
 
 @pytest.fixture

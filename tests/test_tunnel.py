@@ -269,8 +269,8 @@ def test_unreachable_target_is_a_502_and_the_client_is_dropped_at_once(tmp_path:
         pair.frontend.stop(), pair.backend.stop()
 
 
-def test_unknown_route_is_a_404(tmp_path: Path, echo_server: TcpServer) -> None:
-    pair = start_pair(tmp_path, echo_server.address, tunnel_extra={"route": "nosuch"})
+def test_unknown_route_is_a_404(tmp_path: Path, echo: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo.address, tunnel_extra={"route": "nosuch"})
     try:
         with pytest.raises(ConnectionResetError), connect(pair) as client:  # reset may beat connect()
             recv_all(client)
@@ -280,8 +280,8 @@ def test_unknown_route_is_a_404(tmp_path: Path, echo_server: TcpServer) -> None:
         pair.frontend.stop(), pair.backend.stop()
 
 
-def test_backend_down_is_reported_with_the_url(tmp_path: Path, echo_server: TcpServer) -> None:
-    pair = start_pair(tmp_path, echo_server.address)
+def test_backend_down_is_reported_with_the_url(tmp_path: Path, echo: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo.address)
     pair.backend.stop()
     try:
         with pytest.raises(ConnectionResetError), connect(pair) as client:  # reset may beat connect()
@@ -292,8 +292,8 @@ def test_backend_down_is_reported_with_the_url(tmp_path: Path, echo_server: TcpS
         pair.frontend.stop()
 
 
-def test_sigterm_drains_live_tunnels_then_exits_zero(tmp_path: Path, echo_server: TcpServer) -> None:
-    pair = start_pair(tmp_path, echo_server.address, frontend_extra={"drain_timeout": 5})
+def test_sigterm_drains_live_tunnels_then_exits_zero(tmp_path: Path, echo: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo.address, frontend_extra={"drain_timeout": 5})
     try:
         client = connect(pair)
         client.sendall(b"before")
@@ -309,8 +309,8 @@ def test_sigterm_drains_live_tunnels_then_exits_zero(tmp_path: Path, echo_server
         pair.frontend.stop(), pair.backend.stop()
 
 
-def test_drain_timeout_resets_what_is_left(tmp_path: Path, echo_server: TcpServer) -> None:
-    pair = start_pair(tmp_path, echo_server.address, frontend_extra={"drain_timeout": 0.5})
+def test_drain_timeout_resets_what_is_left(tmp_path: Path, echo: TcpServer) -> None:
+    pair = start_pair(tmp_path, echo.address, frontend_extra={"drain_timeout": 0.5})
     try:
         client = connect(pair)
         client.sendall(b"x")
