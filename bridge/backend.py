@@ -11,20 +11,19 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from http import HTTPStatus
 from typing import Any
 
-from bridge import http1
+from bridge import protocol
 from bridge.admission import TunnelCounters
 from bridge.caps import Counts
 from bridge.config import Address, BackendConfig, Listener
-from bridge.frontdoor import NO_SUCH_SESSION, SERVER, ListenerServer
+from bridge.frontdoor import ListenerServer
 from bridge.handoff import Handoff, Reattach
 from bridge.listen import Binder, ListenError, bind_fresh
 from bridge.registry import TunnelRegistry
 from bridge.reload import reconcile
 from bridge.secrets import SecretResolver
-from bridge.server_end import ServerEndpoint, bridge_upgrade_response, reattach
+from bridge.server_end import NO_SUCH_SESSION, ServerEndpoint, bridge_upgrade_response, reattach, refuse_reattach
 
 log = logging.getLogger("tcpbridge.backend")
 
@@ -70,25 +69,24 @@ class Backend:
                 sock.close()
 
     def _serve_handoff(self, record: Reattach, sock: socket.socket) -> None:
-        """A re-attach another worker accepted and checked: attach it here, or refuse it with the 404 any
-        unknown session gets."""
+        """A re-attach another worker accepted and checked: attach it here, or refuse it in band as any
+        unknown session is (:func:`~bridge.server_end.refuse_reattach`)."""
         server = self._servers.get(record.listener)
         tunnel = self.registry.resumable(record.session_id)
+        live = server is not None and tunnel is not None and tunnel.label == f"{record.listener}/{record.route}"
+        max_message_bytes = server.listener.options.max_message_bytes if server is not None else \
+            protocol.DEFAULT_MAX_MESSAGE_BYTES
         try:
-            if server is None or tunnel is None or tunnel.label != f"{record.listener}/{record.route}":
-                log.info("listener %s: refused %s: %d %s", record.listener, record.peer, HTTPStatus.NOT_FOUND,
-                         NO_SUCH_SESSION)
-                sock.sendall(http1.plain_answer(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION, [("Connection", "close")],
-                                                server=SERVER))
-                sock.shutdown(socket.SHUT_WR)
-                return
             sock.sendall(bridge_upgrade_response(record.key, record.binary))
             sock.settimeout(None)
-            endpoint = ServerEndpoint(sock, b"", server.listener.options.max_message_bytes,
-                                      binary_consented=record.binary, resume=True)
+            endpoint = ServerEndpoint(sock, b"", max_message_bytes, binary_consented=record.binary, resume=True)
         except OSError as exc:
             log.debug("listener %s: %s left while re-attaching: %s", record.listener, record.peer, exc)
             sock.close()
+            return
+        if tunnel is None or not live:
+            log.info("listener %s: refused %s: %s", record.listener, record.peer, NO_SUCH_SESSION)
+            refuse_reattach(endpoint)
             return
         reattach(tunnel, endpoint)
 

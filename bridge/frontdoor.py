@@ -34,7 +34,7 @@ from bridge.listen import LISTEN_BACKLOG
 from bridge.origin import OriginPool
 from bridge.registry import TunnelRegistry
 from bridge.secrets import SecretResolver
-from bridge.server_end import ServerEndpoint, bridge_upgrade_response, reattach
+from bridge.server_end import NO_SUCH_SESSION, ServerEndpoint, bridge_upgrade_response, reattach, refuse_reattach
 from bridge.session import Session
 from bridge.sockets import RECV_CHUNK, describe_error, shutdown_socket
 from bridge.tunnel import Tunnel, new_tunnel_id
@@ -43,8 +43,10 @@ log = logging.getLogger("tcpbridge.backend")
 
 #: Seconds a connection may take to send a complete request (and may idle between kept-alive requests).
 HANDSHAKE_TIMEOUT = 30.0
-#: The one answer to a re-attach no live resumable tunnel takes: it never says why, nor repeats the id.
-NO_SUCH_SESSION = "no resumable tunnel has that session (unknown, ended or past resume_timeout)"
+#: The stats and metrics reason of a re-attach refused in band (no live session has its id).
+REFUSED_REATTACH = "no_such_session"
+#: The answer to a session header that no frontend of ours sends (several, or not a session id).
+NOT_A_SESSION = "not a session id"
 #: Largest request header block (the lines after the request line) accepted: 431 beyond.
 MAX_HEADER_BYTES = 16 * 1024
 #: Our ``Server`` header.
@@ -222,7 +224,7 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
             key = self._check_upgrade()
             admission.check_origin(listener, self.headers)
             admission.check_token(listener, route, self.headers, self.server.secrets)
-            session_id = self._session_to_resume(listener)
+            session_id = self._session_to_resume()
             if session_id is not None:
                 self._resume(listener, route, key, session_id)
                 return
@@ -277,29 +279,32 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
         )
         self.server.registry.run(pump)
 
-    def _session_to_resume(self, listener: Listener) -> str | None:
+    def _session_to_resume(self) -> str | None:
         """The session id a re-attaching request names (:data:`~bridge.resume.SESSION_HEADER`), None when it
-        names none; UpgradeRefused 404 for one this listener cannot resume."""
+        names none; UpgradeRefused 404 for a header no frontend of ours sends (several, or no session id)."""
         values = self.headers.get_all(resume.SESSION_HEADER)
         if not values:
             return None
-        if len(values) == 1 and listener.options.resume and resume.is_session_id(values[0].strip()):
+        if len(values) == 1 and resume.is_session_id(values[0].strip()):
             return values[0].strip()
-        raise UpgradeRefused(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION)
+        raise UpgradeRefused(HTTPStatus.NOT_FOUND, NOT_A_SESSION)
 
     def _resume(self, listener: Listener, route: str, key: str, session_id: str) -> None:
-        """Re-attach the live tunnel of ``session_id`` here, or hand the connection to the worker that holds
-        it; UpgradeRefused 404 when no live resumable tunnel of this listener and route has that id
-        (unknown, ended, expired: the answer never says which, nor repeats the id)."""
+        """Re-attach the live tunnel of ``session_id`` here, hand the connection to the worker that holds
+        it, or refuse in band when no live resumable tunnel of this listener and route has that id
+        (unknown, ended, expired, or ``resume: false`` here: the answer never says which, nor repeats
+        the id)."""
         binary = listener.options.frames == "auto" and \
             protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER))
-        tunnel = self.server.registry.resumable(session_id)
+        tunnel = self.server.registry.resumable(session_id) if listener.options.resume else None
         handoff = self.server.handoff
-        if tunnel is None and handoff is not None and handoff.owner(session_id) != handoff.slot:
+        if tunnel is None and listener.options.resume and handoff is not None and \
+                handoff.owner(session_id) != handoff.slot:
             self._hand_off(handoff, Reattach(listener.name, route, key, binary, session_id, self._peer()))
             return
         if tunnel is None or tunnel.label != f"{listener.name}/{route}":
-            raise UpgradeRefused(HTTPStatus.NOT_FOUND, NO_SUCH_SESSION)
+            self._refuse_in_band(listener, key, binary)
+            return
         self.close_connection = True
         try:
             received = self._upgrade(key, binary)
@@ -309,6 +314,23 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
             return
         reattach(tunnel, ServerEndpoint(self.connection, received, listener.options.max_message_bytes,
                                         binary_consented=binary, resume=True))
+
+    def _refuse_in_band(self, listener: Listener, key: str, binary: bool) -> None:
+        """Refuse a re-attach that names no live session here: upgrade, then an announced close
+        (:func:`~bridge.server_end.refuse_reattach`; a 404 reaches a frontend behind the inverting proxy as
+        a 500 that it must retry). Logged and counted as any refusal."""
+        self.close_connection = True
+        label, tunnel_id = self._stats_label(), new_tunnel_id()
+        log.info("tunnel %s [%s]: refused %s: %s", tunnel_id, listener.name, self._peer(), NO_SUCH_SESSION,
+                 extra=events.mark(Event.OPEN_FAILED, {"tunnel": label, "tunnel_id": tunnel_id, "peer": self._peer(),
+                                                       "reason": REFUSED_REATTACH}))
+        self.server.registry.stats.open_failed(label, REFUSED_REATTACH)
+        try:
+            received = self._upgrade(key, binary)
+        except OSError:
+            return
+        refuse_reattach(ServerEndpoint(self.connection, received, listener.options.max_message_bytes,
+                                       binary_consented=binary, resume=True))
 
     def _hand_off(self, handoff: Handoff, record: Reattach) -> None:
         """Pass this connection to the worker that holds its session, and let go of it without closing it."""

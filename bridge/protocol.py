@@ -75,6 +75,9 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    #: A re-attach named a session the backend does not hold (unknown, ended or past resume_timeout).
+    #: Private range; announced in band (``tcpbridge:closing``), so it crosses the inverting proxy's shim.
+    NO_SUCH_SESSION = 4404
 
 
 class ProtocolViolation(Exception):

@@ -34,7 +34,10 @@ binary mode alike (after the binary switch, a TEXT message is otherwise a protoc
 Byte counts are of the TCP stream (decoded bytes, whatever the message mode), as decimal digits.
 
 **Re-attaching.** The frontend dials the same URL with the same headers, token and TLS checks, plus
-``X-Tcpbridge-Session: <session>``. The offer and every re-attach carry the same random
+``X-Tcpbridge-Session: <session>``. A backend that holds no such session refuses in band: it upgrades
+and closes with an announced :attr:`~bridge.protocol.CloseCode.NO_SUCH_SESSION` (4404), because the
+inverting proxy's agent turns any other answer into a 500 that names no status. The offer and every
+re-attach carry the same random
 ``X-Tcpbridge-Affinity: <key>``, so a load balancer in front of several backends can send both to the
 one that holds the session (nginx ``hash $http_x_tcpbridge_affinity consistent``; requests without it,
 from Go frontends, are spread as before). The session id is compared in constant time and never

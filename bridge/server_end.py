@@ -6,11 +6,19 @@ The client end is :class:`bridge.frontend.ClientEndpoint`; both are :class:`brid
 from __future__ import annotations
 
 import socket
+import time
 
 from bridge import frames, protocol
-from bridge.endpoint import Endpoint
+from bridge.endpoint import Closed, Endpoint
 from bridge.handshake import upgrade_response
+from bridge.protocol import CloseCode, ProtocolViolation
 from bridge.tunnel import Tunnel
+
+#: What a refused re-attach's close frame says.
+NO_SUCH_SESSION = "no resumable tunnel has that session (unknown, ended or past resume_timeout)"
+#: How long a refused re-attach waits for the frontend's close reply, and how many messages it reads.
+REFUSAL_WAIT = 5.0
+REFUSAL_MESSAGES = 16
 
 
 class ServerEndpoint(Endpoint):
@@ -70,6 +78,30 @@ def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
 def bridge_upgrade_response(key: str, binary: bool) -> bytes:
     """The 101 that accepts a bridge upgrade (consenting to binary messages if ``binary``)."""
     return upgrade_response(key, [f"{protocol.CONSENT_HEADER}: {protocol.CONSENT_BINARY}"] if binary else [])
+
+
+def refuse_reattach(endpoint: ServerEndpoint) -> None:
+    """Refuse a re-attach in band, over the websocket just upgraded: an announced close
+    :attr:`~bridge.protocol.CloseCode.NO_SUCH_SESSION`, then the frontend's close reply (within
+    :data:`REFUSAL_WAIT`), then the connection is closed.
+
+    Why upgrade only to refuse: the inverting proxy's agent answers anything but a 101 with a 500 that
+    names no status, which a frontend must take for a backend not up yet and redial until
+    ``resume_timeout``. An announced close crosses the shim (text messages do), so the frontend ends
+    the tunnel at once wherever the refusal comes from.
+    """
+    endpoint.announce_close = True
+    deadline = time.monotonic() + REFUSAL_WAIT
+    try:
+        endpoint.sock.settimeout(REFUSAL_WAIT)
+        if endpoint.send_close(CloseCode.NO_SUCH_SESSION, NO_SUCH_SESSION, wait=REFUSAL_WAIT):
+            for _ in range(REFUSAL_MESSAGES):  # the frontend's resumed message, then its close
+                if time.monotonic() > deadline or isinstance(endpoint.receive(), Closed):
+                    break
+    except (OSError, ProtocolViolation):
+        pass  # the frontend left first: it has what it needs, or will redial
+    finally:
+        endpoint.close()
 
 
 def reattach(tunnel: Tunnel, endpoint: ServerEndpoint) -> None:

@@ -17,7 +17,7 @@ everything else); :class:`bridge.outcome.Kind` says which class each kind of end
 Open failures (a connection or upgrade that never became a tunnel) are counted by reason label:
 on the frontend the :attr:`bridge.transport.DialError.label` of the failure (``http_NNN``,
 ``timeout``, ``tls``, ...) or ``max_connections`` (its cap); on the backend ``http_NNN``, the
-status it refused with.
+status it refused with, or ``no_such_session`` for a re-attach it refused in band.
 
 The handshake histogram measures, on the frontend, from the accepted client connection to the
 backend's 101; on the backend, from the request's headers being read to our 101 being sent (so it

@@ -780,6 +780,9 @@ class Tunnel:
                     except resume.ReplayLost as lost:
                         self._resume_failed("lost", f"abort: websocket dropped and cannot be resumed ({lost})")
                         return False
+                    except ResumeRefused as refusal:
+                        self._resume_failed("refused", f"abort: websocket dropped and resuming was refused ({refusal})")
+                        return False
                 old.close()
                 self._replay(chunks, step)
         return True
@@ -812,12 +815,16 @@ class Tunnel:
 
     @staticmethod
     def _receive_resumed(endpoint: Endpoint) -> resume.Resumed:
-        """The peer's first message on a new websocket: its Resumed, within ATTACH_TIMEOUT."""
+        """The peer's first message on a new websocket: its Resumed, within ATTACH_TIMEOUT. ResumeRefused if
+        it announces a close :attr:`~bridge.protocol.CloseCode.NO_SUCH_SESSION` instead (the backend's refusal,
+        in band so that it crosses the inverting proxy's shim)."""
         endpoint.sock.settimeout(ATTACH_TIMEOUT)
         try:
             message = endpoint.receive()
         finally:
             endpoint.sock.settimeout(None)
+        if isinstance(message, resume.Closing) and message.code == CloseCode.NO_SUCH_SESSION:
+            raise ResumeRefused("the backend holds no such session: unknown, ended or past resume_timeout")
         if not isinstance(message, resume.Resumed):
             raise ProtocolViolation(CloseCode.PROTOCOL_ERROR, "a re-attached websocket did not start with "
                                     "the peer's resumed message")

@@ -5,7 +5,8 @@ What a user of a resumable tunnel relies on: a cut costs a pause, never a byte (
 repeated, sha256-checked); the end keeps its meaning; a tunnel that cannot be resumed (the backend
 forgot it, or the time ran out) ends as the abort it is, with the client reset; and a re-attaching
 request gets no more than any other: it needs the listener's token, and a session it names that is
-not live gets the same 404 whatever the reason.
+not live gets the same refusal whatever the reason (in band, so that it crosses the inverting proxy's
+shim, which turns any other answer into a 500).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from bridge import control, resume
+from bridge.protocol import CloseCode
 from bridge.tunnel import reset_now
 from tests.cutter import CuttingRelay
 from tests.gopeer import go_frontend_request, read_http_head
@@ -44,7 +46,7 @@ from tests.helpers import (
 )
 from tests.pki import NginxSite, Pki, nginx, require_tools, stopping
 from tests.shim import ShimAgent, ShimProxy
-from tests.test_frames import dial_backend, next_data_frame
+from tests.test_frames import close_code, dial_backend, next_data_frame
 
 TOKEN = "resume-test-token"
 
@@ -267,6 +269,28 @@ def test_through_the_shim_a_dropped_leg_is_resumed_over_a_new_shim_session(tmp_p
     assert "refused" not in path.backend.log
 
 
+def test_through_the_shim_a_backend_that_restarted_refuses_and_the_client_is_reset_at_once(tmp_path: Path) -> None:
+    """The agent answers a backend's 404 with a 500 that says nothing, which a frontend must retry: the
+    backend refuses a re-attach in band instead (an announced close crosses the shim), so a backend
+    killed and started again ends its old tunnels at once here too, not after resume_timeout (60 s)."""
+    with through_the_shim(tmp_path) as path, connect(path.port) as client:
+        assert wait_until(lambda: path.relay.live() == 1, timeout=10)
+        client.sendall(b"hello")
+        assert recv_exactly(client, 5) == b"hello"
+        path.backend.stop(signal.SIGKILL)
+        restarted = backend(Path(path.backend.args[path.backend.args.index("--config") + 1]))
+        try:
+            restarted.wait_ready()
+            started = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                recv_all(client, timeout=30)
+            assert time.monotonic() - started < 15
+            assert path.frontend.wait_for_log("resuming was refused"), path.frontend.log
+            assert restarted.wait_for_log("refused"), restarted.log
+        finally:
+            restarted.stop()
+
+
 def test_an_interactive_session_cut_every_2_s_for_20_s_loses_and_repeats_nothing(tmp_path: Path) -> None:
     """Like an ssh session: a line out, its echo back, ten times a second, while the path is cut
     every 2 s. Every answer is the line sent, in order."""
@@ -368,8 +392,8 @@ def test_tcpbridge_connect_resumes_like_the_frontend(tmp_path: Path) -> None:
 
 
 def test_a_backend_that_restarted_refuses_and_the_client_is_reset_at_once(tmp_path: Path) -> None:
-    """The backend was killed and started again, its sessions lost: the redial's 404 is final, not
-    retried until resume_timeout. (A backend that stops gracefully closes its tunnels with 1001: an
+    """The backend was killed and started again, its sessions lost: its refusal of the redial is final,
+    not retried until resume_timeout. (A backend that stops gracefully closes its tunnels with 1001: an
     end, not a drop.)"""
     with resumable_pair(tmp_path, resume_timeout=60) as pair, connect(pair.port) as client:
         assert consented(pair)
@@ -413,6 +437,18 @@ def upgrade_status(port: int, *headers: str) -> int:
     return int(head.status)
 
 
+def refused_in_band(port: int, *headers: str) -> bool:
+    """Whether our backend upgrades a raw re-attaching request with ``headers`` only to refuse it: the
+    announcement of a close NO_SUCH_SESSION, then that close."""
+    ws = dial_backend(port, *headers)
+    try:
+        announced = resume.decode(next_data_frame(ws).payload.decode())
+        code = close_code(next_data_frame(ws))
+    finally:
+        ws.drop()
+    return announced == resume.Closing(CloseCode.NO_SUCH_SESSION) and code == CloseCode.NO_SUCH_SESSION
+
+
 def raw_session(port: int) -> tuple[object, str]:
     """A raw resumable tunnel on our backend: its websocket and the session id of the consent."""
     ws = dial_backend(port, f"X-Tcpbridge-Token: {TOKEN}", f"{resume.RESUME_HEADER}: {64 * 1024}")
@@ -426,14 +462,26 @@ def test_resume_is_refused_for_an_unknown_id_a_wrong_token_and_after_resume_time
         port = pair.backend_port
         ws, session = raw_session(port)
         with_token = f"X-Tcpbridge-Token: {TOKEN}"
-        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: {resume.new_session_id()}") == 404
-        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: not-an-id") == 404
+        assert refused_in_band(port, with_token, f"{resume.SESSION_HEADER}: {resume.new_session_id()}")
+        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: not-an-id") == 404  # no frontend's
         assert upgrade_status(port, f"{resume.SESSION_HEADER}: {session}") == 401  # the token comes first
         assert upgrade_status(port, "X-Tcpbridge-Token: wrong", f"{resume.SESSION_HEADER}: {session}") in (401, 403)
         ws.drop()
         assert pair.backend.wait_for_log("not resumed within 2 s", timeout=10)
-        assert upgrade_status(port, with_token, f"{resume.SESSION_HEADER}: {session}") == 404
+        assert refused_in_band(port, with_token, f"{resume.SESSION_HEADER}: {session}")
     assert session not in pair.backend.log  # the id is never logged
+
+
+def test_with_workers_either_worker_refuses_an_unknown_session_in_band(tmp_path: Path) -> None:
+    """Ids that each of two workers would own, tried in turns: the kernel picks the worker that accepts,
+    which refuses an id of its own itself and hands another's to its owner, which refuses it."""
+    with resumable_pair(tmp_path, workers=2, log_level="debug") as pair:
+        with_token = f"X-Tcpbridge-Token: {TOKEN}"
+        for attempt in range(6):
+            for owner in (0, 1) if attempt % 2 else (1, 0):
+                assert refused_in_band(pair.backend_port, with_token, f"{resume.SESSION_HEADER}: {owner:032x}")
+        assert pair.backend.wait_for_log("handed over")
+        assert wait_until(lambda: pair.backend.log.count(": refused ") == 12, timeout=10), pair.backend.log
 
 
 def test_a_raw_peer_re_attaches_and_is_told_what_the_backend_took(tmp_path: Path) -> None:
