@@ -73,7 +73,6 @@ class Backend:
         unknown session is (:func:`~bridge.server_end.refuse_reattach`)."""
         server = self._servers.get(record.listener)
         tunnel = self.registry.resumable(record.session_id)
-        live = server is not None and tunnel is not None and tunnel.label == f"{record.listener}/{record.route}"
         max_message_bytes = server.listener.options.max_message_bytes if server is not None else \
             protocol.DEFAULT_MAX_MESSAGE_BYTES
         try:
@@ -84,7 +83,7 @@ class Backend:
             log.debug("listener %s: %s left while re-attaching: %s", record.listener, record.peer, exc)
             sock.close()
             return
-        if tunnel is None or not live:
+        if server is None or tunnel is None or tunnel.label != f"{record.listener}/{record.route}":
             log.info("listener %s: refused %s: %s", record.listener, record.peer, NO_SUCH_SESSION)
             refuse_reattach(endpoint)
             return

@@ -296,10 +296,12 @@ class BridgeRequestHandler(socketserver.StreamRequestHandler):
         the id)."""
         binary = listener.options.frames == "auto" and \
             protocol.binary_offered(self.headers.get_all(protocol.OFFER_HEADER))
-        tunnel = self.server.registry.resumable(session_id) if listener.options.resume else None
+        if not listener.options.resume:
+            self._refuse_in_band(listener, key, binary)
+            return
+        tunnel = self.server.registry.resumable(session_id)
         handoff = self.server.handoff
-        if tunnel is None and listener.options.resume and handoff is not None and \
-                handoff.owner(session_id) != handoff.slot:
+        if tunnel is None and handoff is not None and handoff.owner(session_id) != handoff.slot:
             self._hand_off(handoff, Reattach(listener.name, route, key, binary, session_id, self._peer()))
             return
         if tunnel is None or tunnel.label != f"{listener.name}/{route}":

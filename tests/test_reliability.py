@@ -91,6 +91,27 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
+@contextlib.contextmanager
+def restarted_after_sigkill(daemon: Daemon) -> Iterator[Daemon]:
+    """SIGKILL ``daemon`` (a backend: its sessions are lost) and start it again from its config; the new
+    one is stopped on leaving."""
+    daemon.stop(signal.SIGKILL)
+    restarted = backend(Path(daemon.args[daemon.args.index("--config") + 1]))
+    try:
+        restarted.wait_ready()
+        yield restarted
+    finally:
+        restarted.stop()
+
+
+def assert_reset_soon(client: socket.socket) -> None:
+    """The client is reset within 15 s: the tunnel ended as an abort, not after resume_timeout (60 s)."""
+    started = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        recv_all(client, timeout=30)
+    assert time.monotonic() - started < 15
+
+
 def consented(pair: Pair, count: int = 1) -> bool:
     """Whether ``count`` websockets are up through the relay and their consent had time to arrive."""
     return wait_until(lambda: pair.relay.live() == count, timeout=10)
@@ -277,18 +298,10 @@ def test_through_the_shim_a_backend_that_restarted_refuses_and_the_client_is_res
         assert wait_until(lambda: path.relay.live() == 1, timeout=10)
         client.sendall(b"hello")
         assert recv_exactly(client, 5) == b"hello"
-        path.backend.stop(signal.SIGKILL)
-        restarted = backend(Path(path.backend.args[path.backend.args.index("--config") + 1]))
-        try:
-            restarted.wait_ready()
-            started = time.monotonic()
-            with pytest.raises(ConnectionResetError):
-                recv_all(client, timeout=30)
-            assert time.monotonic() - started < 15
+        with restarted_after_sigkill(path.backend) as restarted:
+            assert_reset_soon(client)
             assert path.frontend.wait_for_log("resuming was refused"), path.frontend.log
             assert restarted.wait_for_log("refused"), restarted.log
-        finally:
-            restarted.stop()
 
 
 def test_an_interactive_session_cut_every_2_s_for_20_s_loses_and_repeats_nothing(tmp_path: Path) -> None:
@@ -399,17 +412,9 @@ def test_a_backend_that_restarted_refuses_and_the_client_is_reset_at_once(tmp_pa
         assert consented(pair)
         client.sendall(b"hello")
         assert recv_exactly(client, 5) == b"hello"
-        pair.backend.stop(signal.SIGKILL)
-        restarted = backend(Path(pair.backend.args[pair.backend.args.index("--config") + 1]))
-        try:
-            restarted.wait_ready()
-            started = time.monotonic()
-            with pytest.raises(ConnectionResetError):
-                recv_all(client, timeout=30)
-            assert time.monotonic() - started < 15
+        with restarted_after_sigkill(pair.backend):
+            assert_reset_soon(client)
             assert pair.frontend.wait_for_log("resuming was refused")
-        finally:
-            restarted.stop()
 
 
 def test_a_tunnel_not_resumed_within_resume_timeout_resets_the_client(tmp_path: Path) -> None:
